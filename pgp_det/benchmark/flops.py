@@ -1,0 +1,114 @@
+"""FLOPs and parameter counts of a Faster R-CNN, in total and per part of the network.
+
+FLOPs follow fvcore's convention (the one detectron2's ``FlopCountAnalysis`` uses): one fused
+multiply-add counts as one FLOP, and ops without a formula (NMS, sorting, indexing) count zero.
+fvcore's counter is used directly on :class:`pgp_det.export.TensorDetector`, because
+detectron2 v0.6's ``detectron2.utils.analysis`` imports caffe2 (via ``detectron2.export``).
+"""
+import contextlib
+import warnings
+from typing import Dict
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+from ..export import TensorDetector
+
+__all__ = ["FAMILIES", "family_of", "count_flops", "count_parameters"]
+
+# Parts a detector is reported in; see :func:`family_of`.
+FAMILIES = ("backbone", "fpn", "rpn", "roi_heads")
+
+
+def family_of(module_name: str) -> str:
+    """Map a parameter/module name to a family.
+
+    ``backbone.bottom_up.*`` -> "backbone", other ``backbone.*`` -> "fpn",
+    ``proposal_generator.*`` -> "rpn", ``roi_heads.*`` -> "roi_heads", anything else -> "other".
+    """
+    if module_name == "backbone.bottom_up" or module_name.startswith("backbone.bottom_up."):
+        return "backbone"
+    if module_name == "backbone" or module_name.startswith("backbone."):
+        return "fpn"
+    if module_name.split(".", 1)[0] == "proposal_generator":
+        return "rpn"
+    if module_name.split(".", 1)[0] == "roi_heads":
+        return "roi_heads"
+    return "other"
+
+
+def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
+    """Number of parameters: ``{"total": n, "backbone": n, "fpn": n, "rpn": n, "roi_heads": n}``."""
+    counts = {name: 0 for name in ("total",) + FAMILIES}
+    for name, p in model.named_parameters():
+        family = family_of(name)
+        counts["total"] += p.numel()
+        counts[family] = counts.get(family, 0) + p.numel()
+    return counts
+
+
+@contextlib.contextmanager
+def _full_proposal_budget(model):
+    """Keep every one of the RPN's POST_NMS_TOPK_TEST proposals (NMS threshold 1 removes none).
+
+    ROI-head cost grows with the number of proposals, which after NMS depends on image content;
+    at the full budget the count is the (deterministic) worst case the config allows.
+    """
+    rpn = getattr(model, "proposal_generator", None)
+    if rpn is None or not hasattr(rpn, "nms_thresh"):
+        yield
+        return
+    saved = rpn.nms_thresh
+    rpn.nms_thresh = 1.0
+    try:
+        yield
+    finally:
+        rpn.nms_thresh = saved
+
+
+def count_flops(model: torch.nn.Module, height: int, width: int) -> dict:
+    """GFLOPs of one inference on a (height, width) input, and parameter counts.
+
+    The dummy input is a (3, height, width) zero image fed without resizing; the RPN keeps its
+    full proposal budget (see ``_full_proposal_budget``) so the figure depends only on the
+    architecture and the input size.
+
+    Returns:
+        ``{"gflops": float, "gflops_per_family": {family: float}, "params": int,
+        "params_per_family": {family: int}, "input_size": [height, width]}`` with the families of
+        :data:`FAMILIES` (plus "other" where anything falls outside them).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    image = torch.zeros(3, int(height), int(width), dtype=torch.float32, device=device)
+    try:
+        with torch.no_grad(), _full_proposal_budget(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            analysis = FlopCountAnalysis(TensorDetector(model), (image,))
+            # fvcore warns once per op without a formula; those ops are cheap by design here
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            prefix = "model."  # TensorDetector's attribute holding the detector
+            by_module = {
+                name[len(prefix):]: flops for name, flops in analysis.by_module().items() if name.startswith(prefix)
+            }
+            total = analysis.total()
+    finally:
+        model.train(was_training)
+
+    per_family = {name: 0.0 for name in FAMILIES}
+    for name, flops in by_module.items():
+        if "." not in name:  # top-level children hold their submodules' FLOPs
+            per_family[family_of(name)] = per_family.get(family_of(name), 0.0) + flops
+    if "backbone.bottom_up" in by_module:
+        # "backbone" above holds bottom-up + FPN: move the bottom-up share to its own family
+        per_family["fpn"] -= by_module["backbone.bottom_up"]
+        per_family["backbone"] += by_module["backbone.bottom_up"]
+    params = count_parameters(model)
+    return {
+        "gflops": total / 1e9,
+        "gflops_per_family": {k: v / 1e9 for k, v in per_family.items()},
+        "params": params["total"],
+        "params_per_family": {k: v for k, v in params.items() if k != "total"},
+        "input_size": [int(height), int(width)],
+    }

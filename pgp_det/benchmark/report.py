@@ -1,0 +1,285 @@
+"""Write benchmark results: CSV, JSON, a Markdown table and mAP-vs-speed/cost plots.
+
+A result is a flat row (``dict`` of column -> number/str) per model; see :data:`COLUMN_DOCS`.
+Every file is written atomically (temporary file in the target folder, then ``os.replace``) so
+a reader never sees half a file, and each carries the reproducibility record of the run.
+"""
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on benchmark machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..utils.io import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+
+__all__ = [
+    "COLUMN_DOCS",
+    "pareto_front",
+    "reproducibility_record",
+    "write_csv",
+    "write_json",
+    "markdown_table",
+    "plot_tradeoff",
+    "write_report",
+]
+
+# Known columns, in report order, with units. Rows may carry more (appended after these).
+COLUMN_DOCS = {
+    "label": "model name",
+    "config": "config file",
+    "weights": "checkpoint file",
+    "dataset": "evaluation dataset",
+    "map_metric": "which metric mAP is (VOC: AP50 11-point; COCO: AP@[.5:.95])",
+    "mAP": "headline accuracy, percent",
+    "AP": "AP averaged over IoU 0.50:0.95, percent",
+    "AP50": "AP at IoU 0.5, percent (VOC: 11-point)",
+    "AP75": "AP at IoU 0.75, percent",
+    "input_size": "fixed timing input, HxW pixels",
+    "dtype": "fp32 or fp16",
+    "latency_median_ms": "batch-1 latency at the fixed size, median, ms",
+    "latency_p90_ms": "batch-1 latency at the fixed size, 90th percentile, ms",
+    "fps": "1000 / latency_median_ms",
+    "dataset_latency_median_ms": "batch-1 latency over dataset images, median, ms",
+    "dataset_latency_p90_ms": "batch-1 latency over dataset images, 90th percentile, ms",
+    "dataset_fps": "1000 / dataset_latency_median_ms",
+    "dataset_images": "number of dataset images timed",
+    "stage_preprocess_ms": "normalise + pad, median ms",
+    "stage_backbone_fpn_ms": "backbone + FPN, median ms",
+    "stage_rpn_ms": "proposal generator, median ms",
+    "stage_roi_heads_ms": "box head + NMS, median ms",
+    "stage_postprocess_ms": "rescale to image size, median ms",
+    "gflops": "GFLOPs (1 multiply-add = 1 FLOP) at the fixed size",
+    "gflops_backbone": "bottom-up backbone GFLOPs",
+    "gflops_fpn": "FPN GFLOPs",
+    "gflops_rpn": "RPN GFLOPs",
+    "gflops_roi_heads": "ROI heads GFLOPs (full proposal budget)",
+    "params_M": "parameters, millions",
+    "params_backbone_M": "bottom-up backbone parameters, millions",
+    "params_fpn_M": "FPN parameters, millions",
+    "params_rpn_M": "RPN parameters, millions",
+    "params_roi_heads_M": "ROI heads parameters, millions",
+    "checkpoint_mb": "checkpoint file size, MB (10^6 bytes)",
+}
+
+_MARKDOWN_COLUMNS = (
+    "label",
+    "mAP",
+    "AP",
+    "AP50",
+    "latency_median_ms",
+    "latency_p90_ms",
+    "fps",
+    "dataset_latency_median_ms",
+    "dataset_fps",
+    "gflops",
+    "params_M",
+    "checkpoint_mb",
+)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool] = (True, True)) -> List[int]:
+    """Indices of the points no other point dominates, in input order.
+
+    A point dominates another when it is at least as good in every objective and strictly better
+    in one; ``maximize[k]`` says whether objective k is better high (mAP, FPS) or low (GFLOPs).
+    Points with a missing or non-finite coordinate are never on the front; equal points are
+    both kept.
+    """
+    signs = [1.0 if m else -1.0 for m in maximize]
+    valid = [i for i, p in enumerate(points) if all(_is_number(v) for v in p)]
+    scored = {i: [s * float(v) for s, v in zip(signs, points[i])] for i in valid}
+    front = []
+    for i in valid:
+        a = scored[i]
+        dominated = any(
+            all(bj >= aj for aj, bj in zip(a, scored[j])) and any(bj > aj for aj, bj in zip(a, scored[j]))
+            for j in valid
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def reproducibility_record(environment: dict, seed: Optional[int], settings: dict, argv: Sequence[str] = None) -> dict:
+    """What is needed to reproduce the figures: environment (see ``timing.environment_info``),
+    seed, the run's settings and the exact command line."""
+    argv = sys.argv if argv is None else argv
+    return {
+        "environment": environment,
+        "seed": seed,
+        "settings": settings,
+        "command": " ".join(shlex.quote(a) for a in argv),
+    }
+
+
+def _columns(rows: Sequence[dict]) -> List[str]:
+    seen = [c for c in COLUMN_DOCS if any(c in r for r in rows)]
+    for row in rows:
+        seen.extend(k for k in row if k not in seen)
+    return seen
+
+
+def write_csv(rows: Sequence[dict], path: str, columns: Sequence[str] = None) -> str:
+    """One line per row; numbers at full precision, missing values empty."""
+    columns = list(columns or _columns(rows))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def write_json(obj, path: str) -> str:
+    return atomic_write_json(obj, path)
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = None) -> str:
+    """A GitHub-flavoured Markdown table of ``columns`` (default: the headline figures present)."""
+    if columns is None:
+        columns = [c for c in _MARKDOWN_COLUMNS if any(c in r for r in rows)]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c == "label" else "---:" for c in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_format_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(
+    rows: Sequence[dict],
+    x_key: str,
+    y_key: str,
+    path: str,
+    maximize_x: bool,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    metadata: dict = None,
+) -> Optional[str]:
+    """Scatter ``y_key`` against ``x_key``, one labelled point per row, Pareto front marked.
+
+    Returns the path written, or None when no row has both values (nothing to plot).
+    """
+    points = [(r.get(x_key), r.get(y_key)) for r in rows]
+    plotted = [i for i, p in enumerate(points) if all(_is_number(v) for v in p)]
+    if not plotted:
+        return None
+    front = set(pareto_front([(y, x) for x, y in points], maximize=(True, maximize_x)))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    others = [i for i in plotted if i not in front]
+    ax.scatter([points[i][0] for i in others], [points[i][1] for i in others], c="0.55", label="dominated", zorder=2)
+    front_sorted = sorted(front, key=lambda i: points[i][0])
+    ax.plot(
+        [points[i][0] for i in front_sorted],
+        [points[i][1] for i in front_sorted],
+        "o-",
+        color="tab:red",
+        label="Pareto front",
+        zorder=3,
+    )
+    for i in plotted:
+        ax.annotate(str(rows[i].get("label", i)), points[i], textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png_metadata = {"Software": "pgp_det"}
+    if metadata:
+        # the figure file carries its own reproducibility record (PNG text chunk)
+        png_metadata["Description"] = json.dumps(metadata, default=str)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", metadata=png_metadata))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_report(
+    rows: Sequence[dict], output_dir: str, reproducibility: dict, details: Dict[str, dict] = None
+) -> Dict[str, str]:
+    """Write results.csv/.json/.md, map_vs_fps.png and map_vs_gflops.png into ``output_dir``.
+
+    Args:
+        rows: one flat dict per model (columns of :data:`COLUMN_DOCS` and any others).
+        reproducibility: from :func:`reproducibility_record`; stored in the JSON, the Markdown
+            and the PNGs' metadata.
+        details: optional per-label extras for the JSON (e.g. every timing sample).
+
+    Returns:
+        kind ("csv", "json", "md", "map_vs_fps", "map_vs_gflops") -> path written. A plot is
+        left out when no row has mAP and the x value (e.g. with evaluation skipped).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    rows = list(rows)
+    columns = _columns(rows)
+    written = {
+        "csv": write_csv(rows, os.path.join(output_dir, "results.csv"), columns),
+        "json": write_json(
+            {
+                "columns": {c: COLUMN_DOCS.get(c, "") for c in columns},
+                "results": rows,
+                "details": details or {},
+                "reproducibility": reproducibility,
+            },
+            os.path.join(output_dir, "results.json"),
+        ),
+    }
+
+    env = reproducibility.get("environment", {})
+    where = f"{env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('num_threads', '?')} threads)"
+    metric = next((r["map_metric"] for r in rows if r.get("map_metric")), "mAP")
+    md = [
+        "# mAP vs inference speed\n",
+        f"mAP = {metric}. Latency: batch 1, wall clock, on {where}.\n",
+        markdown_table(rows),
+        "## Reproducibility\n",
+        f"- command: `{reproducibility.get('command', '')}`",
+        f"- seed: {reproducibility.get('seed')}",
+        f"- versions: torch {env.get('torch')}, torchvision {env.get('torchvision')}, "
+        f"detectron2 {env.get('detectron2')}, python {env.get('python')}, {env.get('platform')}",
+        f"- settings: `{json.dumps(reproducibility.get('settings', {}), default=str)}`",
+        "",
+    ]
+    written["md"] = atomic_write_text(os.path.join(output_dir, "results.md"), "\n".join(md))
+
+    title = f"{metric} | {where}"
+    for kind, x_key, maximize_x, xlabel in (
+        ("map_vs_fps", "fps", True, "FPS (batch 1, fixed input size)"),
+        ("map_vs_gflops", "gflops", False, "GFLOPs (fixed input size)"),
+    ):
+        path = plot_tradeoff(
+            rows, x_key, "mAP", os.path.join(output_dir, kind + ".png"), maximize_x, xlabel, f"mAP ({metric})", title,
+            reproducibility,
+        )
+        if path:
+            written[kind] = path
+    return written

@@ -1,0 +1,163 @@
+"""Config keys pgp_det adds to detectron2's ``get_cfg()``, and their start-up validation."""
+from detectron2.config import CfgNode as CN
+
+from .data.custom import add_dataset_config
+from .errors import UserInputError
+
+__all__ = ["add_pgp_config", "add_pruning_config", "get_pgp_cfg", "check_pruning_config", "pruning_scope_ratios"]
+
+
+def add_pruning_config(cfg: CN) -> CN:
+    """Add the ``PRUNING`` section (pruning while training; read by :class:`pgp_det.engine.PGPHook`).
+
+    Keys (defaults in brackets):
+        ENABLED [False]: prune while training.
+        TARGET ["ratio"]: ``"ratio"``: prune ``RATIO`` of every pruned group's channels;
+            ``"flops"``: find the uniform ratio whose FLOPs at ``COST_INPUT_SIZE`` drop by
+            ``FLOPS_REDUCTION`` (decided once, on the unpruned model).
+        RATIO [0.5]: final fraction of channels pruned per group, in [0, 1).
+        FLOPS_REDUCTION [0.5]: final fraction of FLOPs removed, in (0, 1), for ``TARGET "flops"``.
+        COST_INPUT_SIZE [(800, 1333)]: (height, width) at which FLOPs are counted.
+        SCOPES: which parts are pruned, among ``backbone``, ``fpn``, ``rpn``, ``roi_heads``.
+        SCOPE_RATIOS [()]: per-scope overrides of ``RATIO`` as ``(("roi_heads", 0.3), ...)``.
+        CRITERION ["pgp"]: channel score, by name in ``CRITERION_REGISTRY``: ``pgp`` (online
+            gradient L1), ``pgp_pass`` (extra pass of ``EXTRA_PASS_BATCHES`` batches), ``l1``,
+            ``l2``, ``taylor``, ``bn_gamma``, ``frs``.
+        EXTRA_PASS_BATCHES [16]: batches of the extra pass of ``pgp_pass``.
+        SCHEDULE ["pgp_exponential"]: pruned fraction over steps, by name in
+            ``SCHEDULE_REGISTRY``: ``pgp_exponential``, ``psfp``, ``linear``, ``cubic``.
+        ALLOCATION ["uniform"]: how the step's budget is shared among groups, by name in
+            ``ALLOCATION_REGISTRY``: ``uniform``, ``global``, ``adaptive``.
+        PROTECT_QUANTILE [0.0]: when > 0, channels whose accumulated gradient score is in this
+            top quantile are not pruned at that step (PSAP's protection); 0 disables it.
+        UNIT ["iter"]: unit of START, END and INTERVAL: ``"iter"`` or ``"epoch"`` (converted with
+            the training set's size and ``SOLVER.IMS_PER_BATCH``).
+        START [0], END [-1], INTERVAL [-1]: pruning steps happen at START + k * INTERVAL and at
+            END, the last step, where the target is reached exactly. END -1: 3/4 of
+            ``SOLVER.MAX_ITER``; INTERVAL -1: (END - START) / 10.
+        REMOVE_RATIO [0.5]: share of each step's weak channels removed physically; the rest is
+            zeroed and may recover. 1.0: hard pruning only; 0.0: soft only (SFP/PSFP). At the last
+            step every weak channel is removed.
+        KEEP_ZEROED [False]: hold zeroed channels at zero until the next step (masked) instead of
+            letting them recover.
+        CHANNEL_MULTIPLE [8]: kept channel counts are rounded to this multiple (speed on GPUs).
+        MIN_CHANNELS [8]: no group keeps fewer channels.
+        ALLOW_FROZEN [False]: also prune groups that touch frozen layers (``FREEZE_AT``).
+    """
+    cfg.PRUNING = CN()
+    cfg.PRUNING.ENABLED = False
+    cfg.PRUNING.TARGET = "ratio"
+    cfg.PRUNING.RATIO = 0.5
+    cfg.PRUNING.FLOPS_REDUCTION = 0.5
+    cfg.PRUNING.COST_INPUT_SIZE = (800, 1333)
+    cfg.PRUNING.SCOPES = ("backbone", "fpn", "rpn", "roi_heads")
+    cfg.PRUNING.SCOPE_RATIOS = ()
+    cfg.PRUNING.CRITERION = "pgp"
+    cfg.PRUNING.EXTRA_PASS_BATCHES = 16
+    cfg.PRUNING.SCHEDULE = "pgp_exponential"
+    cfg.PRUNING.ALLOCATION = "uniform"
+    cfg.PRUNING.PROTECT_QUANTILE = 0.0
+    cfg.PRUNING.UNIT = "iter"
+    cfg.PRUNING.START = 0
+    cfg.PRUNING.END = -1
+    cfg.PRUNING.INTERVAL = -1
+    cfg.PRUNING.REMOVE_RATIO = 0.5
+    cfg.PRUNING.KEEP_ZEROED = False
+    cfg.PRUNING.CHANNEL_MULTIPLE = 8
+    cfg.PRUNING.MIN_CHANNELS = 8
+    cfg.PRUNING.ALLOW_FROZEN = False
+    return cfg
+
+
+def add_pgp_config(cfg: CN) -> CN:
+    """Add pgp_det's keys to a detectron2 config in place (and return it).
+
+    Keys:
+        DATASETS.CUSTOM_VOC / DATASETS.CUSTOM_COCO: user datasets registered by name at start-up
+            (see ``datasets/README.md``).
+        PRUNING: pruning while training, see :func:`add_pruning_config`.
+    """
+    add_dataset_config(cfg)
+    add_pruning_config(cfg)
+    return cfg
+
+
+def get_pgp_cfg() -> CN:
+    """detectron2's default config with pgp_det's keys added."""
+    from detectron2.config import get_cfg
+
+    return add_pgp_config(get_cfg())
+
+
+def pruning_scope_ratios(cfg: CN) -> dict:
+    """``{scope: final ratio}`` for every scope in ``PRUNING.SCOPES`` (``SCOPE_RATIOS`` applied)."""
+    ratios = {scope: float(cfg.PRUNING.RATIO) for scope in cfg.PRUNING.SCOPES}
+    ratios.update({scope: float(ratio) for scope, ratio in cfg.PRUNING.SCOPE_RATIOS})
+    return ratios
+
+
+def _registry_names(registry) -> list:
+    return sorted(name for name, _ in registry)
+
+
+def check_pruning_config(cfg: CN) -> None:
+    """Validate ``cfg.PRUNING`` before training starts.
+
+    Raises:
+        UserInputError: one line naming the bad key, its value and what is accepted.
+    """
+    from .pruning import SCOPES
+    from .pruning.allocation import ALLOCATION_REGISTRY
+    from .pruning.criteria import CRITERION_REGISTRY
+    from .pruning.schedules import SCHEDULE_REGISTRY
+
+    p = cfg.PRUNING
+    if not p.ENABLED:
+        return
+
+    def fail(key, value, accepted):
+        raise UserInputError(f"PRUNING.{key} = {value!r} is invalid: {accepted}")
+
+    if p.TARGET not in ("ratio", "flops"):
+        fail("TARGET", p.TARGET, "use 'ratio' or 'flops'")
+    if not 0.0 <= p.RATIO < 1.0:
+        fail("RATIO", p.RATIO, "use a fraction in [0, 1)")
+    if not 0.0 < p.FLOPS_REDUCTION < 1.0:
+        fail("FLOPS_REDUCTION", p.FLOPS_REDUCTION, "use a fraction in (0, 1)")
+    if len(p.COST_INPUT_SIZE) != 2 or min(p.COST_INPUT_SIZE) < 32:
+        fail("COST_INPUT_SIZE", p.COST_INPUT_SIZE, "use (height, width), each >= 32")
+    if not p.SCOPES:
+        fail("SCOPES", p.SCOPES, f"name at least one of {SCOPES}")
+    for scope in p.SCOPES:
+        if scope not in SCOPES:
+            fail("SCOPES", scope, f"scopes are {SCOPES}")
+    for entry in p.SCOPE_RATIOS:
+        if len(entry) != 2 or entry[0] not in p.SCOPES:
+            fail("SCOPE_RATIOS", entry, f"use (scope, ratio) pairs with a scope in PRUNING.SCOPES {tuple(p.SCOPES)}")
+        if not 0.0 <= float(entry[1]) < 1.0:
+            fail("SCOPE_RATIOS", entry, "ratios are fractions in [0, 1)")
+    if p.TARGET == "flops" and p.SCOPE_RATIOS:
+        fail("SCOPE_RATIOS", p.SCOPE_RATIOS, "per-scope ratios apply to TARGET 'ratio' only")
+    for key, registry in (("CRITERION", CRITERION_REGISTRY), ("SCHEDULE", SCHEDULE_REGISTRY),
+                          ("ALLOCATION", ALLOCATION_REGISTRY)):
+        value = p.get(key)
+        if value not in registry:
+            fail(key, value, f"known: {', '.join(_registry_names(registry))}")
+    if p.CRITERION == "pgp_pass" and p.EXTRA_PASS_BATCHES < 1:
+        fail("EXTRA_PASS_BATCHES", p.EXTRA_PASS_BATCHES, "the pgp_pass criterion needs >= 1 batch")
+    if not 0.0 <= p.PROTECT_QUANTILE < 1.0:
+        fail("PROTECT_QUANTILE", p.PROTECT_QUANTILE, "use a quantile in [0, 1); 0 disables protection")
+    if p.UNIT not in ("iter", "epoch"):
+        fail("UNIT", p.UNIT, "use 'iter' or 'epoch'")
+    if p.START < 0:
+        fail("START", p.START, "use a value >= 0")
+    if p.END != -1 and p.END < p.START:
+        fail("END", p.END, f"must be >= PRUNING.START ({p.START}), or -1 for 3/4 of SOLVER.MAX_ITER")
+    if p.INTERVAL != -1 and p.INTERVAL <= 0:
+        fail("INTERVAL", p.INTERVAL, "use a positive interval, or -1 for a tenth of END - START")
+    if not 0.0 <= p.REMOVE_RATIO <= 1.0:
+        fail("REMOVE_RATIO", p.REMOVE_RATIO, "use a fraction in [0, 1]")
+    if p.CHANNEL_MULTIPLE < 1:
+        fail("CHANNEL_MULTIPLE", p.CHANNEL_MULTIPLE, "use an integer >= 1")
+    if p.MIN_CHANNELS < 1:
+        fail("MIN_CHANNELS", p.MIN_CHANNELS, "use an integer >= 1")

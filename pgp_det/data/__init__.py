@@ -1,0 +1,39 @@
+"""Datasets: the synthetic shapes set, user datasets in VOC/COCO layout, availability checks.
+
+Importing this package registers the synthetic datasets (``synth_voc_*``, ``synth_coco_*``);
+their files are generated on first use.
+"""
+from .builtin import SYNTHETIC_DATASETS, check_dataset_available, datasets_root, register_synthetic_datasets
+from .custom import (
+    DatasetFormatError,
+    DatasetNotFoundError,
+    add_dataset_config,
+    load_voc_layout,
+    parse_class_names,
+    register_coco_layout,
+    register_custom_datasets,
+    register_voc_layout,
+    validate_dataset,
+)
+from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
+from .synthetic import generate_synthetic_dataset
+
+register_synthetic_datasets()
+
+__all__ = [
+    "SYNTHETIC_CLASS_NAMES",
+    "SYNTHETIC_DATASETS",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "add_dataset_config",
+    "check_dataset_available",
+    "datasets_root",
+    "generate_synthetic_dataset",
+    "load_voc_layout",
+    "parse_class_names",
+    "register_coco_layout",
+    "register_custom_datasets",
+    "register_synthetic_datasets",
+    "register_voc_layout",
+    "validate_dataset",
+]

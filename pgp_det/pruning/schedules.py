@@ -1,0 +1,76 @@
+"""Pruning-rate schedules: the fraction of a group's original channels pruned after each step.
+
+A schedule maps pruning step ``k`` (1..``num_steps``) and the final ratio ``r`` to the pruned
+fraction ``p_k``; every schedule reaches ``p_{num_steps} == r`` exactly, and ``p_0 == 0``.
+Pick one by name through :data:`SCHEDULE_REGISTRY` (``PRUNING.SCHEDULE``).
+"""
+import math
+
+from detectron2.utils.registry import Registry
+
+SCHEDULE_REGISTRY = Registry("PRUNING_SCHEDULE")
+SCHEDULE_REGISTRY.__doc__ = "fn(step: int, num_steps: int, ratio: float) -> pruned fraction in [0, ratio]"
+
+# PSFP's asymptotic curve: about 1 - 0.147 of the way is covered at the rate the public
+# re-implementation uses (k = -ln(0.147) / E).
+_PSFP_DECAY = -math.log(0.147)
+
+
+def _check(step: int, num_steps: int, ratio: float) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 <= step <= num_steps:
+        raise ValueError(f"step {step} outside 0..{num_steps}")
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+
+
+@SCHEDULE_REGISTRY.register()
+def pgp_exponential(step: int, num_steps: int, ratio: float) -> float:
+    """PGP: keep ``C0 * exp(-lambda * k)`` channels, ``lambda = -ln(1 - r) / E`` (the paper's
+    ``exp(-lambda (e + 1))`` with ``e = k - 1``)."""
+    _check(step, num_steps, ratio)
+    if step == num_steps:
+        return ratio
+    lam = -math.log(1.0 - ratio) / num_steps
+    return 1.0 - math.exp(-lam * step)
+
+
+@SCHEDULE_REGISTRY.register()
+def psfp(step: int, num_steps: int, ratio: float) -> float:
+    """PSFP: ``P(k) = a (exp(-d k) - 1)``, ``d = -ln(0.147) / E``, ``a = r / (exp(-d E) - 1)``:
+    fast at first, flattening toward the target."""
+    _check(step, num_steps, ratio)
+    if step == num_steps:
+        return ratio
+    decay = _PSFP_DECAY / num_steps
+    scale = ratio / (math.exp(-decay * num_steps) - 1.0)
+    return scale * (math.exp(-decay * step) - 1.0)
+
+
+@SCHEDULE_REGISTRY.register()
+def linear(step: int, num_steps: int, ratio: float) -> float:
+    """Equal steps: ``p_k = r k / E`` (PGP's linear option)."""
+    _check(step, num_steps, ratio)
+    return ratio * step / num_steps
+
+
+@SCHEDULE_REGISTRY.register()
+def cubic(step: int, num_steps: int, ratio: float) -> float:
+    """Gradual pruning's cubic ramp: ``p_k = r (1 - (1 - k / E)^3)``, large steps early."""
+    _check(step, num_steps, ratio)
+    return ratio * (1.0 - (1.0 - step / num_steps) ** 3)
+
+
+def pruned_fraction(name: str, step: int, num_steps: int, ratio: float) -> float:
+    """Fraction pruned after ``step`` with the schedule registered as ``name``."""
+    return SCHEDULE_REGISTRY.get(name)(step, num_steps, ratio)
+
+
+def pruning_iterations(start_iter: int, end_iter: int, interval: int):
+    """The training iterations at which pruning steps happen: ``start, start+interval, ...``,
+    with ``end_iter`` always the last one (so the target is reached there exactly)."""
+    if interval < 1 or end_iter < start_iter:
+        raise ValueError(f"need interval >= 1 and end >= start, got start={start_iter} end={end_iter} interval={interval}")
+    iters = list(range(start_iter, end_iter, interval))
+    return iters + [end_iter]

@@ -1,0 +1,342 @@
+"""Timing harness, FLOPs, report writer and tools/eval_map_fps.py on tiny R18-FPN models."""
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.structures import BoxMode
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+from PIL import Image
+
+from pgp_det.benchmark import load_checked_model, measure_detector_latency, time_callable
+from pgp_det.benchmark.flops import count_flops
+from pgp_det.benchmark.report import pareto_front, reproducibility_record, write_report
+from pgp_det.config import get_pgp_cfg
+from pgp_det.errors import UserInputError
+from pgp_det.evaluation import build_evaluator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_MAP_FPS = os.path.join(ROOT, "tools", "eval_map_fps.py")
+R18_CONFIG = os.path.join(ROOT, "configs", "synthetic", "faster_rcnn_R_18_FPN_synth.yaml")
+CLASSES = ["square", "wide", "tall", "red", "green", "blue"]
+DATASET = "pgp_bench_tiny_voc"
+
+
+def tiny_cfg(*overrides):
+    """R18-FPN at 128x160 with few proposals (fast on two CPU cores), anchors sized for the objects."""
+    cfg = get_pgp_cfg()
+    cfg.merge_from_file(R18_CONFIG)
+    cfg.merge_from_list([
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+        "TEST.DETECTIONS_PER_IMAGE", "20", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
+        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", f"('{DATASET}',)",
+        "MODEL.ANCHOR_GENERATOR.SIZES", "[[64], [80], [96], [112], [128]]", *overrides,
+    ])
+    return cfg
+
+
+def write_voc(root, num_images=4, seed=0):
+    """A VOC-layout folder of 128x160 images with a few filled rectangles each."""
+    rng = np.random.default_rng(seed)
+    for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    ids = []
+    for i in range(num_images):
+        image = np.full((128, 160, 3), 40, dtype=np.uint8)
+        ann = ET.Element("annotation")
+        size = ET.SubElement(ann, "size")
+        for tag, value in (("width", 160), ("height", 128), ("depth", 3)):
+            ET.SubElement(size, tag).text = str(value)
+        for _ in range(2):  # large objects: even a random-init model finds some (non-zero AP)
+            w, h = rng.integers(50, 110, size=2)
+            x0, y0 = rng.integers(0, 160 - w), rng.integers(0, 128 - h)
+            image[y0:y0 + h, x0:x0 + w] = rng.integers(80, 255, size=3)
+            obj = ET.SubElement(ann, "object")
+            ET.SubElement(obj, "name").text = CLASSES[int(rng.integers(len(CLASSES)))]
+            ET.SubElement(obj, "difficult").text = "0"
+            box = ET.SubElement(obj, "bndbox")
+            for tag, value in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x0 + w), ("ymax", y0 + h)):
+                ET.SubElement(box, tag).text = str(int(value))
+        image_id = f"{i:04d}"
+        Image.fromarray(image[:, :, ::-1]).save(os.path.join(root, "JPEGImages", image_id + ".jpg"))
+        ET.ElementTree(ann).write(os.path.join(root, "Annotations", image_id + ".xml"))
+        ids.append(image_id)
+    with open(os.path.join(root, "ImageSets", "Main", "test.txt"), "w") as f:
+        f.write("\n".join(ids) + "\n")
+
+
+def register_voc(name, root):
+    """Register root's test split like detectron2's VOC loader (whose v0.6 uses the removed ``np.str``)."""
+    def load():
+        with open(os.path.join(root, "ImageSets", "Main", "test.txt")) as f:
+            ids = f.read().split()
+        dicts = []
+        for image_id in ids:
+            tree = ET.parse(os.path.join(root, "Annotations", image_id + ".xml"))
+            annotations = []
+            for obj in tree.findall("object"):
+                box = [float(obj.find("bndbox").find(t).text) for t in ("xmin", "ymin", "xmax", "ymax")]
+                box[0] -= 1  # VOC boxes are 1-based inclusive; detectron2's loader shifts the minimum
+                box[1] -= 1
+                annotations.append(
+                    {"category_id": CLASSES.index(obj.find("name").text), "bbox": box, "bbox_mode": BoxMode.XYXY_ABS}
+                )
+            dicts.append({
+                "file_name": os.path.join(root, "JPEGImages", image_id + ".jpg"), "image_id": image_id,
+                "height": int(tree.find("size/height").text), "width": int(tree.find("size/width").text),
+                "annotations": annotations,
+            })
+        return dicts
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(thing_classes=CLASSES, dirname=root, year=2007, split="test",
+                                  evaluator_type="pascal_voc")
+
+
+def save_model(cfg, directory, seed):
+    """Untrained model of ``cfg`` saved as directory/model_final.pth next to its config.yaml.
+
+    Box regressors are zeroed and class logits damped, so detections sit on anchors and every
+    class scores: an untrained detector with a small non-zero AP, which makes mAP comparisons mean
+    something.
+    """
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for layer in (model.proposal_generator.rpn_head.anchor_deltas, model.roi_heads.box_predictor.bbox_pred):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.roi_heads.box_predictor.cls_score.weight.mul_(0.01)
+        model.roi_heads.box_predictor.cls_score.bias.zero_()
+    DetectionCheckpointer(model, save_dir=directory).save("model_final")
+    with open(os.path.join(directory, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    return os.path.join(directory, "config.yaml"), os.path.join(directory, "model_final.pth")
+
+
+def load_tool(path):
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_voc(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("voc"))
+    write_voc(root)
+    if DATASET in DatasetCatalog.list():
+        DatasetCatalog.remove(DATASET)
+        MetadataCatalog.remove(DATASET)
+    register_voc(DATASET, root)
+    yield DATASET
+    DatasetCatalog.remove(DATASET)
+    MetadataCatalog.remove(DATASET)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Two different architectures (64- and 32-channel FPN), saved as training run folders."""
+    root = tmp_path_factory.mktemp("models")
+    wide = save_model(tiny_cfg(), str(root / "wide"), seed=1)
+    narrow = save_model(tiny_cfg("MODEL.FPN.OUT_CHANNELS", "32"), str(root / "narrow"), seed=2)
+    return {"wide": wide, "narrow": narrow}
+
+
+def test_time_callable_orders_stats():
+    stats = time_callable(lambda: sum(range(20000)), warmup=2, runs=15)
+    assert len(stats.samples) == 15
+    assert 0 < stats.min <= stats.median <= stats.p90 <= stats.max
+    assert stats.min <= stats.mean <= stats.max
+    assert stats.fps == pytest.approx(1000.0 / stats.median)
+
+
+def test_time_callable_calls_sync_around_each_run():
+    calls = []
+    time_callable(lambda: calls.append("fn"), warmup=1, runs=2, sync=lambda: calls.append("sync"))
+    assert calls == ["fn", "sync", "fn", "sync", "sync", "fn", "sync"]
+
+
+def test_detector_latency_whole_and_stages():
+    model = build_model(tiny_cfg()).eval()
+    latency = measure_detector_latency(model, (128, 160), "cpu", warmup=1, runs=5)
+    whole = latency.whole
+    assert 0 < whole.min <= whole.median <= whole.p90 <= whole.max
+    assert whole.fps == pytest.approx(1000.0 / whole.median)
+    assert list(latency.stages) == ["preprocess", "backbone_fpn", "rpn", "roi_heads", "postprocess"]
+    assert all(s.median > 0 for s in latency.stages.values())
+    # the stages are the whole model called piece by piece; other processes make timings noisy
+    assert sum(s.min for s in latency.stages.values()) <= 1.5 * whole.max
+    assert latency.stages["backbone_fpn"].median > latency.stages["postprocess"].median
+    env = latency.environment
+    assert env["num_threads"] == torch.get_num_threads() and env["device_name"] and env["torch"] == torch.__version__
+    assert latency.input_size == (128, 160)
+
+
+def test_detector_latency_bad_dtype():
+    model = build_model(tiny_cfg()).eval()
+    with pytest.raises(ValueError, match="CUDA"):
+        measure_detector_latency(model, (64, 64), "cpu", dtype="fp16", warmup=0, runs=1)
+
+
+def test_flops_families_add_up():
+    model = build_model(tiny_cfg()).eval()
+    flops = count_flops(model, 128, 160)
+    families = flops["gflops_per_family"]
+    assert set(families) == {"backbone", "fpn", "rpn", "roi_heads"}
+    assert all(v > 0 for v in families.values())
+    assert sum(families.values()) == pytest.approx(flops["gflops"], rel=1e-6)
+    assert families["backbone"] > families["fpn"]
+    assert flops["params"] == sum(p.numel() for p in model.parameters())
+    assert sum(flops["params_per_family"].values()) == flops["params"]
+    # conv cost scales with pixels: the backbone at twice the area costs twice as much
+    doubled = count_flops(model, 256, 160)["gflops_per_family"]["backbone"]
+    assert doubled == pytest.approx(2 * families["backbone"], rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "points, maximize, front",
+    [
+        ([(50, 10), (40, 20), (45, 5), (30, 30)], (True, True), [0, 1, 3]),  # (45, 5) loses to (50, 10)
+        ([(50, 3.0), (40, 1.5), (30, 2.0)], (True, False), [0, 1]),  # GFLOPs: lower is better
+        ([(40, 20), (40, 20), (39, 20)], (True, True), [0, 1]),  # equal points both stay
+        ([(50, float("nan")), (10, 1)], (True, True), [1]),  # missing values are never on the front
+        ([], (True, True), []),
+    ],
+)
+def test_pareto_front(points, maximize, front):
+    assert pareto_front(points, maximize) == front
+
+
+def test_report_files(tmp_path):
+    rows = [
+        {"label": "dense", "map_metric": "AP50 (VOC07 11-point)", "mAP": 70.0, "fps": 10.0, "gflops": 3.0},
+        {"label": "pruned", "mAP": 65.0, "fps": 20.0, "gflops": 1.5},
+        {"label": "bad", "mAP": 60.0, "fps": 5.0, "gflops": 2.0},
+    ]
+    record = reproducibility_record({"device": "cpu", "num_threads": 2}, 0, {"runs": 3}, ["tool", "--x", "a b"])
+    written = write_report(rows, str(tmp_path), record)
+    assert set(written) == {"csv", "json", "md", "map_vs_fps", "map_vs_gflops"}
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["reproducibility"]["command"] == "tool --x 'a b'"
+    assert [r["label"] for r in data["results"]] == ["dense", "pruned", "bad"]
+    png = Image.open(tmp_path / "map_vs_fps.png")
+    assert json.loads(png.info["Description"])["seed"] == 0  # the figure carries its record
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_report_without_map_skips_plots(tmp_path):
+    rows = [{"label": "a", "fps": 3.0, "gflops": 1.0}]
+    written = write_report(rows, str(tmp_path), reproducibility_record({}, 0, {}))
+    assert set(written) == {"csv", "json", "md"}
+
+
+def test_eval_map_fps_end_to_end(tiny_voc, tiny_models, tmp_path, capsys):
+    wide_cfg, wide_weights = tiny_models["wide"]
+    out = tmp_path / "report"
+    tool = load_tool(EVAL_MAP_FPS)
+    code = tool.main([
+        "--model", f"wide={wide_cfg}:{wide_weights}", "--run-dir", os.path.dirname(tiny_models["narrow"][0]),
+        "--warmup", "1", "--runs", "3", "--dataset-images", "2", "--output", str(out),
+    ])
+    assert code == 0
+    progress = capsys.readouterr().out
+    assert "[wide] evaluating on" in progress and "[narrow] counting FLOPs" in progress
+    assert {"map_vs_fps.png", "map_vs_gflops.png", "results.csv", "results.json", "results.md"} <= set(os.listdir(out))
+    with open(out / "results.csv") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    expected = {
+        "label", "mAP", "AP", "AP50", "map_metric", "latency_median_ms", "latency_p90_ms", "fps",
+        "dataset_latency_median_ms", "dataset_latency_p90_ms", "dataset_fps", "stage_backbone_fpn_ms",
+        "stage_rpn_ms", "stage_roi_heads_ms", "stage_postprocess_ms", "gflops", "gflops_backbone", "gflops_fpn",
+        "gflops_rpn", "gflops_roi_heads", "params_M", "checkpoint_mb", "input_size",
+    }
+    assert expected <= set(rows["wide"])
+    assert rows["wide"]["input_size"] == "128x128"  # MIN_SIZE_TEST square
+    assert float(rows["narrow"]["gflops_fpn"]) < float(rows["wide"]["gflops_fpn"])
+    assert float(rows["wide"]["checkpoint_mb"]) == pytest.approx(os.path.getsize(wide_weights) / 1e6)
+    for r in rows.values():
+        assert float(r["latency_median_ms"]) <= float(r["latency_p90_ms"])
+        assert float(r["fps"]) == pytest.approx(1000 / float(r["latency_median_ms"]))
+
+    # mAP equals a direct detectron2 evaluation of the same checkpoint
+    assert max(float(r["mAP"]) for r in rows.values()) > 0
+    for label, (config, weights) in tiny_models.items():
+        cfg = get_pgp_cfg()
+        cfg.merge_from_file(config)
+        model = load_checked_model(cfg, weights)
+        direct = inference_on_dataset(
+            model, build_detection_test_loader(cfg, tiny_voc), build_evaluator(cfg, tiny_voc)
+        )["bbox"]
+        assert float(rows[label]["AP50"]) == pytest.approx(direct["AP50"], abs=1e-9)
+        assert float(rows[label]["mAP"]) == pytest.approx(direct["AP50"], abs=1e-9)
+        assert float(rows[label]["AP"]) == pytest.approx(direct["AP"], abs=1e-9)
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["details"]["wide"]["latency"]["stages"]["rpn"]["samples"]
+    assert data["reproducibility"]["environment"]["num_threads"] == torch.get_num_threads()
+    assert "tools/eval_map_fps.py --model wide=" in data["reproducibility"]["command"]
+    assert "| wide |" in (out / "results.md").read_text()
+
+
+def test_mismatching_checkpoint_is_refused(tiny_models):
+    cfg = tiny_cfg("MODEL.FPN.OUT_CHANNELS", "32")
+    with pytest.raises(UserInputError, match="differ in shape"):
+        load_checked_model(cfg, tiny_models["wide"][1])
+
+
+def run_cli(*args):
+    # warnings of third-party imports are silenced so stderr holds only what the tool says
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, EVAL_MAP_FPS, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("mismatch", "does not match the model of its config"),
+        ("unknown_dataset", "dataset 'no_such_dataset' is not registered"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path, case, message):
+    config, weights = tiny_models["wide"]
+    args = {
+        "mismatch": ["--model", f"a={tiny_models['narrow'][0]}:{weights}", "--skip-eval", "--dataset-images", "0"],
+        "unknown_dataset": ["--model", f"a={config}:{weights}", "--dataset", "no_such_dataset"],
+    }[case]
+    proc = run_cli(*args, "--output", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "a={config}:{tmp}/missing.pth"], "weights file '{tmp}/missing.pth' does not exist"),
+        (["--model", "a={tmp}/missing.yaml"], "config file '{tmp}/missing.yaml' does not exist"),
+        (["--run-dir", "{tmp}/no_run"], "'{tmp}/no_run/config.yaml' does not exist"),
+        (["--model", "no_label.yaml"], "expected LABEL=CONFIG_FILE[:WEIGHTS]"),
+        (["--model", "a={config}", "--input-size", "big"], "--input-size 'big'"),
+        (["--model", "a={config}", "--fp16"], "--fp16 needs --device cuda"),
+        ([], "no model given"),
+    ],
+)
+def test_bad_arguments_in_process(tiny_models, tmp_path, capsys, args, message):
+    fill = {"config": tiny_models["wide"][0], "tmp": str(tmp_path)}
+    tool = load_tool(EVAL_MAP_FPS)
+    code = tool.main([a.format(**fill) for a in args] + ["--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(**fill) in err[0], err

@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Measure mAP against inference speed for one or more detectors, and plot the trade-off.
+
+Examples::
+
+    python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN --run-dir output/synth_pruned \\
+        --output output/map_fps
+    python tools/eval_map_fps.py --model dense=configs/synthetic/faster_rcnn_R_18_FPN_synth.yaml:dense.pth \\
+        --model pruned50=configs/synthetic/faster_rcnn_R_18_FPN_synth.yaml:pruned.pth \\
+        --device cuda --fp16 --runs 50 --output output/map_fps_gpu
+    python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN --skip-eval --input-size 512x512 \\
+        --threads 1 --output output/speed_only
+
+For each model: mAP (VOC: AP50 11-point headline and AP; COCO: AP headline and AP50), batch-1
+latency (median / p90 ms, FPS) on a fixed-size input and over the first N dataset images,
+per-stage latency, GFLOPs at the fixed size, parameters and checkpoint size. Writes
+results.csv, results.json, results.md, map_vs_fps.png and map_vs_gflops.png into --output.
+
+Bad input (missing config or weights, a checkpoint that does not fit its config, an unregistered
+dataset) ends with one line on stderr and exit code 2.
+"""
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
+from detectron2.data import build_detection_test_loader  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.evaluation import inference_on_dataset  # noqa: E402
+
+from pgp_det.benchmark import load_checked_model, measure_detector_latency, time_dataset_images  # noqa: E402
+from pgp_det.benchmark.flops import FAMILIES, count_flops  # noqa: E402
+from pgp_det.benchmark.report import reproducibility_record, write_report  # noqa: E402
+from pgp_det.benchmark.timing import STAGES, environment_info, precision_context, synthetic_image  # noqa: E402
+from pgp_det.config import get_pgp_cfg  # noqa: E402
+from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
+from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.evaluation import build_evaluator  # noqa: E402
+
+SEED = 0  # of the noise image used when no dataset image is at hand, and of torch
+
+
+@dataclass
+class ModelSpec:
+    label: str
+    config: str
+    weights: Optional[str]  # None: the config's MODEL.WEIGHTS
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """``LABEL=CONFIG_FILE[:WEIGHTS]`` -> ModelSpec."""
+    label, sep, rest = text.partition("=")
+    if not sep or not label or not rest:
+        raise UserInputError(f"--model '{text}': expected LABEL=CONFIG_FILE[:WEIGHTS]")
+    config, _, weights = rest.partition(":")
+    return ModelSpec(label, config, weights or None)
+
+
+def run_dir_spec(directory: str) -> ModelSpec:
+    """A training output folder: its config.yaml and model_final.pth, labelled by the folder name."""
+    config, weights = os.path.join(directory, "config.yaml"), os.path.join(directory, "model_final.pth")
+    for path in (config, weights):
+        if not os.path.isfile(path):
+            raise UserInputError(f"--run-dir '{directory}': '{path}' does not exist (is it a finished training run?)")
+    return ModelSpec(os.path.basename(os.path.normpath(directory)), config, weights)
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``HxW`` or ``N`` (square) -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) <= 0:
+        raise UserInputError(f"--input-size '{text}': expected HxW, e.g. 256x256")
+    return size
+
+
+def build_cfg(spec: ModelSpec, args):
+    if not os.path.isfile(spec.config):
+        raise UserInputError(f"model '{spec.label}': config file '{spec.config}' does not exist")
+    cfg = get_pgp_cfg()
+    try:
+        cfg.merge_from_file(spec.config)
+        cfg.merge_from_list(args.opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise UserInputError(f"model '{spec.label}': bad config {spec.config} or override {args.opts}: {e}") from None
+    cfg.DATASETS.CUSTOM_VOC.extend([list(r) for r in args.register_voc])
+    cfg.DATASETS.CUSTOM_COCO.extend([list(r) for r in args.register_coco])
+    cfg.MODEL.DEVICE = args.device
+    cfg.freeze()
+    return cfg
+
+
+def headline_metrics(bbox: dict, evaluator_type: str) -> dict:
+    """Columns from detectron2's ``results["bbox"]``: the headline ``mAP`` and the APs."""
+    row = {k: bbox.get(k) for k in ("AP", "AP50", "AP75") if k in bbox}
+    if evaluator_type == "pascal_voc":
+        row.update(map_metric="AP50 (VOC07 11-point)", mAP=bbox.get("AP50"))
+    else:
+        row.update(map_metric="AP (COCO, IoU .50:.95)", mAP=bbox.get("AP"))
+    return row
+
+
+def evaluate(cfg, model, dataset: str, dtype: str, output_dir: str) -> dict:
+    evaluator = build_evaluator(cfg, dataset, output_folder=output_dir)
+    with precision_context(dtype, cfg.MODEL.DEVICE):
+        results = inference_on_dataset(model, build_detection_test_loader(cfg, dataset), evaluator)
+    return results.get("bbox", {}) if results else {}
+
+
+def fixed_size_image(dataset: Optional[str], size: Tuple[int, int]) -> np.ndarray:
+    """The dataset's first image stretched to ``size`` (realistic detections), else noise."""
+    if dataset:
+        dicts = DatasetCatalog.get(dataset)
+        if dicts:
+            from PIL import Image
+
+            image = read_image(dicts[0]["file_name"], format="BGR")
+            return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    return synthetic_image(*size, seed=SEED)
+
+
+def benchmark_model(spec: ModelSpec, args, output_dir: str) -> Tuple[dict, dict]:
+    """All figures of one model: (flat row for the tables, details for the JSON)."""
+    def progress(message):
+        print(f"[{spec.label}] {message}", flush=True)
+
+    cfg = build_cfg(spec, args)
+    register_custom_datasets(cfg)
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
+    needs_dataset = not args.skip_eval or args.dataset_images > 0
+    if needs_dataset:
+        if not dataset:
+            raise UserInputError(f"model '{spec.label}': no --dataset given and its config has no DATASETS.TEST")
+        check_dataset_available(dataset)
+    size = parse_size(args.input_size) if args.input_size else (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
+    dtype = "fp16" if args.fp16 else "fp32"
+
+    progress(f"loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}")
+    model = load_checked_model(cfg, spec.weights)
+    weights = spec.weights if spec.weights is not None else cfg.MODEL.WEIGHTS
+    row = {"label": spec.label, "config": spec.config, "weights": weights or "", "dataset": dataset or ""}
+    details = {}
+
+    if not args.skip_eval:
+        progress(f"evaluating on {dataset}")
+        bbox = evaluate(cfg, model, dataset, dtype, os.path.join(output_dir, "inference", spec.label))
+        row.update(headline_metrics(bbox, MetadataCatalog.get(dataset).get("evaluator_type", "")))
+        details["metrics"] = bbox
+        progress(f"{row['map_metric']} = {row['mAP']:.2f}")
+
+    progress(f"timing at {size[0]}x{size[1]} ({dtype}, {args.warmup} warm-up + {args.runs} runs)")
+    latency = measure_detector_latency(
+        model, fixed_size_image(dataset if needs_dataset else None, size), args.device, dtype, args.warmup, args.runs
+    )
+    row.update(
+        input_size=f"{size[0]}x{size[1]}",
+        dtype=dtype,
+        latency_median_ms=latency.whole.median,
+        latency_p90_ms=latency.whole.p90,
+        fps=latency.whole.fps,
+    )
+    details["latency"] = latency.to_dict()
+    progress(
+        f"median {latency.whole.median:.1f} ms, p90 {latency.whole.p90:.1f} ms, {latency.whole.fps:.1f} FPS; stages: "
+        + ", ".join(f"{k} {latency.stages[k].median:.1f}" for k in STAGES)
+    )
+
+    if args.dataset_images > 0:
+        dicts = DatasetCatalog.get(dataset)[: args.dataset_images]
+        progress(f"timing {len(dicts)} images of {dataset}")
+        mapper = DatasetMapper(cfg, is_train=False)
+        stats = time_dataset_images(model, [mapper(d) for d in dicts], args.device, dtype, args.warmup)
+        row.update(
+            dataset_latency_median_ms=stats.median,
+            dataset_latency_p90_ms=stats.p90,
+            dataset_fps=stats.fps,
+            dataset_images=len(dicts),
+        )
+        details["dataset_latency"] = stats.to_dict()
+        progress(f"dataset images: median {stats.median:.1f} ms, p90 {stats.p90:.1f} ms, {stats.fps:.1f} FPS")
+
+    for name in STAGES:
+        row[f"stage_{name}_ms"] = latency.stages[name].median
+
+    progress("counting FLOPs")
+    flops = count_flops(model, *size)
+    row["gflops"] = flops["gflops"]
+    row.update({f"gflops_{k}": flops["gflops_per_family"].get(k, 0.0) for k in FAMILIES})
+    row["params_M"] = flops["params"] / 1e6
+    row.update({f"params_{k}_M": flops["params_per_family"].get(k, 0) / 1e6 for k in FAMILIES})
+    row["checkpoint_mb"] = os.path.getsize(weights) / 1e6 if weights and os.path.isfile(weights) else None
+    details["flops"] = flops
+    progress(f"{flops['gflops']:.2f} GFLOPs, {flops['params'] / 1e6:.2f} M parameters")
+    return row, details
+
+
+def argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=[], metavar="LABEL=CONFIG_FILE[:WEIGHTS]",
+                        help="a model to measure (repeatable); WEIGHTS defaults to the config's MODEL.WEIGHTS")
+    parser.add_argument("--run-dir", action="append", default=[], metavar="DIR",
+                        help="a training output folder (DIR/config.yaml, DIR/model_final.pth; label: folder name)")
+    parser.add_argument("--dataset", default="",
+                        help="dataset to evaluate and time on (default: the config's DATASETS.TEST[0])")
+    parser.add_argument("--input-size", default="", metavar="HxW",
+                        help="fixed timing/FLOPs input (default: MIN_SIZE_TEST square of each config)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--fp16", action="store_true", help="half precision (CUDA autocast), for mAP and timing")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs at the fixed input size")
+    parser.add_argument("--dataset-images", type=int, default=20, metavar="N",
+                        help="time the first N dataset images once each (0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--skip-eval", action="store_true", help="only time and count; no mAP")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for results.* and the plots")
+    parser.add_argument("--register-voc", nargs=4, action="append", default=[],
+                        metavar=("NAME", "DIR", "SPLIT", "CLASSES"),
+                        help="register a VOC-layout dataset; CLASSES: comma-separated names or a file")
+    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_DIR"),
+                        help="register a COCO-layout dataset (instances JSON + image folder)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="KEY VALUE config overrides applied to every model")
+    return parser
+
+
+def check_args(args) -> List[ModelSpec]:
+    specs = [parse_model_spec(m) for m in args.model] + [run_dir_spec(d) for d in args.run_dir]
+    if not specs:
+        raise UserInputError("no model given: pass --model LABEL=CONFIG_FILE[:WEIGHTS] or --run-dir DIR")
+    labels = [s.label for s in specs]
+    duplicates = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicates:
+        raise UserInputError(f"model labels must be unique; repeated: {', '.join(duplicates)}")
+    for spec in specs:
+        if not os.path.isfile(spec.config):
+            raise UserInputError(f"model '{spec.label}': config file '{spec.config}' does not exist")
+        if spec.weights is not None and not os.path.isfile(spec.weights):
+            raise UserInputError(f"model '{spec.label}': weights file '{spec.weights}' does not exist")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: CUDA is not available on this machine")
+    if args.fp16 and args.device != "cuda":
+        raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
+    if args.input_size:
+        parse_size(args.input_size)
+    if args.runs < 1 or args.warmup < 0 or args.dataset_images < 0 or args.threads < 0:
+        raise UserInputError("--runs must be >= 1; --warmup, --dataset-images and --threads >= 0")
+    return specs
+
+
+def main(argv=None) -> int:
+    args = argument_parser().parse_args(argv)
+    try:
+        specs = check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(SEED)
+        rows, details = [], {}
+        for spec in specs:
+            row, extra = benchmark_model(spec, args, args.output)
+            rows.append(row)
+            details[spec.label] = extra
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings = {k: v for k, v in vars(args).items() if k != "output"}
+    command = ["python", "tools/eval_map_fps.py", *(sys.argv[1:] if argv is None else argv)]
+    record = reproducibility_record(environment_info(args.device), SEED, settings, command)
+    written = write_report(rows, args.output, record, details)
+    print("wrote " + ", ".join(os.path.basename(p) for p in written.values()) + f" to {os.path.abspath(args.output)}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Export a (pruned) Faster R-CNN to TorchScript and/or ONNX and check it against PyTorch.
+
+Examples::
+
+    python tools/export_model.py --config-file output/synth_R_18_FPN/config.yaml \\
+        --weights output/synth_R_18_FPN/model_final.pth --output export/r18 \\
+        --format torchscript onnx --dataset synth_voc_test
+    python tools/export_model.py --config-file configs/synthetic/faster_rcnn_R_18_FPN_synth.yaml \\
+        --weights pruned.pth --output export/pruned --format onnx --sample-image street.jpg --input-size 256x320
+
+The exported graph takes one (3, H, W) float32 image and returns boxes, scores and classes in
+that image's pixels (see ``pgp_det/export.py`` for the contract and the limitations). Check
+images are resized as at test time (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``), or letterboxed
+to --input-size; the model is traced on the first. The eager model and the export run on the
+same tensors and are compared (max abs difference of boxes in pixels and of scores, classes
+equal), and the export's latency is timed on the first. Writes model.ts / model.onnx and
+export_report.json into --output.
+
+Exit codes: 0 all checks pass, 1 an export failed or differs from PyTorch, 2 bad input.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+
+from pgp_det import export  # noqa: E402
+from pgp_det.benchmark import load_checked_model, time_callable  # noqa: E402
+from pgp_det.benchmark.report import write_json  # noqa: E402
+from pgp_det.benchmark.timing import environment_info  # noqa: E402
+from pgp_det.config import get_pgp_cfg  # noqa: E402
+from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
+from pgp_det.errors import UserInputError  # noqa: E402
+
+FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+
+
+def build_cfg(args):
+    if not os.path.isfile(args.config_file):
+        raise UserInputError(f"config file '{args.config_file}' does not exist")
+    cfg = get_pgp_cfg()
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise UserInputError(f"bad config {args.config_file} or override {args.opts}: {e}") from None
+    cfg.DATASETS.CUSTOM_VOC.extend([list(r) for r in args.register_voc])
+    cfg.DATASETS.CUSTOM_COCO.extend([list(r) for r in args.register_coco])
+    cfg.MODEL.DEVICE = "cpu"  # exports are traced and checked on the CPU (onnxruntime CPU)
+    cfg.freeze()
+    return cfg
+
+
+def check_images(cfg, args) -> list:
+    """(name, HWC uint8 BGR image) pairs to trace with (the first) and to check."""
+    if args.sample_image:
+        if not os.path.isfile(args.sample_image):
+            raise UserInputError(f"--sample-image '{args.sample_image}' does not exist")
+        return [(args.sample_image, read_image(args.sample_image, format="BGR"))]
+    register_custom_datasets(cfg)
+    check_dataset_available(args.dataset)
+    dicts = DatasetCatalog.get(args.dataset)[: args.num_images]
+    if not dicts:
+        raise UserInputError(f"dataset '{args.dataset}' has no images")
+    return [(d["file_name"], read_image(d["file_name"], format="BGR")) for d in dicts]
+
+
+def parse_size(text: str):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserInputError(f"--input-size '{text}': expected HxW, e.g. 256x320") from None
+    return h, w
+
+
+def to_model_input(cfg, image, size=None) -> torch.Tensor:
+    """(H, W, 3) uint8 BGR -> (3, h, w) float32 in INPUT.FORMAT order: letterboxed to ``size``,
+    else resized as detectron2 does at test time."""
+    if size is not None:
+        return export.letterbox(image, *size, cfg.MODEL.PIXEL_MEAN, cfg.INPUT.FORMAT)[0]
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    resized = resize.get_transform(image).apply_image(image)
+    if cfg.INPUT.FORMAT == "RGB":
+        resized = resized[:, :, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
+
+
+def export_one(fmt: str, model, tensors, reference, path: str, args) -> dict:
+    """Export to ``fmt``, reload, compare on every tensor and time the export."""
+    if fmt == "torchscript":
+        export.export_torchscript(model, tensors[0], path)
+        module = export.load_torchscript(path)
+        run = lambda t: export.run_torchscript(module, t)  # noqa: E731
+    else:
+        export.export_onnx(model, tensors[0], path, opset=args.opset)
+        session = export.load_onnx(path)
+        run = lambda t: export.run_onnx(session, t)  # noqa: E731
+    checks = [
+        export.compare_detections(ref, run(t), args.box_atol, args.score_atol) for ref, t in zip(reference, tensors)
+    ]
+    latency = time_callable(lambda: run(tensors[0]), warmup=args.warmup, runs=args.runs)
+    return {
+        "path": path,
+        "ok": all(c["ok"] for c in checks),
+        "max_abs_diff_boxes": max(c["max_abs_diff_boxes"] for c in checks),
+        "max_abs_diff_scores": max(c["max_abs_diff_scores"] for c in checks),
+        "checks": checks,
+        "latency_ms": latency.to_dict(),
+    }
+
+
+def argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--weights", default=None, help="checkpoint (default: the config's MODEL.WEIGHTS)")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("--format", nargs="+", choices=sorted(FILE_NAMES), default=["torchscript", "onnx"])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--sample-image", metavar="PATH", help="image to trace with and check on")
+    source.add_argument("--dataset", metavar="NAME", help="trace with and check on this dataset's first images")
+    parser.add_argument("--num-images", type=int, default=4, help="dataset images to check on")
+    parser.add_argument("--input-size", default="", metavar="HxW",
+                        help="letterbox check images to this size (default: the test-time resize)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
+    parser.add_argument("--box-atol", type=float, default=1e-2, help="allowed box difference, pixels")
+    parser.add_argument("--score-atol", type=float, default=1e-3, help="allowed score difference")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--register-voc", nargs=4, action="append", default=[],
+                        metavar=("NAME", "DIR", "SPLIT", "CLASSES"),
+                        help="register a VOC-layout dataset; CLASSES: comma-separated names or a file")
+    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_DIR"),
+                        help="register a COCO-layout dataset (instances JSON + image folder)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = argument_parser().parse_args(argv)
+    try:
+        if args.opset < 16:
+            raise UserInputError(f"--opset {args.opset}: RoiAlign as detectron2 uses it needs opset 16 or later")
+        if args.num_images < 1 or args.runs < 1 or args.warmup < 0:
+            raise UserInputError("--num-images and --runs must be >= 1, --warmup >= 0")
+        cfg = build_cfg(args)
+        images = check_images(cfg, args)
+        model = load_checked_model(cfg, args.weights)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    size = parse_size(args.input_size) if args.input_size else None
+    tensors = [to_model_input(cfg, img, size) for _, img in images]
+    sizes = [list(t.shape[1:]) for t in tensors]
+    reference = [export.run_pytorch(model, t) for t in tensors]
+    adapter = export.TensorDetector(model).eval()
+    with torch.no_grad():
+        eager = time_callable(lambda: adapter(tensors[0]), warmup=args.warmup, runs=args.runs)
+    print(f"{len(tensors)} check image(s), sizes {', '.join(f'{h}x{w}' for h, w in sizes)}; "
+          f"PyTorch eager median {eager.median:.1f} ms", flush=True)
+
+    results, all_ok = {}, True
+    for fmt in args.format:
+        path = os.path.join(args.output, FILE_NAMES[fmt])
+        print(f"[{fmt}] exporting to {path}", flush=True)
+        try:
+            result = export_one(fmt, model, tensors, reference, path, args)
+        except Exception as e:  # report the failing path and carry on with the other format
+            result = {"path": path, "ok": False, "error": f"{type(e).__name__}: {e}"}
+            print(f"[{fmt}] FAILED: {result['error'].splitlines()[0]}", flush=True)
+        else:
+            counts = ", ".join(f"{c['num_reference']}/{c['num_exported']}" for c in result["checks"])
+            print(
+                f"[{fmt}] {'OK' if result['ok'] else 'MISMATCH'}: max |d box| {result['max_abs_diff_boxes']:.2e} px, "
+                f"max |d score| {result['max_abs_diff_scores']:.2e}, detections (pytorch/export) {counts}; "
+                f"median {result['latency_ms']['median']:.1f} ms",
+                flush=True,
+            )
+        results[fmt] = result
+        all_ok &= result["ok"]
+
+    write_json(
+        {
+            "input_sizes": sizes,
+            "images": [name for name, _ in images],
+            "pytorch_latency_ms": eager.to_dict(),
+            "exports": results,
+            "environment": environment_info("cpu"),
+            "settings": {k: v for k, v in vars(args).items()},
+            "command": " ".join(["python", "tools/export_model.py", *(sys.argv[1:] if argv is None else argv)]),
+        },
+        os.path.join(args.output, "export_report.json"),
+    )
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
