@@ -161,3 +161,10 @@ def check_pruning_config(cfg: CN) -> None:
         fail("CHANNEL_MULTIPLE", p.CHANNEL_MULTIPLE, "use an integer >= 1")
     if p.MIN_CHANNELS < 1:
         fail("MIN_CHANNELS", p.MIN_CHANNELS, "use an integer >= 1")
+    if p.UNIT == "iter":
+        from .pruning.hook import resolve_pruning_iterations
+
+        try:
+            resolve_pruning_iterations(cfg)
+        except ValueError as e:
+            raise UserInputError(f"{e} (SOLVER.MAX_ITER is {cfg.SOLVER.MAX_ITER})") from None

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-from pgp_det.config import add_pgp_config  # noqa: E402
+from pgp_det.checkpoint import PrunedCheckpointer  # noqa: E402
+from pgp_det.config import add_pgp_config, check_pruning_config  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.engine import Trainer  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
@@ -78,6 +78,7 @@ def build_config(args):
 
 def preflight(cfg, args) -> None:
     """Checks that turn late tracebacks into one clear line, run before any process starts."""
+    check_pruning_config(cfg)
     register_custom_datasets(cfg)
     names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     for name in names:
@@ -93,7 +94,10 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # strict: evaluating a checkpoint that does not cover the model exactly would score random weights
+        PrunedCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)

@@ -7,7 +7,7 @@ detectron2 v0.6's ``detectron2.utils.analysis`` imports caffe2 (via ``detectron2
 """
 import contextlib
 import warnings
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -48,42 +48,44 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
 
 
 @contextlib.contextmanager
-def _full_proposal_budget(model):
-    """Keep every one of the RPN's POST_NMS_TOPK_TEST proposals (NMS threshold 1 removes none).
+def full_proposal_budget(model):
+    """Keep every one of the RPN's POST_NMS_TOPK_TEST proposals: NMS threshold 1 removes none,
+    and no clipped box counts as empty.
 
     ROI-head cost grows with the number of proposals, which after NMS depends on image content;
-    at the full budget the count is the (deterministic) worst case the config allows.
+    at the full budget the count is the (deterministic) worst case the config allows. An RPN
+    with extreme box deltas (a random-init R50) clips most boxes to zero width; the empty-box
+    filter would then leave the ROI heads few proposals and their FLOPs would depend on weights.
     """
     rpn = getattr(model, "proposal_generator", None)
     if rpn is None or not hasattr(rpn, "nms_thresh"):
         yield
         return
-    saved = rpn.nms_thresh
+    saved = rpn.nms_thresh, getattr(rpn, "min_box_size", None)
     rpn.nms_thresh = 1.0
+    if saved[1] is not None:
+        rpn.min_box_size = float("-inf")  # a clipped box's sides are >= 0: none is "empty"
     try:
         yield
     finally:
-        rpn.nms_thresh = saved
+        rpn.nms_thresh = saved[0]
+        if saved[1] is not None:
+            rpn.min_box_size = saved[1]
 
 
-def count_flops(model: torch.nn.Module, height: int, width: int) -> dict:
-    """GFLOPs of one inference on a (height, width) input, and parameter counts.
-
-    The dummy input is a (3, height, width) zero image fed without resizing; the RPN keeps its
-    full proposal budget (see ``_full_proposal_budget``) so the figure depends only on the
-    architecture and the input size.
+def module_flops(model: torch.nn.Module, height: int, width: int) -> Tuple[Dict[str, float], float]:
+    """fvcore FLOPs of one inference on a (3, height, width) zero image fed without resizing,
+    at the full proposal budget (:func:`full_proposal_budget`).
 
     Returns:
-        ``{"gflops": float, "gflops_per_family": {family: float}, "params": int,
-        "params_per_family": {family: int}, "input_size": [height, width]}`` with the families of
-        :data:`FAMILIES` (plus "other" where anything falls outside them).
+        (``{module name: FLOPs of the module, its submodules included}``, total FLOPs).
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     image = torch.zeros(3, int(height), int(width), dtype=torch.float32, device=device)
     try:
-        with torch.no_grad(), _full_proposal_budget(model), warnings.catch_warnings():
+        with torch.no_grad(), full_proposal_budget(model), warnings.catch_warnings():
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             analysis = FlopCountAnalysis(TensorDetector(model), (image,))
             # fvcore warns once per op without a formula; those ops are cheap by design here
@@ -95,7 +97,22 @@ def count_flops(model: torch.nn.Module, height: int, width: int) -> dict:
             total = analysis.total()
     finally:
         model.train(was_training)
+    return by_module, total
 
+
+def count_flops(model: torch.nn.Module, height: int, width: int) -> dict:
+    """GFLOPs of one inference on a (height, width) input, and parameter counts.
+
+    The dummy input is a (3, height, width) zero image fed without resizing; the RPN keeps its
+    full proposal budget (see :func:`full_proposal_budget`) so the figure depends only on the
+    architecture and the input size.
+
+    Returns:
+        ``{"gflops": float, "gflops_per_family": {family: float}, "params": int,
+        "params_per_family": {family: int}, "input_size": [height, width]}`` with the families of
+        :data:`FAMILIES` (plus "other" where anything falls outside them).
+    """
+    by_module, total = module_flops(model, height, width)
     per_family = {name: 0.0 for name in FAMILIES}
     for name, flops in by_module.items():
         if "." not in name:  # top-level children hold their submodules' FLOPs

@@ -1,11 +1,47 @@
-"""A ``DefaultTrainer`` that picks evaluators from dataset metadata."""
-from detectron2.engine import DefaultTrainer
+"""A ``DefaultTrainer`` that evaluates by dataset type, checkpoints pruned models, and prunes
+while training when ``PRUNING.ENABLED``."""
+import weakref
 
+from detectron2.engine import DefaultTrainer
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
+
+from ..checkpoint import PrunedCheckpointer
 from ..evaluation import build_evaluator
+from ..pruning.hook import PGPHook, iterations_per_epoch, unwrap_model
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's default training loop; evaluators follow each dataset's ``evaluator_type``."""
+    """detectron2's default training loop, plus:
+
+    * evaluators follow each dataset's ``evaluator_type`` (VOC or COCO);
+    * checkpoints record the pruned architecture and are written atomically
+      (:class:`pgp_det.checkpoint.PrunedCheckpointer`), so ``--resume`` rebuilds a pruned model;
+    * a :class:`pgp_det.pruning.hook.PGPHook` runs when ``cfg.PRUNING.ENABLED``, before the
+      periodic checkpointer so that a checkpoint taken at a pruning iteration holds its result.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.checkpointer = PrunedCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # the periodic checkpointer was built with detectron2's checkpointer: point it at ours
+        for hook in self._hooks:
+            if hasattr(hook, "checkpointer"):
+                hook.checkpointer = self.checkpointer
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.PRUNING.ENABLED:
+            epoch = iterations_per_epoch(self.cfg) if self.cfg.PRUNING.UNIT == "epoch" else None
+            # after LRScheduler (index 1), before PreciseBN, checkpointing and evaluation
+            hooks.insert(2, PGPHook(self.cfg, epoch))
+        return hooks
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.checkpointer.architecture_changed and comm.get_world_size() > 1:
+            # the checkpoint shrank the model inside its DDP wrapper: wrap the smaller model anew
+            self._trainer.model = create_ddp_model(unwrap_model(self._trainer.model), broadcast_buffers=False)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,10 +1,17 @@
-"""Channel pruning of detectron2's Faster R-CNN: coupled channel groups and model surgery.
+"""Channel pruning of detectron2's Faster R-CNN, one job per module:
 
 * :mod:`.groups`: :class:`ChannelGroup` and its records, :func:`kept_count` rounding,
   :func:`format_groups` table, :class:`PruningRequestError`.
 * :mod:`.dependency`: :func:`derive_channel_groups` walks a built ``GeneralizedRCNN``.
 * :mod:`.surgery`: :func:`soft_prune` (zero), :func:`hard_prune` (remove, optimizer included),
   :class:`ChannelMasks` (hold zeroed channels at zero).
+* :mod:`.criteria`: channel scores by name (``CRITERION_REGISTRY``: pgp, pgp_pass, l1, l2,
+  taylor, bn_gamma, frs).
+* :mod:`.schedules`: pruned fraction per step (``SCHEDULE_REGISTRY``).
+* :mod:`.allocation`: which channels a step prunes (``ALLOCATION_REGISTRY``: uniform, global,
+  adaptive), and the hard/soft split.
+* :mod:`.cost`: FLOPs and parameters per group and family, predicted for any pruned widths.
+* :mod:`.hook`: :class:`~.hook.PGPHook`, pruning while detectron2 trains.
 """
 from .dependency import derive_channel_groups, prediction_layers
 from .groups import SCOPES, ChannelCount, ChannelGroup, ChannelSlice, PruningRequestError, format_groups, kept_count

@@ -5,8 +5,12 @@ fraction ``p_k``; every schedule reaches ``p_{num_steps} == r`` exactly, and ``p
 Pick one by name through :data:`SCHEDULE_REGISTRY` (``PRUNING.SCHEDULE``).
 """
 import math
+import numbers
+from typing import List
 
 from detectron2.utils.registry import Registry
+
+from .groups import PruningRequestError
 
 SCHEDULE_REGISTRY = Registry("PRUNING_SCHEDULE")
 SCHEDULE_REGISTRY.__doc__ = "fn(step: int, num_steps: int, ratio: float) -> pruned fraction in [0, ratio]"
@@ -16,13 +20,17 @@ SCHEDULE_REGISTRY.__doc__ = "fn(step: int, num_steps: int, ratio: float) -> prun
 _PSFP_DECAY = -math.log(0.147)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check(step: int, num_steps: int, ratio: float) -> None:
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not 0 <= step <= num_steps:
-        raise ValueError(f"step {step} outside 0..{num_steps}")
-    if not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if not _is_int(num_steps) or num_steps < 1:
+        raise PruningRequestError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not _is_int(step) or not 0 <= step <= num_steps:
+        raise PruningRequestError(f"step must be an integer in 0..{num_steps}, got {step!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
+        raise PruningRequestError(f"ratio must be in [0, 1), got {ratio!r}")
 
 
 @SCHEDULE_REGISTRY.register()
@@ -52,7 +60,7 @@ def psfp(step: int, num_steps: int, ratio: float) -> float:
 def linear(step: int, num_steps: int, ratio: float) -> float:
     """Equal steps: ``p_k = r k / E`` (PGP's linear option)."""
     _check(step, num_steps, ratio)
-    return ratio * step / num_steps
+    return ratio * (step / num_steps)  # step / num_steps is exactly 1.0 at the end
 
 
 @SCHEDULE_REGISTRY.register()
@@ -63,14 +71,28 @@ def cubic(step: int, num_steps: int, ratio: float) -> float:
 
 
 def pruned_fraction(name: str, step: int, num_steps: int, ratio: float) -> float:
-    """Fraction pruned after ``step`` with the schedule registered as ``name``."""
+    """Fraction pruned after ``step`` with the schedule registered as ``name``.
+
+    Raises:
+        PruningRequestError: unknown name (the message lists the known ones) or bad arguments.
+    """
+    if name not in SCHEDULE_REGISTRY:
+        known = ", ".join(sorted(n for n, _ in SCHEDULE_REGISTRY))
+        raise PruningRequestError(f"unknown pruning schedule {name!r}; known: {known}")
     return SCHEDULE_REGISTRY.get(name)(step, num_steps, ratio)
 
 
-def pruning_iterations(start_iter: int, end_iter: int, interval: int):
+def pruning_iterations(start_iter: int, end_iter: int, interval: int) -> List[int]:
     """The training iterations at which pruning steps happen: ``start, start+interval, ...``,
-    with ``end_iter`` always the last one (so the target is reached there exactly)."""
-    if interval < 1 or end_iter < start_iter:
-        raise ValueError(f"need interval >= 1 and end >= start, got start={start_iter} end={end_iter} interval={interval}")
+    with ``end_iter`` always the last one (so the target is reached there exactly); the last
+    interval is shorter when ``end - start`` is not a multiple of ``interval``."""
+    if not all(_is_int(v) for v in (start_iter, end_iter, interval)):
+        raise PruningRequestError(
+            f"pruning iterations must be integers, got start={start_iter!r} end={end_iter!r} interval={interval!r}"
+        )
+    if interval < 1 or start_iter < 0 or end_iter < start_iter:
+        raise PruningRequestError(
+            f"need interval >= 1 and 0 <= start <= end, got start={start_iter} end={end_iter} interval={interval}"
+        )
     iters = list(range(start_iter, end_iter, interval))
     return iters + [end_iter]

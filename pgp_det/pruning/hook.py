@@ -1,0 +1,316 @@
+"""Progressive pruning while training, as a detectron2 hook.
+
+At each pruning step ``k`` of ``K`` (iterations set by ``PRUNING.START/END/INTERVAL``):
+
+1. the criterion's scores (accumulated since the previous step from what training already
+   computed) rank each group's current channels;
+2. the schedule gives the fraction ``p_k`` of each group's *original* channels to be gone, and
+   the allocation picks the weak set: the channels that must not survive this step;
+3. the lowest ``REMOVE_RATIO`` share of the weak set is removed physically (surgery: smaller
+   tensors, optimizer momentum sliced), the rest is zeroed (momentum cleared too) and may
+   recover before the next step, unless ``KEEP_ZEROED`` masks it. At step ``K`` the whole weak set
+   is removed, so the model ends physically at the target.
+
+Decisions depend only on values that are identical on every rank (scores are all-reduced by
+the criterion), and each step checks that all ranks chose the same channels before surgery.
+"""
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.engine import HookBase
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.utils import comm
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from ..config import pruning_scope_ratios
+from ..utils.io import atomic_write_json
+from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity
+from .criteria import build_criterion
+from .dependency import derive_channel_groups
+from .schedules import pruned_fraction, pruning_iterations
+from .surgery import ChannelMasks, hard_prune
+
+__all__ = ["PGPHook", "iterations_per_epoch", "resolve_pruning_iterations", "unwrap_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The detector inside a (Distributed)DataParallel wrapper, or ``model`` itself."""
+    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
+
+
+def resolve_pruning_iterations(cfg, iters_per_epoch: Optional[int] = None) -> List[int]:
+    """Numbers of completed training iterations after which the pruning steps happen.
+
+    ``START``/``END``/``INTERVAL`` are converted from epochs when ``PRUNING.UNIT == "epoch"``
+    (``iters_per_epoch`` required). Steps happen once ``START + INTERVAL, START + 2 INTERVAL, ...``
+    iterations are done and at ``END`` (at most ``SOLVER.MAX_ITER``); scores accumulate from
+    ``START``.
+    """
+    p = cfg.PRUNING
+    scale = 1
+    if p.UNIT == "epoch":
+        if not iters_per_epoch:
+            raise ValueError("PRUNING.UNIT 'epoch' needs the number of iterations per epoch")
+        scale = iters_per_epoch
+    start = int(p.START * scale)
+    end = int(p.END * scale) if p.END != -1 else (3 * cfg.SOLVER.MAX_ITER) // 4
+    interval = int(p.INTERVAL * scale) if p.INTERVAL != -1 else max(1, (end - start) // 10)
+    end = min(end, cfg.SOLVER.MAX_ITER)
+    if end <= start:
+        raise ValueError(f"pruning ends at iteration {end}, not after it starts ({start}): check PRUNING.START/END")
+    return pruning_iterations(start + interval, end, interval) if start + interval <= end else [end]
+
+
+def _digest(decision: Dict[str, List[int]]) -> str:
+    return hashlib.sha1(json.dumps(decision, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class PGPHook(HookBase):
+    """Prune the trainer's model progressively during training (see the module docstring).
+
+    Logs to detectron2's event storage at each step: ``pruning/step``, ``pruning/kept_<scope>``
+    (channels kept in each scope), ``pruning/gflops`` (at ``PRUNING.COST_INPUT_SIZE``),
+    ``pruning/params_m`` and ``pruning/step_seconds``; and keeps ``pruning_log.json`` in
+    ``OUTPUT_DIR``. Its state (schedule position, original sizes, masks, criterion
+    accumulators) goes into the trainer's checkpoints, so ``--resume`` continues the schedule.
+    """
+
+    def __init__(self, cfg, iters_per_epoch: Optional[int] = None):
+        self.cfg = cfg
+        p = cfg.PRUNING
+        self.step_iters = resolve_pruning_iterations(cfg, iters_per_epoch)
+        self.start_iter = int(p.START * (iters_per_epoch if p.UNIT == "epoch" else 1))
+        self.criterion = build_criterion(p.CRITERION)
+        # protection needs recent gradients; a gradient criterion already has them
+        self.protector = None
+        if p.PROTECT_QUANTILE > 0:
+            self.protector = self.criterion if p.CRITERION == "pgp" else build_criterion("pgp")
+        self.masks = ChannelMasks()
+        self.steps_done = 0
+        self.original_sizes: Dict[str, int] = {}
+        self.ratios: Dict[str, float] = {}  # final pruned fraction per pruned group
+        self.log: List[dict] = []
+        self.zeroed: Dict[str, List[int]] = {}  # channels zeroed by the last step (current numbering)
+        self.hook_seconds = 0.0
+        self._restored: Optional[dict] = None
+        self._groups = None
+        self._cost_model = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return unwrap_model(self.trainer.model)
+
+    def _derive(self):
+        groups = derive_channel_groups(self.model, allow_frozen=self.cfg.PRUNING.ALLOW_FROZEN)
+        scopes = set(self.cfg.PRUNING.SCOPES)
+        self._groups = groups
+        self.pruned_groups = {n: g for n, g in groups.items() if g.prunable and g.scope in scopes}
+        return groups
+
+    def _criteria(self):
+        return [c for c in (self.criterion, self.protector) if c is not None]
+
+    def _attach(self):
+        for criterion in dict.fromkeys(self._criteria()):
+            criterion.attach(self.model, self.pruned_groups)
+
+    def _resolve_ratios(self):
+        from .cost import ratio_for_flops_reduction
+
+        p = self.cfg.PRUNING
+        if p.TARGET == "flops":
+            height, width = p.COST_INPUT_SIZE
+            ratio = ratio_for_flops_reduction(
+                self._cost(), self.pruned_groups, p.FLOPS_REDUCTION, multiple=p.CHANNEL_MULTIPLE,
+                floor=p.MIN_CHANNELS, scopes=p.SCOPES,
+            )
+            logger.info("PRUNING.TARGET flops: ratio %.4f removes %.1f%% of FLOPs at %dx%d",
+                        ratio, 100 * p.FLOPS_REDUCTION, height, width)
+            return {name: ratio for name in self.pruned_groups}
+        by_scope = pruning_scope_ratios(self.cfg)
+        return {name: by_scope[g.scope] for name, g in self.pruned_groups.items()}
+
+    def _cost(self):
+        from .cost import CostModel
+
+        if self._cost_model is None:
+            height, width = self.cfg.PRUNING.COST_INPUT_SIZE
+            self._cost_model = CostModel(self.model, height, width)
+        return self._cost_model
+
+    # -- HookBase ---------------------------------------------------------------------------------
+
+    def before_train(self):
+        started = time.perf_counter()
+        self._derive()
+        if not self.pruned_groups:
+            raise ValueError(f"PRUNING.SCOPES {tuple(self.cfg.PRUNING.SCOPES)} contain no prunable channel group")
+        if self._restored is not None:
+            state, self._restored = self._restored, None
+            self.steps_done = state["steps_done"]
+            self.original_sizes = dict(state["original_sizes"])
+            self.ratios = dict(state["ratios"])
+            self.log = list(state["log"])
+            self._attach()
+            self.criterion.load_state_dict(state["criterion"])
+            if self.protector is not None and self.protector is not self.criterion:
+                self.protector.load_state_dict(state["protector"])
+            self.masks.load(self._groups, state["masked"])
+            self.zeroed = dict(state["zeroed"])
+        else:
+            self.original_sizes = {name: g.size for name, g in self.pruned_groups.items()}
+            self.ratios = self._resolve_ratios()
+            self._attach()
+        logger.info("pruning %d channel groups at iterations %s (%d done)", len(self.pruned_groups),
+                    self.step_iters, self.steps_done)
+        self.hook_seconds += time.perf_counter() - started
+
+    def after_step(self):
+        started = time.perf_counter()
+        done = self.trainer.iter + 1  # iterations completed, this one included
+        if self.steps_done < len(self.step_iters) and done > self.start_iter:
+            for criterion in dict.fromkeys(self._criteria()):
+                if criterion.needs_gradients or criterion.needs_activations:
+                    criterion.update(self.model)
+            if len(self.masks):
+                self.masks.apply(self.model, self.trainer.optimizer)
+            if done in self.step_iters[self.steps_done:]:
+                self._prune_step()
+        self.hook_seconds += time.perf_counter() - started
+
+    def after_train(self):
+        self.trainer.storage.put_scalar("pruning/hook_seconds", self.hook_seconds, smoothing_hint=False)
+
+    # -- a pruning step ---------------------------------------------------------------------------
+
+    def _prune_step(self):
+        started = time.perf_counter()
+        p = self.cfg.PRUNING
+        step = self.steps_done + 1
+        num_steps = len(self.step_iters)
+        model = self.model
+        if self.criterion.needs_extra_pass:
+            self.criterion.run_extra_pass(model, self.trainer._trainer._data_loader_iter, p.EXTRA_PASS_BATCHES)
+        scores = self.criterion.scores(model)
+        fractions = {
+            name: pruned_fraction(p.SCHEDULE, step, num_steps, self.ratios[name]) for name in self.pruned_groups
+        }
+        protected = None
+        if self.protector is not None:
+            protected = protect_by_gradient(self.protector.scores(model), quantile=p.PROTECT_QUANTILE)
+        sparsity = weight_sparsity(model, self.pruned_groups) if p.ALLOCATION == "adaptive" else None
+        weak = allocate(
+            p.ALLOCATION, scores, self.pruned_groups, fractions, self.original_sizes,
+            multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS, weight_sparsity=sparsity, protected=protected,
+        )
+        remove, zero = split_hard_soft(
+            weak, scores, 1.0 if step == num_steps else p.REMOVE_RATIO, multiple=p.CHANNEL_MULTIPLE,
+            groups=self.pruned_groups,
+        )
+        remove = {name: list(idx) for name, idx in remove.items() if len(idx)}
+        zero = {name: list(idx) for name, idx in zero.items() if len(idx)}
+        digests = self._check_same_on_all_ranks({"remove": remove, "zero": zero})
+
+        # zeroed channels are re-decided at every step: the previous masks end here
+        self.masks.clear()
+        for name, indices in zero.items():
+            self.masks.add(self.pruned_groups[name], indices)
+        before = self._groups
+        hard_prune(model, remove, optimizer=self.trainer.optimizer, allow_frozen=p.ALLOW_FROZEN, groups=before)
+        after = self._derive()
+        self.masks.after_hard_prune(after, remove)
+        self.masks.apply(model, self.trainer.optimizer)
+        self.zeroed = self.masks.masked()
+        if not p.KEEP_ZEROED:
+            self.masks.clear()
+        for criterion in dict.fromkeys(self._criteria()):
+            criterion.after_hard_prune(self.pruned_groups, remove)
+            criterion.reset()
+        if remove and isinstance(self.trainer.model, DistributedDataParallel):
+            # DDP holds the old parameters: wrap the smaller model anew
+            self.trainer.model = create_ddp_model(model, broadcast_buffers=False)
+        self.steps_done = step
+        self._record(step, num_steps, remove, zero, digests, time.perf_counter() - started)
+
+    def _check_same_on_all_ranks(self, decision) -> List[str]:
+        """Each rank's digest of ``decision``; raises before any surgery if they differ."""
+        digests = comm.all_gather(_digest(decision))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"pruning decisions differ across ranks ({digests}): scores were not reduced")
+        return digests
+
+    def _record(self, step, num_steps, remove, zero, digests, seconds):
+        kept = {}
+        for name, group in self.pruned_groups.items():
+            kept[group.scope] = kept.get(group.scope, 0) + group.size
+        sizes = {name: g.size for name, g in self._groups.items()}
+        cost = self._cost().predict(sizes)
+        storage = self.trainer.storage
+        storage.put_scalar("pruning/step", step, smoothing_hint=False)
+        for scope, count in kept.items():
+            storage.put_scalar(f"pruning/kept_{scope}", count, smoothing_hint=False)
+        storage.put_scalar("pruning/gflops", cost["flops"] / 1e9, smoothing_hint=False)
+        storage.put_scalar("pruning/params_m", cost["params"] / 1e6, smoothing_hint=False)
+        storage.put_scalar("pruning/step_seconds", seconds, smoothing_hint=False)
+        entry = {
+            "step": step,
+            "of": num_steps,
+            "iteration": self.trainer.iter + 1,
+            "removed": sum(len(v) for v in remove.values()),
+            "zeroed": sum(len(v) for v in zero.values()),
+            "kept_per_scope": kept,
+            "gflops": cost["flops"] / 1e9,
+            "params": cost["params"],
+            "seconds": seconds,
+            "rank_digests": digests,
+        }
+        self.log.append(entry)
+        logger.info(
+            "pruning step %d/%d at iteration %d: removed %d, zeroed %d channels; kept %s; %.2f GFLOPs; %.2fs",
+            step, num_steps, entry["iteration"], entry["removed"], entry["zeroed"], kept, entry["gflops"], seconds,
+        )
+        if comm.is_main_process():
+            atomic_write_json(
+                {"steps": self.log, "architecture": sizes, "original_sizes": self.original_sizes},
+                os.path.join(self.cfg.OUTPUT_DIR, "pruning_log.json"),
+            )
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def state_dict(self):
+        if self._restored is not None:  # loaded but training has not started: keep it as is
+            return self._restored
+        state = {
+            "steps_done": self.steps_done,
+            "original_sizes": dict(self.original_sizes),
+            "ratios": dict(self.ratios),
+            "masked": self.masks.masked(),
+            "zeroed": dict(self.zeroed),
+            "criterion": self.criterion.state_dict(),
+            "log": list(self.log),
+        }
+        if self.protector is not None and self.protector is not self.criterion:
+            state["protector"] = self.protector.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        # groups are derived in before_train, once the checkpoint's architecture is in place
+        self._restored = state_dict
+
+
+def iterations_per_epoch(cfg) -> int:
+    """Training iterations in one pass over ``cfg.DATASETS.TRAIN`` at ``SOLVER.IMS_PER_BATCH``."""
+    from detectron2.data import DatasetCatalog
+
+    images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
+    return max(1, math.ceil(images / cfg.SOLVER.IMS_PER_BATCH))

@@ -1,0 +1,159 @@
+"""tools/prune_net.py: one-shot pruning of the synthetic R18-FPN writes a checkpoint that reloads
+to the same detector and exports to ONNX, a report whose figures are real, and refuses bad input
+with one line and nothing written."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pgp_det import export
+from pgp_det.checkpoint import load_model
+from pgp_det.pruning import derive_channel_groups, kept_count
+from test_export import sample_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "synthetic/faster_rcnn_R_18_FPN_synth.yaml"
+# random init; score threshold 0 so that the untrained detector reports detections to compare
+OVERRIDES = ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+             "TEST.DETECTIONS_PER_IMAGE", "50"]
+SIZE = ["--input-size", "128x160"]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("prune_net", os.path.join(ROOT, "tools", "prune_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool()
+
+
+@pytest.fixture(scope="module")
+def pruned(tool, tmp_path_factory):
+    """The tool's in-memory result at ratio 0.5, and the files it wrote."""
+    out = tmp_path_factory.mktemp("pruned") / "out"
+    args = tool.argument_parser().parse_args(["--config", CONFIG, "--ratio", "0.5", *SIZE, "--output", str(out), *OVERRIDES])
+    cfg = tool.build_config(args)
+    result = tool.prune(cfg, args)
+    tool.write_outputs(cfg, result["model"], result["report"], str(out))
+    return cfg, result["model"].eval(), out
+
+
+def image_tensor(index=0):
+    return torch.from_numpy(np.ascontiguousarray(sample_images(index + 1)[index].transpose(2, 0, 1))).float()
+
+
+def test_cli_writes_checkpoint_and_report(tool, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert tool.main(["--config", CONFIG, "--ratio", "0.5", *SIZE, "--output", str(out), *OVERRIDES]) == 0
+    printed = capsys.readouterr().out
+    assert "GFLOPs at 128x160" in printed and f"wrote {out / 'model_pruned.pth'}" in printed
+    assert sorted(os.listdir(out)) == ["config.yaml", "model_pruned.pth", "pruning_report.json"]  # no last_checkpoint
+    from pgp_det.config import get_pgp_cfg
+
+    saved = get_pgp_cfg()
+    saved.merge_from_file(str(out / "config.yaml"))
+    assert saved.MODEL.WEIGHTS == str(out / "model_pruned.pth")
+
+    report = json.loads((out / "pruning_report.json").read_text())
+    flops, params = report["flops"], report["params"]
+    assert flops["after_gflops"] < flops["before_gflops"] and flops["reduction_percent"] > 0
+    assert flops["reduction_percent"] == pytest.approx(100 * (1 - flops["after_gflops"] / flops["before_gflops"]))
+    assert flops["predicted_after_gflops"] == pytest.approx(flops["after_gflops"], rel=0.01)
+    assert sum(flops["after_gflops_per_family"].values()) == pytest.approx(flops["after_gflops"])
+    assert params["after"] < params["before"]
+    assert report["settings"]["criterion"] == "l1" and report["settings"]["requested"] == {"ratio": 0.5}
+    for name, group in report["groups"].items():
+        assert group["kept"] == kept_count(group["original"], 0.5, 8, 8), name
+
+
+def test_checkpoint_reloads_to_the_pruned_detector(pruned):
+    cfg, model, out = pruned
+    report = json.loads((out / "pruning_report.json").read_text())
+    reloaded = load_model(cfg, str(out / "model_pruned.pth"))
+    sizes = {name: group.size for name, group in derive_channel_groups(reloaded).items()}
+    assert sizes == {name: group["kept"] for name, group in report["groups"].items()}
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params"]["after"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    image = image_tensor()
+    with torch.no_grad():
+        a = model([{"image": image}])[0]["instances"]
+        b = reloaded([{"image": image}])[0]["instances"]
+    assert len(a) > 0
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
+
+
+def test_pruned_model_exports_to_onnx(pruned, tmp_path):
+    cfg, _, out = pruned
+    model = load_model(cfg, str(out / "model_pruned.pth"))
+    images = [image_tensor(0), image_tensor(1)]  # the second has another size than the traced one
+    path = str(tmp_path / "pruned.onnx")
+    export.export_onnx(model, images[0], path, opset=17)
+    session = export.load_onnx(path)
+    for image in images:
+        reference = export.run_pytorch(model, image)
+        assert len(reference["scores"]) > 0
+        result = export.compare_detections(reference, export.run_onnx(session, image), box_atol=1e-2, score_atol=1e-3)
+        assert result["ok"], result
+
+
+def test_flops_target_and_scopes(tool, tmp_path, capsys):
+    out = tmp_path / "flops"
+    code = tool.main(["--config", CONFIG, "--flops-reduction", "0.3", "--scopes", "backbone,fpn", "--criterion", "l2",
+                      *SIZE, "--output", str(out), *OVERRIDES])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["flops"]["reduction_percent"] >= 30.0
+    assert 0 < report["settings"]["ratio"] < 1
+    for name, group in report["groups"].items():
+        if group["scope"] in ("rpn", "roi_heads"):
+            assert group["kept"] == group["original"] and group["out_of_scope"], name
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--ratio", "1.0"], "--ratio 1.0 is outside [0, 1)"),
+        (["--ratio", "-0.1"], "--ratio -0.1 is outside [0, 1)"),
+        (["--flops-reduction", "0"], "--flops-reduction 0.0 is outside (0, 1)"),
+        ([], "one of the arguments --ratio --flops-reduction is required"),
+        (["--ratio", "0.5", "--flops-reduction", "0.5"], "not allowed with argument"),
+        (["--ratio", "0.5", "--scopes", "backbone,neck"], "--scopes: unknown scope 'neck'"),
+        (["--ratio", "0.5", "--criterion", "l3"], "--criterion 'l3' is unknown; one-shot pruning takes bn_gamma, l1, l2"),
+        (["--ratio", "0.5", "--criterion", "pgp"], "--criterion 'pgp' needs training"),
+        (["--ratio", "0.5", "--input-size", "128"], "--input-size '128': expected HxW"),
+        (["--ratio", "0.5", "--flops-reduction", "x"], "argument --flops-reduction: invalid float value: 'x'"),
+        (["--flops-reduction", "0.9", "--scopes", "rpn"], "unreachable"),
+        (["--ratio", "0.5", "MODEL.NO_SUCH_KEY", "1"], "bad config"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tool, tmp_path, capsys, arguments, message):
+    out = tmp_path / "out"
+    code = tool.main(["--config", CONFIG, *SIZE, "--output", str(out), *arguments, *OVERRIDES])
+    err = capsys.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert err.rstrip().splitlines()[-1] == errors[0]
+    assert not out.exists()
+
+
+def test_existing_output_is_kept_without_overwrite(tool, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_pruned.pth").write_bytes(b"previous")
+    code = tool.main(["--config", CONFIG, "--ratio", "0.5", *SIZE, "--output", str(out), *OVERRIDES])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: '{out / 'model_pruned.pth'}' already exists: pass --overwrite to replace it, or choose another --output"
+    )
+    assert (out / "model_pruned.pth").read_bytes() == b"previous" and os.listdir(out) == ["model_pruned.pth"]
+    assert tool.main(["--config", CONFIG, "--ratio", "0.25", "--overwrite", *SIZE, "--output", str(out), *OVERRIDES]) == 0
+    assert (out / "model_pruned.pth").read_bytes() != b"previous"

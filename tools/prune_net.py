@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""Prune a Faster R-CNN once, by weight magnitude, and save the smaller model.
+
+Examples::
+
+    python tools/prune_net.py --config synthetic/faster_rcnn_R_18_FPN_synth.yaml --ratio 0.5 \\
+        --output output/synth_pruned MODEL.WEIGHTS output/synth_R_18_FPN/model_final.pth
+    python tools/prune_net.py --config-file configs/faster_rcnn_R_50_FPN_voc.yaml --flops-reduction 0.5 \\
+        --scopes backbone,fpn --output output/r50_half MODEL.WEIGHTS /path/to/model_final.pth
+    python tools/train_net.py --config-file configs/faster_rcnn_R_50_FPN_voc.yaml --eval-only \\
+        MODEL.WEIGHTS output/r50_half/model_pruned.pth
+
+Every prunable channel group (see ``pgp_det.pruning.derive_channel_groups``) in ``--scopes``
+keeps ``kept_count(size, ratio, --multiple, --floor)`` channels, the ones with the highest
+``--criterion`` score (``l1``/``l2``: norm of each filter, normalised per producing layer and
+averaged over the group's producing layers; ``bn_gamma``: |gamma| of their norms). With
+``--flops-reduction F`` the ratio is the smallest one whose FLOPs at ``--input-size`` drop by F
+(predicted by ``pgp_det.pruning.cost.CostModel``). Groups touching frozen layers
+(``MODEL.BACKBONE.FREEZE_AT``) are pruned only with ``--allow-frozen`` (or
+``PRUNING.ALLOW_FROZEN True``). No dataset is needed.
+
+Writes ``--output``/model_pruned.pth (a :class:`pgp_det.checkpoint.PrunedCheckpointer` checkpoint:
+``train_net.py --eval-only`` or ``MODEL.WEIGHTS`` of a fine-tuning run rebuild the pruned model
+from the config) and ``pruning_report.json`` (FLOPs and parameters before/after, per family;
+kept/original channels per group; the settings). Bad input ends with one ``error:`` line on
+stderr, exit code 2, and nothing written.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TOOLS_DIR))  # run from a checkout
+sys.path.insert(0, TOOLS_DIR)  # train_net's config handling
+
+from detectron2.utils.env import seed_all_rng  # noqa: E402
+
+from train_net import build_config, resolve_config_path  # noqa: E402
+
+from pgp_det.checkpoint import PrunedCheckpointer, load_model  # noqa: E402
+from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.pruning import SCOPES, derive_channel_groups, hard_prune  # noqa: E402
+from pgp_det.pruning.cost import CostModel, ratio_for_flops_reduction, uniform_sizes  # noqa: E402
+from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
+from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from pgp_det.utils.weights import check_weights_available  # noqa: E402
+
+MODEL_FILE = "model_pruned"  # .pth
+REPORT_FILE = "pruning_report.json"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``error:`` line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    parser.add_argument("--config", metavar="NAME.yaml", default="", help="config file inside configs/")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ratio", type=float, help="fraction of each pruned group's channels to remove, in [0, 1)")
+    target.add_argument("--flops-reduction", type=float, metavar="F",
+                        help="fraction of the FLOPs at --input-size to remove, in (0, 1)")
+    parser.add_argument("--criterion", default="l1", help="channel score: l1, l2 (filter norms) or bn_gamma")
+    parser.add_argument("--scopes", default="", metavar="S1,S2",
+                        help=f"parts to prune, among {','.join(SCOPES)} (default: PRUNING.SCOPES, all)")
+    parser.add_argument("--multiple", type=int, default=None,
+                        help="kept counts are rounded to this multiple (default: PRUNING.CHANNEL_MULTIPLE, 8)")
+    parser.add_argument("--floor", type=int, default=None,
+                        help="no group keeps fewer channels (default: PRUNING.MIN_CHANNELS, 8)")
+    parser.add_argument("--allow-frozen", action="store_true",
+                        help="also prune groups touching frozen layers (default: PRUNING.ALLOW_FROZEN)")
+    parser.add_argument("--input-size", default="800x1333", metavar="HxW", help="input size FLOPs are counted at")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for model_pruned.pth and the report")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model_pruned.pth")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    # train_net.build_config also reads dataset registrations; pruning needs no data
+    parser.set_defaults(register_voc=None, register_coco=None)
+    return parser
+
+
+def parse_size(text: str):
+    """``HxW`` -> (H, W), each >= 32."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        height = width = 0
+    if min(height, width) < 32:
+        raise UserInputError(f"--input-size '{text}': expected HxW with both >= 32, e.g. 800x1333")
+    return height, width
+
+
+def _one_shot_criteria():
+    """Registered criteria that score from the weights alone (no training data or gradients)."""
+    names = []
+    for name, factory in sorted(CRITERION_REGISTRY):
+        criterion = factory()
+        if not (criterion.needs_gradients or criterion.needs_activations or criterion.needs_extra_pass):
+            names.append(name)
+    return names
+
+
+def check_args(args) -> None:
+    """Reject bad arguments before anything is loaded (the config is checked by build_config)."""
+    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
+        raise UserInputError(f"--ratio {args.ratio} is outside [0, 1): give the fraction of channels to remove")
+    if args.flops_reduction is not None and not 0.0 < args.flops_reduction < 1.0:
+        raise UserInputError(f"--flops-reduction {args.flops_reduction} is outside (0, 1): give the fraction of FLOPs to remove")
+    usable = _one_shot_criteria()
+    if args.criterion not in usable:
+        why = "needs training (gradients or activations)" if args.criterion in CRITERION_REGISTRY else "is unknown"
+        raise UserInputError(f"--criterion {args.criterion!r} {why}; one-shot pruning takes {', '.join(usable)}")
+    if args.scopes and not _scopes(args.scopes):
+        raise UserInputError(f"--scopes '{args.scopes}' names no scope; use some of {','.join(SCOPES)}")
+    for scope in _scopes(args.scopes):
+        if scope not in SCOPES:
+            raise UserInputError(f"--scopes: unknown scope {scope!r}; scopes are {','.join(SCOPES)}")
+    for flag, value in (("--multiple", args.multiple), ("--floor", args.floor)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{flag} {value}: use an integer >= 1")
+    parse_size(args.input_size)
+    _check_output(args.output, args.overwrite)
+
+
+def _scopes(text: str):
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def _check_output(directory: str, overwrite: bool) -> None:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserInputError(f"--output '{directory}' exists and is not a folder")
+    existing = os.path.join(directory, MODEL_FILE + ".pth")
+    if os.path.exists(existing) and not overwrite:
+        raise UserInputError(f"'{existing}' already exists: pass --overwrite to replace it, or choose another --output")
+    parent = os.path.abspath(directory)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserInputError(f"--output '{directory}': cannot write into '{parent}'")
+
+
+def _lowest_channels(scores: torch.Tensor, count: int) -> list:
+    """Indices of the ``count`` lowest scores; ties go to the lower index (stable sort)."""
+    order = torch.sort(scores, stable=True).indices
+    return sorted(order[:count].tolist())
+
+
+def prune(cfg, args) -> dict:
+    """Load ``cfg``'s model, prune it as ``args`` say; return the model and the report (nothing
+    is written)."""
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # a randomly initialised model is reproducible
+    weights = cfg.MODEL.WEIGHTS
+    if weights:
+        weights = check_weights_available(weights)
+    # partial checkpoints are fine: an ImageNet backbone is pruned before the detector is trained
+    model = load_model(cfg, weights, strict=False)
+    allow_frozen = bool(args.allow_frozen or cfg.PRUNING.ALLOW_FROZEN)
+    scopes = _scopes(args.scopes) if args.scopes else tuple(cfg.PRUNING.SCOPES)
+    multiple = args.multiple if args.multiple is not None else int(cfg.PRUNING.CHANNEL_MULTIPLE)
+    floor = args.floor if args.floor is not None else int(cfg.PRUNING.MIN_CHANNELS)
+    height, width = parse_size(args.input_size)
+
+    groups = derive_channel_groups(model, allow_frozen=allow_frozen)
+    costs = CostModel(model, height, width)
+    before = costs.predict({})  # the measurement itself: nothing pruned yet
+    if args.flops_reduction is not None:
+        ratio = ratio_for_flops_reduction(costs, groups, args.flops_reduction, multiple, floor, scopes)
+    else:
+        ratio = args.ratio
+    sizes = uniform_sizes(groups, ratio, multiple, floor, scopes)
+
+    criterion = build_criterion(args.criterion)
+    criterion.attach(model, groups)
+    scores = criterion.scores(model)
+    removals = {
+        name: _lowest_channels(scores[name], group.size - sizes[name])
+        for name, group in groups.items()
+        if sizes[name] < group.size
+    }
+    hard_prune(model, removals, allow_frozen=allow_frozen, groups=groups)
+    predicted = costs.predict(sizes)
+    after = CostModel(model, height, width).predict({})  # measured again, on the pruned model
+
+    def per_family(values: dict, scale: float) -> dict:
+        return {family: value / scale for family, value in values.items()}
+
+    def reduction(old: float, new: float) -> float:
+        return 100.0 * (1.0 - new / old) if old else 0.0
+
+    flops_before = per_family(before["flops_per_family"], 1e9)
+    flops_after = per_family(after["flops_per_family"], 1e9)
+    report = {
+        "config": resolve_config_path(args),
+        "weights": cfg.MODEL.WEIGHTS,
+        "settings": {
+            "criterion": args.criterion,
+            "ratio": ratio,
+            "requested": {"ratio": args.ratio} if args.flops_reduction is None else {"flops_reduction": args.flops_reduction},
+            "scopes": list(scopes),
+            "multiple": multiple,
+            "floor": floor,
+            "allow_frozen": allow_frozen,
+            "input_size": [height, width],
+            "overrides": list(args.opts),
+        },
+        "flops": {
+            "input_size": [height, width],
+            "before_gflops": before["gflops"],
+            "after_gflops": after["gflops"],
+            "predicted_after_gflops": predicted["gflops"],
+            "reduction_percent": reduction(before["gflops"], after["gflops"]),
+            "before_gflops_per_family": flops_before,
+            "after_gflops_per_family": flops_after,
+            "reduction_percent_per_family": {f: reduction(flops_before[f], flops_after[f]) for f in flops_before},
+        },
+        "params": {
+            "before": before["params"],
+            "after": after["params"],
+            "reduction_percent": reduction(before["params"], after["params"]),
+            "before_per_family": before["params_per_family"],
+            "after_per_family": after["params_per_family"],
+        },
+        "groups": {
+            name: {
+                "scope": group.scope,
+                "original": group.size,
+                "kept": sizes[name],
+                **({} if group.prunable else {"fixed": group.reason}),
+                **({} if group.scope in scopes else {"out_of_scope": True}),
+            }
+            for name, group in groups.items()
+        },
+    }
+    return {"model": model, "report": report}
+
+
+def write_outputs(cfg, model, report: dict, directory: str) -> list:
+    """DIR/model_pruned.pth (not tagged as ``last_checkpoint``: it is no training run to resume),
+    DIR/pruning_report.json and DIR/config.yaml (the config, ``MODEL.WEIGHTS`` pointing at the
+    pruned checkpoint, for ``eval_map_fps.py --model`` or ``train_net.py --config-file`` to
+    fine-tune it), each written atomically."""
+    os.makedirs(directory, exist_ok=True)
+    PrunedCheckpointer(model, save_dir=directory, save_to_disk=True).save(MODEL_FILE, tag_last_checkpoint=False)
+    report_path = atomic_write_json(report, os.path.join(directory, REPORT_FILE))
+    weights = os.path.abspath(os.path.join(directory, MODEL_FILE + ".pth"))
+    config = cfg.clone()
+    config.defrost()
+    config.MODEL.WEIGHTS = weights
+    config_path = atomic_write_text(os.path.join(directory, "config.yaml"), config.dump())
+    return [weights, report_path, config_path]
+
+
+def summary(report: dict) -> str:
+    flops, params, groups = report["flops"], report["params"], report["groups"].values()
+    pruned = sum(1 for g in groups if g["kept"] < g["original"])
+    settings = report["settings"]
+    families = ", ".join(
+        f"{family} {flops['before_gflops_per_family'][family]:.2f}->{flops['after_gflops_per_family'].get(family, 0.0):.2f}"
+        for family in flops["before_gflops_per_family"]
+    )
+    height, width = flops["input_size"]
+    return "\n".join([
+        f"pruned {pruned} of {len(report['groups'])} channel groups ({settings['criterion']}, ratio "
+        f"{settings['ratio']:.3f}, scopes {','.join(settings['scopes'])}, multiple {settings['multiple']}, "
+        f"floor {settings['floor']})",
+        f"GFLOPs at {height}x{width}: {flops['before_gflops']:.2f} -> {flops['after_gflops']:.2f} "
+        f"(-{flops['reduction_percent']:.1f}%; {families})",
+        f"parameters: {params['before'] / 1e6:.2f} M -> {params['after'] / 1e6:.2f} M (-{params['reduction_percent']:.1f}%)",
+    ])
+
+
+def main(argv=None) -> int:
+    try:
+        args = argument_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        check_args(args)
+        cfg = build_config(args)
+        started = time.perf_counter()
+        result = prune(cfg, args)
+        written = write_outputs(cfg, result["model"], result["report"], args.output)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(result["report"]))
+    print(f"wrote {', '.join(written)} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

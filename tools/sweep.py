@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Train (or one-shot prune) one model at several pruning targets, then measure them all.
+
+Each run is ``tools/train_net.py`` in its own process, writing ``OUTPUT/<label>/``; then
+``tools/eval_map_fps.py`` puts every model side by side in ``OUTPUT/report/`` (CSV, JSON,
+Markdown, mAP-vs-FPS and mAP-vs-GFLOPs plots).
+
+Examples::
+
+    # the demo: unpruned baseline and PGP at half the FLOPs, same schedule
+    python tools/sweep.py --config synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml --baseline \\
+        --flops-reductions 0.5 --output output/demo
+    # a trade-off curve: baseline and three FLOPs targets
+    python tools/sweep.py --config synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml --baseline \\
+        --flops-reductions 0.3,0.5,0.7 --output output/sweep
+    # methods at the same target: PSFP (L2, soft) and one-shot prune at iteration 200 + fine-tune
+    python tools/sweep.py --config synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml --flops-reductions 0.5 \\
+        --variant psfp="PRUNING.CRITERION l2 PRUNING.SCHEDULE psfp PRUNING.REMOVE_RATIO 0.0" \\
+        --variant oneshot="PRUNING.CRITERION l1 PRUNING.START 0 PRUNING.INTERVAL 200 PRUNING.END 200" \\
+        --output output/methods
+    # one-shot pruning of trained weights at several ratios, no training
+    python tools/sweep.py --config synthetic/faster_rcnn_R_18_FPN_synth.yaml --oneshot \\
+        --ratios 0.3,0.5,0.7 MODEL.WEIGHTS output/synth_R_18_FPN/model_final.pth --output output/oneshot
+
+Runs whose ``model_final.pth`` (or ``model_pruned.pth``) exists are reused with ``--reuse``, so
+an interrupted sweep continues where it stopped. Trailing ``KEY VALUE`` pairs apply to every run.
+Bad input ends with one ``error:`` line and exit code 2.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from typing import List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout
+
+from pgp_det.errors import UserInputError  # noqa: E402
+
+TOOLS = os.path.join(ROOT, "tools")
+
+
+def parse_fractions(text: str, option: str) -> List[float]:
+    if not text:
+        return []
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserInputError(f"{option} '{text}': expected comma-separated fractions such as 0.3,0.5,0.7") from None
+    bad = [v for v in values if not 0.0 < v < 1.0]
+    if bad:
+        raise UserInputError(f"{option}: {bad[0]} is outside (0, 1)")
+    return values
+
+
+def parse_variant(text: str) -> Tuple[str, List[str]]:
+    label, sep, overrides = text.partition("=")
+    opts = shlex.split(overrides)
+    if not sep or not label or not opts or len(opts) % 2:
+        raise UserInputError(f"--variant '{text}': expected LABEL='KEY VALUE [KEY VALUE ...]'")
+    return label, opts
+
+
+def plan_runs(args) -> List[Tuple[str, List[str]]]:
+    """``[(label, extra train_net / prune_net arguments)]`` in run order."""
+    ratios = parse_fractions(args.ratios, "--ratios")
+    reductions = parse_fractions(args.flops_reductions, "--flops-reductions")
+    variants = [parse_variant(v) for v in args.variant]
+    if args.oneshot:
+        if variants:
+            raise UserInputError("--variant applies to training runs; drop it or --oneshot")
+        runs = [(f"ratio{r:g}", ["--ratio", str(r)]) for r in ratios]
+        runs += [(f"flops{f:g}", ["--flops-reduction", str(f)]) for f in reductions]
+    else:
+        targets = [(f"ratio{r:g}", ["PRUNING.TARGET", "ratio", "PRUNING.RATIO", str(r)]) for r in ratios]
+        targets += [(f"flops{f:g}", ["PRUNING.TARGET", "flops", "PRUNING.FLOPS_REDUCTION", str(f)]) for f in reductions]
+        runs = []
+        for label, opts in targets:
+            runs.append((f"pgp_{label}", ["PRUNING.ENABLED", "True", *opts]))
+            runs += [(f"{name}_{label}", ["PRUNING.ENABLED", "True", *opts, *extra]) for name, extra in variants]
+        if args.baseline:
+            runs.insert(0, ("baseline", ["PRUNING.ENABLED", "False"]))
+    if not runs:
+        raise UserInputError("nothing to run: give --ratios and/or --flops-reductions (and --baseline)")
+    return runs
+
+
+def config_argument(args) -> List[str]:
+    if bool(args.config) == bool(args.config_file):
+        raise UserInputError("give exactly one of --config NAME.yaml (from configs/) or --config-file PATH")
+    return ["--config", args.config] if args.config else ["--config-file", args.config_file]
+
+
+def run(command: List[str]) -> None:
+    print("+ " + " ".join(shlex.quote(c) for c in command), flush=True)
+    proc = subprocess.run(command)
+    if proc.returncode == 2:
+        raise UserInputError(f"{os.path.basename(command[1])} rejected its input (see the error line above)")
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed with exit code {proc.returncode}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="", metavar="NAME.yaml", help="config file inside configs/")
+    parser.add_argument("--config-file", default="", metavar="PATH")
+    parser.add_argument("--ratios", default="", help="channel ratios, e.g. 0.3,0.5,0.7 (PRUNING.TARGET ratio)")
+    parser.add_argument("--flops-reductions", default="", help="FLOPs reductions, e.g. 0.3,0.5 (PRUNING.TARGET flops)")
+    parser.add_argument("--baseline", action="store_true", help="also train the unpruned model (training sweeps)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL='KEY VALUE ...'",
+                        help="also train each target with these PRUNING overrides (repeatable)")
+    parser.add_argument("--oneshot", action="store_true",
+                        help="prune MODEL.WEIGHTS with tools/prune_net.py instead of training")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per training run")
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished in OUTPUT")
+    parser.add_argument("--eval-args", default="", help="extra arguments for tools/eval_map_fps.py, quoted")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
+    args = parser.parse_args(argv)
+    try:
+        config = config_argument(args)
+        runs = plan_runs(args)
+        if len(args.opts) % 2:
+            raise UserInputError(f"overrides must be KEY VALUE pairs, got {args.opts}")
+        models = []
+        for label, extra in runs:
+            out = os.path.join(args.output, label)
+            if args.oneshot:
+                done = os.path.join(out, "model_pruned.pth")
+                command = [sys.executable, os.path.join(TOOLS, "prune_net.py"), *config, *extra, "--output", out,
+                           *args.opts]
+            else:
+                done = os.path.join(out, "model_final.pth")
+                command = [sys.executable, os.path.join(TOOLS, "train_net.py"), *config,
+                           "--num-gpus", str(args.num_gpus), *args.opts, *extra, "OUTPUT_DIR", out]
+            if args.reuse and os.path.isfile(done):
+                print(f"reusing {done}", flush=True)
+            else:
+                run(command)
+            if args.oneshot:
+                models += ["--model", f"{label}={os.path.join(out, 'config.yaml')}:{done}"]
+            else:
+                models += ["--run-dir", out]
+        run([sys.executable, os.path.join(TOOLS, "eval_map_fps.py"), *models, *shlex.split(args.eval_args),
+             "--output", os.path.join(args.output, "report")])
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"sweep done: table in {os.path.abspath(os.path.join(args.output, 'report', 'results.md'))}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
