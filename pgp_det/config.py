@@ -1,10 +1,12 @@
 """Config keys pgp_det adds to detectron2's ``get_cfg()``, and their start-up validation."""
+import os
+
 from detectron2.config import CfgNode as CN
 
 from .data.custom import add_dataset_config
 from .errors import UserInputError
 
-__all__ = ["add_pgp_config", "add_pruning_config", "get_pgp_cfg", "check_pruning_config", "pruning_scope_ratios"]
+__all__ = ["add_pgp_config", "add_pruning_config", "get_pgp_cfg", "load_config", "check_pruning_config", "pruning_scope_ratios"]
 
 
 def add_pruning_config(cfg: CN) -> CN:
@@ -87,6 +89,27 @@ def get_pgp_cfg() -> CN:
     from detectron2.config import get_cfg
 
     return add_pgp_config(get_cfg())
+
+
+def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: str = "") -> CN:
+    """pgp_det's config from the file ``path`` with ``KEY VALUE`` overrides ``opts`` and the
+    user datasets of ``--register-voc`` / ``--register-coco`` appended; not frozen.
+
+    Raises:
+        UserInputError: the file is missing, or the file or an override is invalid.
+    """
+    where = f"{label}: " if label else ""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{where}config file '{path}' does not exist")
+    cfg = get_pgp_cfg()
+    try:
+        cfg.merge_from_file(path)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise UserInputError(f"{where}bad config {path} or override {list(opts)}: {e}") from None
+    cfg.DATASETS.CUSTOM_VOC.extend([list(entry) for entry in register_voc or ()])
+    cfg.DATASETS.CUSTOM_COCO.extend([list(entry) for entry in register_coco or ()])
+    return cfg
 
 
 def pruning_scope_ratios(cfg: CN) -> dict:

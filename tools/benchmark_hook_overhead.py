@@ -23,22 +23,15 @@ sys.path.insert(0, ROOT)  # run from a checkout
 
 import torch  # noqa: E402
 
-from pgp_det.config import check_pruning_config, get_pgp_cfg  # noqa: E402
+from pgp_det.config import check_pruning_config, load_config  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 
 
 def build_cfg(args, output_dir):
     path = args.config_file or os.path.join(ROOT, "configs", args.config)
-    if not os.path.isfile(path):
-        raise UserInputError(f"config '{path}' does not exist")
-    cfg = get_pgp_cfg()
-    try:
-        cfg.merge_from_file(path)
-        cfg.merge_from_list(list(args.opts) + ["DATASETS.TEST", "()", "OUTPUT_DIR", output_dir,
+    cfg = load_config(path, list(args.opts) + ["DATASETS.TEST", "()", "OUTPUT_DIR", output_dir,
                                                "SOLVER.CHECKPOINT_PERIOD", "1000000"])
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UserInputError(f"bad config {path} or override {args.opts}: {e}") from None
     if not cfg.PRUNING.ENABLED:
         raise UserInputError("PRUNING.ENABLED is False in this config: nothing to measure")
     cfg.MODEL.DEVICE = "cuda" if cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available() else "cpu"

@@ -39,7 +39,7 @@ from pgp_det.benchmark import load_checked_model, measure_detector_latency, time
 from pgp_det.benchmark.flops import FAMILIES, count_flops  # noqa: E402
 from pgp_det.benchmark.report import reproducibility_record, write_report  # noqa: E402
 from pgp_det.benchmark.timing import STAGES, environment_info, precision_context, synthetic_image  # noqa: E402
-from pgp_det.config import get_pgp_cfg  # noqa: E402
+from pgp_det.config import load_config  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.evaluation import build_evaluator  # noqa: E402
@@ -87,16 +87,7 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 
 def build_cfg(spec: ModelSpec, args):
-    if not os.path.isfile(spec.config):
-        raise UserInputError(f"model '{spec.label}': config file '{spec.config}' does not exist")
-    cfg = get_pgp_cfg()
-    try:
-        cfg.merge_from_file(spec.config)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UserInputError(f"model '{spec.label}': bad config {spec.config} or override {args.opts}: {e}") from None
-    cfg.DATASETS.CUSTOM_VOC.extend([list(r) for r in args.register_voc])
-    cfg.DATASETS.CUSTOM_COCO.extend([list(r) for r in args.register_coco])
+    cfg = load_config(spec.config, args.opts, args.register_voc, args.register_coco, label=f"model '{spec.label}'")
     cfg.MODEL.DEVICE = args.device
     cfg.freeze()
     return cfg

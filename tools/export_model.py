@@ -36,7 +36,7 @@ from pgp_det import export  # noqa: E402
 from pgp_det.benchmark import load_checked_model, time_callable  # noqa: E402
 from pgp_det.benchmark.report import write_json  # noqa: E402
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
-from pgp_det.config import get_pgp_cfg  # noqa: E402
+from pgp_det.config import load_config  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 
@@ -44,16 +44,7 @@ FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 
 
 def build_cfg(args):
-    if not os.path.isfile(args.config_file):
-        raise UserInputError(f"config file '{args.config_file}' does not exist")
-    cfg = get_pgp_cfg()
-    try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UserInputError(f"bad config {args.config_file} or override {args.opts}: {e}") from None
-    cfg.DATASETS.CUSTOM_VOC.extend([list(r) for r in args.register_voc])
-    cfg.DATASETS.CUSTOM_COCO.extend([list(r) for r in args.register_coco])
+    cfg = load_config(args.config_file, args.opts, args.register_voc, args.register_coco)
     cfg.MODEL.DEVICE = "cpu"  # exports are traced and checked on the CPU (onnxruntime CPU)
     cfg.freeze()
     return cfg

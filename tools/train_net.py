@@ -27,7 +27,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch  # 
 from detectron2.utils import comm  # noqa: E402
 
 from pgp_det.checkpoint import PrunedCheckpointer  # noqa: E402
-from pgp_det.config import add_pgp_config, check_pruning_config  # noqa: E402
+from pgp_det.config import check_pruning_config, load_config  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.engine import Trainer  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
@@ -56,19 +56,7 @@ def resolve_config_path(args) -> str:
 
 def build_config(args):
     """The frozen config of this run (no side effects beyond reading files)."""
-    from detectron2.config import get_cfg
-
-    cfg = add_pgp_config(get_cfg())
-    path = resolve_config_path(args)
-    try:
-        cfg.merge_from_file(path)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UserInputError(f"bad config {path} or override {args.opts}: {e}") from e
-    for name, dirname, split, classes in args.register_voc or []:
-        cfg.DATASETS.CUSTOM_VOC.append([name, dirname, split, classes])
-    for name, json_file, image_root in args.register_coco or []:
-        cfg.DATASETS.CUSTOM_COCO.append([name, json_file, image_root])
+    cfg = load_config(resolve_config_path(args), args.opts, args.register_voc, args.register_coco)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("pgp_det").warning("CUDA is not available: running on CPU")
         cfg.MODEL.DEVICE = "cpu"

@@ -1,0 +1,65 @@
+"""tools/sweep.py: the runs it plans, a one-shot sweep end to end, and bad input."""
+import argparse
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = os.path.join(ROOT, "tools", "sweep.py")
+
+
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep_tool", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_sweep_plans_baseline_targets_and_variants():
+    sweep = load_sweep()
+    args = argparse.Namespace(ratios="0.3", flops_reductions="0.5", baseline=True, oneshot=False,
+                              variant=["psfp=PRUNING.CRITERION l2 PRUNING.REMOVE_RATIO 0.0"])
+    runs = sweep.plan_runs(args)
+    assert [label for label, _ in runs] == ["baseline", "pgp_ratio0.3", "psfp_ratio0.3", "pgp_flops0.5", "psfp_flops0.5"]
+    assert runs[0][1] == ["PRUNING.ENABLED", "False"]
+    assert runs[4][1] == ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "flops", "PRUNING.FLOPS_REDUCTION", "0.5",
+                          "PRUNING.CRITERION", "l2", "PRUNING.REMOVE_RATIO", "0.0"]
+
+
+def test_oneshot_sweep_writes_the_report(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, SWEEP, "--config", "synthetic/faster_rcnn_R_18_FPN_synth.yaml", "--oneshot",
+         "--ratios", "0.25,0.5", "--output", str(out),
+         "--eval-args", "--skip-eval --runs 2 --warmup 1 --dataset-images 0 --input-size 128x160",
+         "MODEL.WEIGHTS", "", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "report" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["ratio0.25", "ratio0.5"]
+    assert float(rows[1]["gflops"]) < float(rows[0]["gflops"])
+    assert float(rows[1]["params_M"]) < float(rows[0]["params_M"])
+    assert (out / "report" / "results.json").is_file() and (out / "report" / "results.md").is_file()
+    assert (out / "ratio0.5" / "model_pruned.pth").is_file()  # --reuse would keep it
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratios", "0.5,1.5"], "--ratios: 1.5 is outside (0, 1)"),
+        ([], "nothing to run"),
+        (["--ratios", "0.5", "--variant", "broken"], "--variant 'broken'"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, SWEEP, "--config", "synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml", *args,
+                           "--output", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
+    assert not (tmp_path / "x").exists()
