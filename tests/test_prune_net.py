@@ -123,7 +123,7 @@ def test_flops_target_and_scopes(tool, tmp_path, capsys):
         (["--ratio", "1.0"], "--ratio 1.0 is outside [0, 1)"),
         (["--ratio", "-0.1"], "--ratio -0.1 is outside [0, 1)"),
         (["--flops-reduction", "0"], "--flops-reduction 0.0 is outside (0, 1)"),
-        ([], "one of the arguments --ratio --flops-reduction is required"),
+        ([], "one of the arguments --ratio --flops-reduction --list-groups is required"),
         (["--ratio", "0.5", "--flops-reduction", "0.5"], "not allowed with argument"),
         (["--ratio", "0.5", "--scopes", "backbone,neck"], "--scopes: unknown scope 'neck'"),
         (["--ratio", "0.5", "--criterion", "l3"], "--criterion 'l3' is unknown; one-shot pruning takes bn_gamma, l1, l2"),
@@ -157,3 +157,14 @@ def test_existing_output_is_kept_without_overwrite(tool, tmp_path, capsys):
     assert (out / "model_pruned.pth").read_bytes() == b"previous" and os.listdir(out) == ["model_pruned.pth"]
     assert tool.main(["--config", CONFIG, "--ratio", "0.25", "--overwrite", *SIZE, "--output", str(out), *OVERRIDES]) == 0
     assert (out / "model_pruned.pth").read_bytes() != b"previous"
+
+
+def test_list_groups_prints_every_group_with_its_flops_share(tool, capsys):
+    assert tool.main(["--config", CONFIG, "--list-groups", *SIZE, *OVERRIDES]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:5] == ["group", "scope", "size", "GFLOPs", "share"]
+    cfg = tool.build_config(tool.argument_parser().parse_args(["--config", CONFIG, "--list-groups", *OVERRIDES]))
+    groups = derive_channel_groups(load_model(cfg, "", strict=False), allow_frozen=True)
+    assert [line.split()[0] for line in lines[1:]] == list(groups)
+    fpn_out = next(line for line in lines if line.startswith("backbone.fpn.out "))
+    assert fpn_out.split()[2] == str(groups["backbone.fpn.out"].size) and fpn_out.split()[4].endswith("%")

@@ -43,7 +43,7 @@ from train_net import build_config, resolve_config_path  # noqa: E402
 from pgp_det.checkpoint import PrunedCheckpointer, load_model  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import SCOPES, derive_channel_groups, hard_prune  # noqa: E402
-from pgp_det.pruning.cost import CostModel, ratio_for_flops_reduction, uniform_sizes  # noqa: E402
+from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_reduction, uniform_sizes  # noqa: E402
 from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
@@ -67,6 +67,8 @@ def argument_parser() -> argparse.ArgumentParser:
     target.add_argument("--ratio", type=float, help="fraction of each pruned group's channels to remove, in [0, 1)")
     target.add_argument("--flops-reduction", type=float, metavar="F",
                         help="fraction of the FLOPs at --input-size to remove, in (0, 1)")
+    target.add_argument("--list-groups", action="store_true",
+                        help="print the model's channel groups with their FLOPs share at --input-size, and exit")
     parser.add_argument("--criterion", default="l1", help="channel score: l1, l2 (filter norms) or bn_gamma")
     parser.add_argument("--scopes", default="", metavar="S1,S2",
                         help=f"parts to prune, among {','.join(SCOPES)} (default: PRUNING.SCOPES, all)")
@@ -77,7 +79,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-frozen", action="store_true",
                         help="also prune groups touching frozen layers (default: PRUNING.ALLOW_FROZEN)")
     parser.add_argument("--input-size", default="800x1333", metavar="HxW", help="input size FLOPs are counted at")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for model_pruned.pth and the report")
+    parser.add_argument("--output", default="", metavar="DIR", help="folder for model_pruned.pth and the report")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model_pruned.pth")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     # train_net.build_config also reads dataset registrations; pruning needs no data
@@ -125,6 +127,10 @@ def check_args(args) -> None:
         if value is not None and value < 1:
             raise UserInputError(f"{flag} {value}: use an integer >= 1")
     parse_size(args.input_size)
+    if args.list_groups:
+        return
+    if not args.output:
+        raise UserInputError("--output DIR is required: the folder for model_pruned.pth and pruning_report.json")
     _check_output(args.output, args.overwrite)
 
 
@@ -240,6 +246,18 @@ def prune(cfg, args) -> dict:
     return {"model": model, "report": report}
 
 
+def group_table(cfg, args) -> str:
+    """The channel groups of ``cfg``'s model: name, scope, size, GFLOPs share, parameters, and
+    whether each may be pruned."""
+    weights = check_weights_available(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
+    model = load_model(cfg, weights, strict=False)
+    groups = derive_channel_groups(model, allow_frozen=bool(args.allow_frozen or cfg.PRUNING.ALLOW_FROZEN))
+    costs = CostModel(model, *parse_size(args.input_size)).group_costs()
+    table = format_group_costs(groups, costs).splitlines()
+    fixed = {name: f"fixed: {g.reason}" for name, g in groups.items() if not g.prunable}
+    return "\n".join([table[0]] + [f"{line}  {fixed.get(name, '')}".rstrip() for name, line in zip(costs, table[1:])])
+
+
 def write_outputs(cfg, model, report: dict, directory: str) -> list:
     """DIR/model_pruned.pth (not tagged as ``last_checkpoint``: it is no training run to resume),
     DIR/pruning_report.json and DIR/config.yaml (the config, ``MODEL.WEIGHTS`` pointing at the
@@ -283,6 +301,9 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         cfg = build_config(args)
+        if args.list_groups:
+            print(group_table(cfg, args))
+            return 0
         started = time.perf_counter()
         result = prune(cfg, args)
         written = write_outputs(cfg, result["model"], result["report"], args.output)

@@ -147,7 +147,11 @@ def main(argv=None) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"sweep done: table in {os.path.abspath(os.path.join(args.output, 'report', 'results.md'))}", flush=True)
+    table = os.path.join(args.output, "report", "results.md")
+    with open(table) as f:
+        print(f.read())
+    print(f"sweep done: each run in {os.path.abspath(args.output)}/<label>/, the table above in {os.path.abspath(table)}",
+          flush=True)
     return 0
 
 

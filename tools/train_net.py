@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from pgp_det.checkpoint import PrunedCheckpointer  # noqa: E402
 from pgp_det.config import check_pruning_config, load_config  # noqa: E402
@@ -78,6 +79,8 @@ def preflight(cfg, args) -> None:
 def main(args):
     cfg = build_config(args)
     default_setup(cfg, args)
+    # default_setup configures detectron2's and fvcore's loggers; pgp_det's (pruning steps) too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="pgp_det")
     register_custom_datasets(cfg)  # each process has its own DatasetCatalog
 
     if args.eval_only:
