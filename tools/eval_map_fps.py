@@ -40,7 +40,7 @@ from pgp_det.benchmark.flops import FAMILIES, count_flops  # noqa: E402
 from pgp_det.benchmark.report import reproducibility_record, write_report  # noqa: E402
 from pgp_det.benchmark.timing import STAGES, environment_info, precision_context, synthetic_image  # noqa: E402
 from pgp_det.config import load_config  # noqa: E402
-from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
+from pgp_det.data import add_dataset_arguments, check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.evaluation import build_evaluator  # noqa: E402
 
@@ -216,12 +216,7 @@ def argument_parser():
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-eval", action="store_true", help="only time and count; no mAP")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for results.* and the plots")
-    parser.add_argument("--register-voc", nargs=4, action="append", default=[],
-                        metavar=("NAME", "DIR", "SPLIT", "CLASSES"),
-                        help="register a VOC-layout dataset; CLASSES: comma-separated names or a file")
-    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
-                        metavar=("NAME", "JSON", "IMAGE_DIR"),
-                        help="register a COCO-layout dataset (instances JSON + image folder)")
+    add_dataset_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE config overrides applied to every model")
     return parser

@@ -37,7 +37,7 @@ from pgp_det.benchmark import load_checked_model, time_callable  # noqa: E402
 from pgp_det.benchmark.report import write_json  # noqa: E402
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
 from pgp_det.config import load_config  # noqa: E402
-from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
+from pgp_det.data import add_dataset_arguments, check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 
 FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
@@ -125,12 +125,7 @@ def argument_parser():
     parser.add_argument("--score-atol", type=float, default=1e-3, help="allowed score difference")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--register-voc", nargs=4, action="append", default=[],
-                        metavar=("NAME", "DIR", "SPLIT", "CLASSES"),
-                        help="register a VOC-layout dataset; CLASSES: comma-separated names or a file")
-    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
-                        metavar=("NAME", "JSON", "IMAGE_DIR"),
-                        help="register a COCO-layout dataset (instances JSON + image folder)")
+    add_dataset_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
 

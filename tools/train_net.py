@@ -29,7 +29,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from pgp_det.checkpoint import PrunedCheckpointer  # noqa: E402
 from pgp_det.config import check_pruning_config, load_config  # noqa: E402
-from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
+from pgp_det.data import add_dataset_arguments, check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.engine import Trainer  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.io import atomic_write_json  # noqa: E402
@@ -104,10 +104,7 @@ def main(args):
 def argument_parser():
     parser = default_argument_parser()
     parser.add_argument("--config", metavar="NAME.yaml", default="", help="config file inside configs/")
-    parser.add_argument("--register-voc", nargs=4, action="append", metavar=("NAME", "DIR", "SPLIT", "CLASSES"),
-                        help="register a VOC-layout dataset; CLASSES: comma-separated names or a file")
-    parser.add_argument("--register-coco", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_DIR"),
-                        help="register a COCO-layout dataset (instances JSON + image folder)")
+    add_dataset_arguments(parser)
     return parser
 
 

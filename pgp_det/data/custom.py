@@ -46,6 +46,17 @@ class DatasetFormatError(UserInputError, ValueError):
     """A dataset's files exist but do not hold what their layout requires, or its registration clashes."""
 
 
+def add_dataset_arguments(parser) -> None:
+    """Add ``--register-voc NAME DIR SPLIT CLASSES`` and ``--register-coco NAME JSON IMAGE_DIR``
+    (repeatable) to an ``argparse`` parser; pass them on to :func:`pgp_det.config.load_config`."""
+    parser.add_argument("--register-voc", nargs=4, action="append", default=[],
+                        metavar=("NAME", "DIR", "SPLIT", "CLASSES"),
+                        help="register a VOC-layout dataset; CLASSES: comma-separated names or a file")
+    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_DIR"),
+                        help="register a COCO-layout dataset (instances JSON + image folder)")
+
+
 def add_dataset_config(cfg: CfgNode) -> None:
     """Add ``DATASETS.CUSTOM_VOC`` and ``DATASETS.CUSTOM_COCO`` (both empty lists) to ``cfg``.
 
