@@ -21,8 +21,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from torch import nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from .utils.modules import unwrap_model
 from .errors import UserInputError
 from .pruning.dependency import derive_channel_groups, prediction_layers
 from .pruning.surgery import hard_prune
@@ -37,10 +37,6 @@ ARCHITECTURE_KEY = "pgp_architecture"  # checkpoint entry holding architecture_r
 _REUSE_HINT = "use the config the checkpoint was trained with"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
-
-
 def architecture_record(model: nn.Module) -> Dict[str, int]:
     """``{group name: current channel count}`` for every channel group of ``model``.
 
@@ -50,7 +46,7 @@ def architecture_record(model: nn.Module) -> Dict[str, int]:
     Raises:
         ValueError: ``derive_channel_groups`` does not support the model's architecture.
     """
-    groups = derive_channel_groups(_unwrap(model), allow_frozen=True)
+    groups = derive_channel_groups(unwrap_model(model), allow_frozen=True)
     return {name: int(group.size) for name, group in groups.items()}
 
 
@@ -85,7 +81,7 @@ def apply_architecture(
         UserInputError: the record is malformed, names a group the model lacks, lacks one the
             model has, or gives a group more channels than the model has; nothing changes then.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not isinstance(record, Mapping) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in record.items()
     ):

@@ -17,9 +17,10 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from PIL import Image
 
-from pgp_det.benchmark import load_checked_model, measure_detector_latency, time_callable
+from pgp_det.benchmark import measure_detector_latency, time_callable
 from pgp_det.benchmark.flops import count_flops
 from pgp_det.benchmark.report import pareto_front, reproducibility_record, write_report
+from pgp_det.checkpoint import load_model
 from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
 from pgp_det.evaluation import build_evaluator
@@ -274,7 +275,7 @@ def test_eval_map_fps_end_to_end(tiny_voc, tiny_models, tmp_path, capsys):
     for label, (config, weights) in tiny_models.items():
         cfg = get_pgp_cfg()
         cfg.merge_from_file(config)
-        model = load_checked_model(cfg, weights)
+        model = load_model(cfg, weights)
         direct = inference_on_dataset(
             model, build_detection_test_loader(cfg, tiny_voc), build_evaluator(cfg, tiny_voc)
         )["bbox"]
@@ -292,7 +293,7 @@ def test_eval_map_fps_end_to_end(tiny_voc, tiny_models, tmp_path, capsys):
 def test_mismatching_checkpoint_is_refused(tiny_models):
     cfg = tiny_cfg("MODEL.FPN.OUT_CHANNELS", "32")
     with pytest.raises(UserInputError, match="differ in shape"):
-        load_checked_model(cfg, tiny_models["wide"][1])
+        load_model(cfg, tiny_models["wide"][1])
 
 
 def run_cli(*args):

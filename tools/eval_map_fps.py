@@ -35,7 +35,8 @@ from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.evaluation import inference_on_dataset  # noqa: E402
 
-from pgp_det.benchmark import load_checked_model, measure_detector_latency, time_dataset_images  # noqa: E402
+from pgp_det.benchmark import measure_detector_latency, time_dataset_images  # noqa: E402
+from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.benchmark.flops import FAMILIES, count_flops  # noqa: E402
 from pgp_det.benchmark.report import reproducibility_record, write_report  # noqa: E402
 from pgp_det.benchmark.timing import STAGES, environment_info, precision_context, synthetic_image  # noqa: E402
@@ -139,7 +140,7 @@ def benchmark_model(spec: ModelSpec, args, output_dir: str) -> Tuple[dict, dict]
     dtype = "fp16" if args.fp16 else "fp32"
 
     progress(f"loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}")
-    model = load_checked_model(cfg, spec.weights)
+    model = load_model(cfg, spec.weights)
     weights = spec.weights if spec.weights is not None else cfg.MODEL.WEIGHTS
     row = {"label": spec.label, "config": spec.config, "weights": weights or "", "dataset": dataset or ""}
     details = {}

@@ -33,7 +33,8 @@ from detectron2.data import transforms as T  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 
 from pgp_det import export  # noqa: E402
-from pgp_det.benchmark import load_checked_model, time_callable  # noqa: E402
+from pgp_det.benchmark import time_callable  # noqa: E402
+from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.benchmark.report import write_json  # noqa: E402
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
 from pgp_det.config import load_config  # noqa: E402
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
             raise UserInputError("--num-images and --runs must be >= 1, --warmup >= 0")
         cfg = build_cfg(args)
         images = check_images(cfg, args)
-        model = load_checked_model(cfg, args.weights)
+        model = load_model(cfg, args.weights)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

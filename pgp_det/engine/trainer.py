@@ -8,7 +8,8 @@ from detectron2.utils import comm
 
 from ..checkpoint import PrunedCheckpointer
 from ..evaluation import build_evaluator
-from ..pruning.hook import PGPHook, iterations_per_epoch, unwrap_model
+from ..pruning.hook import PGPHook, iterations_per_epoch
+from ..utils.modules import unwrap_model
 
 
 class Trainer(DefaultTrainer):

@@ -21,8 +21,8 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from detectron2.modeling.backbone.fpn import FPN
 from torch import nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from ..utils.modules import unwrap_model
 from ..benchmark.flops import FAMILIES, family_of, module_flops
 from .dependency import derive_channel_groups
 from .groups import SCOPES, ChannelGroup, PruningRequestError, kept_count
@@ -32,7 +32,6 @@ __all__ = [
     "GroupCost",
     "CostModel",
     "layer_costs",
-    "group_costs",
     "format_group_costs",
     "uniform_sizes",
     "ratio_for_flops_reduction",
@@ -86,10 +85,6 @@ class _Term:
     groups: Tuple[str, ...]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
-
-
 def _own_flops(model: nn.Module, height: int, width: int) -> Dict[str, float]:
     """``{module name: FLOPs of the ops the module runs itself, its submodules' excluded}`` for
     one inference on a (3, height, width) zero image; ``""`` is the detector itself."""
@@ -109,7 +104,7 @@ def _slice_groups(groups: Mapping[str, ChannelGroup]) -> Dict[Tuple[str, str, in
 
 def layer_costs(model: nn.Module, height: int, width: int) -> "OrderedDict[str, LayerCost]":
     """Per conv/linear layer (qualified name), its cost in one inference at ``height x width``."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     own = _own_flops(model, height, width)
     result = OrderedDict()
     for name, module in model.named_modules():
@@ -139,7 +134,7 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, height: int, width: int):
-        model = _unwrap(model)
+        model = unwrap_model(model)
         self.height, self.width = int(height), int(width)
         groups = derive_channel_groups(model, allow_frozen=True)
         self.sizes: Dict[str, int] = {name: g.size for name, g in groups.items()}
@@ -238,14 +233,6 @@ def _accumulate(terms: Iterable[_Term], ratios: Mapping[str, float]) -> Dict[str
             ratios[g] for g in term.groups
         )
     return per_family
-
-
-def group_costs(
-    model: nn.Module, height: int, width: int, groups: Optional[Iterable[str]] = None
-) -> "OrderedDict[str, GroupCost]":
-    """Per channel group (default: all), the FLOPs and parameters that scale with it at
-    ``height x width``; see :class:`GroupCost`."""
-    return CostModel(model, height, width).group_costs(groups)
 
 
 def format_group_costs(groups: Mapping[str, ChannelGroup], costs: Mapping[str, GroupCost]) -> str:

@@ -83,6 +83,7 @@ from torch import nn
 from detectron2.utils.events import EventStorage
 from detectron2.utils.registry import Registry
 
+from ..utils.modules import unwrap_model
 from .groups import ChannelGroup, ChannelSlice, PruningRequestError
 
 __all__ = [
@@ -128,13 +129,6 @@ def combine_layer_scores(vectors: Sequence[torch.Tensor], normalisation: str = "
     # an all-zero layer (dead, or no gradient yet) would divide 0 by 0
     normalised = torch.where(scale > 0, stacked / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     return normalised.mean(dim=0)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside (Distributed)DataParallel; group records name modules relative to it."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def _as_group_dict(groups: Groups) -> "OrderedDict[str, ChannelGroup]":
@@ -203,7 +197,7 @@ class ChannelCriterion:
         derived then; hooks of a previous attach are removed and accumulators start at zero.
         """
         self.detach()
-        self._model = _unwrap(model)
+        self._model = unwrap_model(model)
         self._groups = OrderedDict((n, g) for n, g in _as_group_dict(groups).items() if g.prunable)
         self._on_attach()
 
@@ -221,7 +215,7 @@ class ChannelCriterion:
         docstring for the per-group reduction). Collective under distributed training: every
         process must call it."""
         self._require_attached()
-        model = _unwrap(model)
+        model = unwrap_model(model)
         self._check_sizes(model)
         per_layer = self._layer_scores(model)
         return OrderedDict(
@@ -591,7 +585,7 @@ class ExtraPassGradientCriterion(_AccumulatingCriterion):
         self._require_attached()
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
             raise PruningRequestError(f"run_extra_pass needs num_batches >= 1, got {num_batches!r}")
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         params = [p for p in inner.parameters() if p.requires_grad]
         saved_grads = [p.grad for p in params]
         saved_buffers = [(b, b.detach().clone()) for b in inner.buffers()]

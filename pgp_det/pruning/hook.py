@@ -26,24 +26,20 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
-from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.nn.parallel import DistributedDataParallel
 
 from ..config import pruning_scope_ratios
 from ..utils.io import atomic_write_json
+from ..utils.modules import unwrap_model
 from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity
 from .criteria import build_criterion
 from .dependency import derive_channel_groups
 from .schedules import pruned_fraction, pruning_iterations
 from .surgery import ChannelMasks, hard_prune
 
-__all__ = ["PGPHook", "iterations_per_epoch", "resolve_pruning_iterations", "unwrap_model"]
+__all__ = ["PGPHook", "iterations_per_epoch", "resolve_pruning_iterations"]
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The detector inside a (Distributed)DataParallel wrapper, or ``model`` itself."""
-    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
 
 
 def resolve_pruning_iterations(cfg, iters_per_epoch: Optional[int] = None) -> List[int]:
@@ -233,9 +229,8 @@ class PGPHook(HookBase):
         self.zeroed = self.masks.masked()
         if not p.KEEP_ZEROED:
             self.masks.clear()
-        for criterion in dict.fromkeys(self._criteria()):
-            criterion.after_hard_prune(self.pruned_groups, remove)
-            criterion.reset()
+        # the scores restart from zero after every step: re-attaching to the new groups does both
+        self._attach()
         if remove and isinstance(self.trainer.model, DistributedDataParallel):
             # DDP holds the old parameters: wrap the smaller model anew
             self.trainer.model = create_ddp_model(model, broadcast_buffers=False)
