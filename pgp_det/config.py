@@ -15,8 +15,9 @@ def add_pruning_config(cfg: CN) -> CN:
     Keys (defaults in brackets):
         ENABLED [False]: prune while training.
         TARGET ["ratio"]: ``"ratio"``: prune ``RATIO`` of every pruned group's channels;
-            ``"flops"``: find the uniform ratio whose FLOPs at ``COST_INPUT_SIZE`` drop by
-            ``FLOPS_REDUCTION`` (decided once, on the unpruned model).
+            ``"flops"``: every step's allocation meets the schedule's share of a
+            ``FLOPS_REDUCTION`` cut of the unpruned model's FLOPs at ``COST_INPUT_SIZE``
+            (predicted; within a fraction of a point, never less), reached at the last step.
         RATIO [0.5]: final fraction of channels pruned per group, in [0, 1).
         FLOPS_REDUCTION [0.5]: final fraction of FLOPs removed, in (0, 1), for ``TARGET "flops"``.
         COST_INPUT_SIZE [(800, 1333)]: (height, width) at which FLOPs are counted.
@@ -29,9 +30,12 @@ def add_pruning_config(cfg: CN) -> CN:
         SCHEDULE ["pgp_exponential"]: pruned fraction over steps, by name in
             ``SCHEDULE_REGISTRY``: ``pgp_exponential``, ``psfp``, ``linear``, ``cubic``.
         ALLOCATION ["uniform"]: how the step's budget is shared among groups, by name in
-            ``ALLOCATION_REGISTRY``: ``uniform``, ``global``, ``adaptive``.
-        PROTECT_QUANTILE [0.0]: when > 0, channels whose accumulated gradient score is in this
-            top quantile are not pruned at that step (PSAP's protection); 0 disables it.
+            ``ALLOCATION_REGISTRY``: ``uniform``, ``global`` (one normalised ranking),
+            ``adaptive`` (PSAP-style, from the live channels' weight sparsity).
+        PROTECT_QUANTILE [0.0]: when > 0, channels whose recent gradient (L1 with a half-life of
+            a quarter of the pruning interval, an accumulator of its own whatever ``CRITERION``)
+            is above this quantile of their group are not pruned at that step (PSAP-style
+            protection); 0 disables it.
         UNIT ["iter"]: unit of START, END and INTERVAL: ``"iter"`` or ``"epoch"`` (converted with
             the training set's size and ``SOLVER.IMS_PER_BATCH``).
         START [0], END [-1], INTERVAL [-1]: pruning steps happen at START + k * INTERVAL and at

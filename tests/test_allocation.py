@@ -1,14 +1,27 @@
-"""Allocation of a pruning step's budget over groups, protection and the hard/soft split, on
-hand-built scores whose right answers are known by construction."""
+"""Allocation of a pruning step's budget over groups, protection and the hard/soft split: on
+hand-built scores whose right answers are known by construction, and on the synthetic R18-FPN,
+where every allocation meets each step's channel or FLOPs target through the hook's planning."""
+import os
+
 import pytest
 import torch
+from detectron2.modeling import build_model
 from torch import nn
 
-from pgp_det.pruning import ChannelGroup, ChannelSlice, PruningRequestError, kept_count
+from pgp_det.benchmark.flops import count_flops
+from pgp_det.config import get_pgp_cfg
+from pgp_det.pruning import ChannelGroup, ChannelSlice, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import (
-    ALLOCATION_REGISTRY, adaptive_ratios, allocate, allowed_kept_counts, protect_by_gradient, split_hard_soft,
+    ALLOCATION_REGISTRY, allocate, allowed_kept_counts, protect_by_gradient, split_hard_soft,
     weight_sparsity,
 )
+from pgp_det.pruning.cost import CostModel
+from pgp_det.pruning.criteria import build_criterion
+from pgp_det.pruning.hook import PGPHook, plan_pruning_step
+from pgp_det.pruning.schedules import pruned_fraction
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COST_SIZE = (128, 160)  # small: the cost model and fvcore's count stay fast
 
 
 def group(name, size, channel_multiple=1, producer_layers=(), prunable=True):
@@ -111,26 +124,15 @@ def test_global_rounds_counts_to_multiples_and_stays_near_the_target(seed):
 # adaptive
 
 
-def test_adaptive_ratios_follow_sparsity_with_the_right_mean():
-    sizes = {"a": 64, "b": 128, "c": 256}
-    ratios = adaptive_ratios({"a": 0.1, "b": 0.2, "c": 0.4}, sizes, 0.3)
-    assert ratios == pytest.approx({"a": 0.1, "b": 0.2, "c": 0.4})  # scale 1: 134.4 / 134.4
-    # clipping at 0.95 moves the excess to the other groups, keeping the mean
-    clipped = adaptive_ratios({"a": 0.01, "b": 0.9}, {"a": 100, "b": 100}, 0.5)
-    assert clipped == pytest.approx({"a": 0.05, "b": 0.95})
-    # no sparsity anywhere: uniform
-    assert adaptive_ratios({"a": 0.0, "b": 0.0}, {"a": 10, "b": 30}, 0.4) == pytest.approx({"a": 0.4, "b": 0.4})
-    with pytest.raises(PruningRequestError, match="sparsity of a must be in"):
-        adaptive_ratios({"a": 1.5}, {"a": 10}, 0.4)
-
-
-def test_adaptive_allocation_gives_sparser_groups_higher_ratios():
+def test_adaptive_allocation_gives_sparser_groups_higher_ratios_within_the_budget():
     groups = [group("a", 64), group("b", 128), group("c", 256)]
     scores = {g.name: shuffled_scores(g.size, i) for i, g in enumerate(groups)}
     original = {g.name: g.size for g in groups}
     weak = allocate("adaptive", scores, groups, 0.3, original, weight_sparsity={"a": 0.1, "b": 0.2, "c": 0.4})
-    # 64 * 0.9 = 57.6 -> 56; 128 * 0.8 = 102.4 -> 104; 256 * 0.6 = 153.6 -> 152
-    assert {n: len(w) for n, w in weak.items()} == {"a": 8, "b": 24, "c": 104}
+    ratio = {g.name: len(weak[g.name]) / g.size for g in groups}
+    assert 0 < ratio["a"] < ratio["b"] < ratio["c"]
+    kept = sum(g.size - len(weak[g.name]) for g in groups)
+    assert 448 * 0.7 - 8 < kept <= 448 * 0.7  # the channel budget, to one rounding step of 8
     assert all(weak[g.name] == weakest(scores[g.name], len(weak[g.name])) for g in groups)
     with pytest.raises(PruningRequestError, match="adaptive allocation needs weight_sparsity"):
         allocate("adaptive", scores, groups, 0.3, original)
@@ -221,10 +223,9 @@ def test_split_hard_soft_bad_requests():
 def test_allocate_bad_requests_fail_clearly():
     g = group("g", 16)
     scores, original = {"g": torch.arange(16.0)}, {"g": 16}
-    assert sorted(n for n, _ in ALLOCATION_REGISTRY) == ["adaptive", "global", "uniform"]
+    known = ", ".join(sorted(n for n, _ in ALLOCATION_REGISTRY))
     cases = [
-        (("greedy", scores, [g], 0.5, original), {},
-         "unknown allocation method 'greedy'; known: adaptive, global, uniform"),
+        (("greedy", scores, [g], 0.5, original), {}, f"unknown allocation method 'greedy'; known: {known}"),
         (("uniform", scores, [g], 1.0, original), {}, r"fraction must be in \[0, 1\)"),
         (("uniform", scores, [g], {"h": 0.5}, original), {}, "no pruning fraction for channel group g"),
         (("uniform", {}, [g], 0.5, original), {}, "no scores for channel group g"),
@@ -233,7 +234,128 @@ def test_allocate_bad_requests_fail_clearly():
         (("uniform", scores, [group("f", 16, prunable=False)], 0.5, {"f": 16}), {}, "cannot be pruned: frozen"),
         (("uniform", scores, [g], 0.5, original), {"multiple": 0}, "multiple must be an integer >= 1"),
         (("uniform", scores, [g], 0.5, original), {"protected": {"g": torch.zeros(16)}}, "bool tensor of 16"),
+        (("uniform", scores, [g], 0.5, original), {"flops_budget": 1e9}, "needs the cost model"),
+        (("uniform", scores, [g], 0.5, original), {"flops_budget": -1.0}, "flops_budget must be"),
     ]
     for args, kwargs, message in cases:
         with pytest.raises(PruningRequestError, match=message):
             allocate(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic R18-FPN through the hook's planning (plan_pruning_step)
+
+
+def synthetic_r18(*overrides):
+    """The demo's R18-FPN config (random init, CPU) with PRUNING ``overrides``, and its model."""
+    cfg = get_pgp_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "faster_rcnn_R_18_FPN_synth.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "PRUNING.COST_INPUT_SIZE", COST_SIZE, *overrides])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()
+
+
+def prunable_groups(model, names=None):
+    return {n: g for n, g in derive_channel_groups(model).items() if g.prunable and (names is None or n in names)}
+
+
+@pytest.mark.parametrize("target", ["ratio", "flops"])
+@pytest.mark.parametrize("method", ["uniform", "global", "adaptive"])
+def test_every_allocation_meets_each_steps_target(method, target):
+    cfg, model = synthetic_r18("PRUNING.ALLOCATION", method, "PRUNING.TARGET", target, "PRUNING.RATIO", 0.5,
+                               "PRUNING.FLOPS_REDUCTION", 0.5, "PRUNING.SCHEDULE", "pgp_exponential")
+    costs = CostModel(model, *COST_SIZE)
+    groups = prunable_groups(model)
+    original = {n: g.size for n, g in groups.items()}
+    criterion = build_criterion("l1")
+    num_steps = 3
+    for step in range(1, num_steps + 1):
+        criterion.attach(model, groups)
+        weak = plan_pruning_step(cfg, model, groups, criterion.scores(model), step, num_steps, original,
+                                 {n: 0.5 for n in groups}, cost_model=costs)
+        hard_prune(model, {n: w for n, w in weak.items() if w}, groups=groups)
+        groups = prunable_groups(model, original)
+        kept = {n: g.size for n, g in groups.items()}
+        wanted = pruned_fraction("pgp_exponential", step, num_steps, 0.5)
+        if target == "flops":
+            reached = 1.0 - costs.predict(kept)["flops"] / costs.flops
+            assert wanted - 1e-9 <= reached <= wanted + 0.01, (step, reached, wanted)
+        else:
+            reached = 1.0 - sum(kept.values()) / sum(original.values())
+            assert reached == pytest.approx(wanted, abs=0.01), (step, reached, wanted)
+    if target == "flops":  # fvcore's count of the pruned model itself
+        assert 1.0 - count_flops(model, *COST_SIZE)["gflops"] * 1e9 / costs.flops == pytest.approx(0.5, abs=0.01)
+
+
+def test_unreachable_flops_budget_fails_clearly():
+    _, model = synthetic_r18()
+    costs = CostModel(model, *COST_SIZE)
+    groups = prunable_groups(model)
+    scores = {n: torch.ones(g.size) for n, g in groups.items()}
+    with pytest.raises(PruningRequestError, match=r"global allocation cannot meet the budget of .* GFLOPs at 128x160"):
+        allocate("global", scores, groups, 0.5, {n: g.size for n, g in groups.items()}, cost_model=costs,
+                 flops_budget=0.01 * costs.flops)
+
+
+def test_adaptive_sparsity_ignores_channels_pruning_zeroed():
+    cfg, model = synthetic_r18("PRUNING.ALLOCATION", "adaptive", "PRUNING.TARGET", "flops")
+    costs = CostModel(model, *COST_SIZE)
+    groups = prunable_groups(model)
+    original = {n: g.size for n, g in groups.items()}
+    criterion = build_criterion("l1")
+    criterion.attach(model, groups)
+    scores = criterion.scores(model)
+
+    def weak_counts(zeroed=None):
+        weak = plan_pruning_step(cfg, model, groups, scores, 1, 1, original, {n: 0.5 for n in groups},
+                                 cost_model=costs, zeroed=zeroed)
+        return {n: len(w) for n, w in weak.items()}
+
+    name = "backbone.bottom_up.res4.1.conv1"
+    weight = model.get_submodule(groups[name].producer_layers[0]).weight
+    planted = list(range(0, groups[name].size, 4))  # a quarter of the group's channels
+    # what the other three quarters measure before anything is zeroed
+    sparsity = weight_sparsity(model, groups, excluded={name: planted})
+    counts = weak_counts(zeroed={name: planted})
+    with torch.no_grad():
+        weight[planted] = 0.0  # zeroed, as a soft-pruning step leaves them
+    assert weight_sparsity(model, groups)[name] > sparsity[name] + 0.2  # counted, they would look sparse
+    assert weak_counts()[name] > counts[name]  # ... and the group would be pruned harder
+    assert weight_sparsity(model, groups, excluded={name: planted}) == pytest.approx(sparsity)
+    assert weak_counts(zeroed={name: planted}) == counts
+    with torch.no_grad():  # grown back a little since the step that zeroed them
+        weight[planted] = 1e-4 * torch.randn_like(weight[planted])
+    assert weight_sparsity(model, groups, excluded={name: planted}) == pytest.approx(sparsity)
+    assert weak_counts(zeroed={name: planted}) == counts
+
+
+def test_protection_spares_channels_with_large_recent_gradients_under_pgp():
+    cfg = get_pgp_cfg()
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 16, "PRUNING.CRITERION", "pgp", "PRUNING.PROTECT_QUANTILE", 0.95,
+                         "PRUNING.START", 0, "PRUNING.INTERVAL", 8, "PRUNING.END", 16,
+                         "PRUNING.CHANNEL_MULTIPLE", 1, "PRUNING.MIN_CHANNELS", 1])
+    hook = PGPHook(cfg)
+    model = nn.Module()
+    model.fc = nn.Linear(4, 16)
+    groups = {"fc": group("fc", 16, producer_layers=("fc",))}
+    for criterion in (hook.criterion, hook.protector):
+        criterion.attach(model, groups)
+    # channel 0 had no gradient for 6 iterations, then a large one: the smallest sum since the last
+    # step, the largest of late; the others have steady gradients of distinct sizes
+    steady = (1.0 + 0.02 * torch.arange(16.0)).reshape(16, 1).expand(16, 4)
+    for t in range(8):
+        grad = steady.clone()
+        grad[0] = 0.0 if t < 6 else 3.5
+        model.fc.weight.grad = grad
+        hook.criterion.update(model)
+        hook.protector.update(model)
+    scores = hook.criterion.scores(model)
+    assert int(scores["fc"].argmin()) == 0
+    protected = protect_by_gradient(hook.protector.scores(model), quantile=cfg.PRUNING.PROTECT_QUANTILE)
+    assert protected["fc"].nonzero().reshape(-1).tolist() == [0]
+
+    def weak(protected=None):
+        return plan_pruning_step(cfg, model, groups, scores, 1, 1, {"fc": 16}, {"fc": 0.5}, protected=protected)["fc"]
+
+    assert 0 in weak() and 0 not in weak(protected)
+    assert weak(protected) == list(range(1, 9))  # the next-weakest instead

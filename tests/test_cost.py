@@ -64,6 +64,22 @@ def test_prediction_matches_fvcore_on_pruned_model(name):
     assert predicted["params_per_family"] == measured["params_per_family"]
 
 
+def test_a_cost_model_measured_after_pruning_refers_to_the_original_widths():
+    model = build_detector("R18-FPN").eval()
+    original = CostModel(model, HEIGHT, WIDTH)
+    groups = derive_channel_groups(model, allow_frozen=True)
+    sizes = random_sizes(groups, seed=5)
+    prune_to(model, groups, sizes)
+    rescaled = CostModel(model, HEIGHT, WIDTH).rescaled(original.sizes)  # what a resumed run measures
+    assert rescaled.sizes == original.sizes
+    assert rescaled.flops == pytest.approx(original.flops, rel=1e-9)
+    assert rescaled.params == original.params
+    halved = {name: max(1, kept // 2) for name, kept in sizes.items()}
+    assert rescaled.predict(halved)["flops"] == pytest.approx(original.predict(halved)["flops"], rel=1e-9)
+    with pytest.raises(PruningRequestError, match="cannot rescale to 0 channels"):
+        original.rescaled({"backbone.fpn.out": 0})
+
+
 def test_layer_costs_follow_the_layer_formulas(r18):
     model, _ = r18
     layers = layer_costs(model, HEIGHT, WIDTH)

@@ -10,12 +10,15 @@ Examples::
     python tools/train_net.py --config-file configs/faster_rcnn_R_50_FPN_voc.yaml --eval-only \\
         MODEL.WEIGHTS output/r50_half/model_pruned.pth
 
-Every prunable channel group (see ``pgp_det.pruning.derive_channel_groups``) in ``--scopes``
-keeps ``kept_count(size, ratio, --multiple, --floor)`` channels, the ones with the highest
-``--criterion`` score (``l1``/``l2``: norm of each filter, normalised per producing layer and
-averaged over the group's producing layers; ``bn_gamma``: |gamma| of their norms). With
-``--flops-reduction F`` the ratio is the smallest one whose FLOPs at ``--input-size`` drop by F
-(predicted by ``pgp_det.pruning.cost.CostModel``). Groups touching frozen layers
+The prunable channel groups (see ``pgp_det.pruning.derive_channel_groups``) in ``--scopes`` are
+pruned in one step by the library's ``--allocation`` (``pgp_det.pruning.allocation``, as the
+training hook's last step would: ``uniform`` prunes every group by ``--ratio``, ``global`` and
+``adaptive`` share the same total of channels differently), each group keeping the channels with
+the highest ``--criterion`` score (``l1``/``l2``: norm of each filter, normalised per producing
+layer and averaged over the group's producing layers; ``bn_gamma``: |gamma| of their norms). With
+``--flops-reduction F`` every allocation removes F of the FLOPs at ``--input-size`` (predicted by
+``pgp_det.pruning.cost.CostModel``; within a fraction of a point, never less). Kept counts are
+multiples of ``--multiple`` and at least ``--floor``. Groups touching frozen layers
 (``MODEL.BACKBONE.FREEZE_AT``) are pruned only with ``--allow-frozen`` (or
 ``PRUNING.ALLOW_FROZEN True``). No dataset is needed.
 
@@ -30,8 +33,6 @@ import os
 import sys
 import time
 
-import torch
-
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TOOLS_DIR))  # run from a checkout
 sys.path.insert(0, TOOLS_DIR)  # train_net's config handling
@@ -43,8 +44,10 @@ from train_net import build_config, resolve_config_path  # noqa: E402
 from pgp_det.checkpoint import PrunedCheckpointer, load_model  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import SCOPES, derive_channel_groups, hard_prune  # noqa: E402
-from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_reduction, uniform_sizes  # noqa: E402
+from pgp_det.pruning.allocation import ALLOCATION_REGISTRY  # noqa: E402
+from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_reduction  # noqa: E402
 from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
+from pgp_det.pruning.hook import plan_pruning_step  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
 
@@ -70,6 +73,8 @@ def argument_parser() -> argparse.ArgumentParser:
     target.add_argument("--list-groups", action="store_true",
                         help="print the model's channel groups with their FLOPs share at --input-size, and exit")
     parser.add_argument("--criterion", default="l1", help="channel score: l1, l2 (filter norms) or bn_gamma")
+    parser.add_argument("--allocation", default=None, choices=sorted(name for name, _ in ALLOCATION_REGISTRY),
+                        help="how the target is shared among groups (default: PRUNING.ALLOCATION, uniform)")
     parser.add_argument("--scopes", default="", metavar="S1,S2",
                         help=f"parts to prune, among {','.join(SCOPES)} (default: PRUNING.SCOPES, all)")
     parser.add_argument("--multiple", type=int, default=None,
@@ -151,12 +156,6 @@ def _check_output(directory: str, overwrite: bool) -> None:
         raise UserInputError(f"--output '{directory}': cannot write into '{parent}'")
 
 
-def _lowest_channels(scores: torch.Tensor, count: int) -> list:
-    """Indices of the ``count`` lowest scores; ties go to the lower index (stable sort)."""
-    order = torch.sort(scores, stable=True).indices
-    return sorted(order[:count].tolist())
-
-
 def prune(cfg, args) -> dict:
     """Load ``cfg``'s model, prune it as ``args`` say; return the model and the report (nothing
     is written)."""
@@ -179,16 +178,23 @@ def prune(cfg, args) -> dict:
         ratio = ratio_for_flops_reduction(costs, groups, args.flops_reduction, multiple, floor, scopes)
     else:
         ratio = args.ratio
-    sizes = uniform_sizes(groups, ratio, multiple, floor, scopes)
+    allocation = args.allocation or cfg.PRUNING.ALLOCATION
 
     criterion = build_criterion(args.criterion)
     criterion.attach(model, groups)
     scores = criterion.scores(model)
-    removals = {
-        name: _lowest_channels(scores[name], group.size - sizes[name])
-        for name, group in groups.items()
-        if sizes[name] < group.size
-    }
+    # one-shot pruning is the hook's pruning step 1 of 1: the final target at once
+    step = cfg.clone()
+    step.defrost()
+    step.PRUNING.ALLOCATION = allocation
+    step.PRUNING.TARGET = "ratio" if args.flops_reduction is None else "flops"
+    step.PRUNING.FLOPS_REDUCTION = args.flops_reduction or 0.0
+    step.PRUNING.CHANNEL_MULTIPLE, step.PRUNING.MIN_CHANNELS = multiple, floor
+    pruned = {name: g for name, g in groups.items() if g.prunable and g.scope in scopes}
+    weak = plan_pruning_step(step, model, pruned, scores, 1, 1, {name: g.size for name, g in pruned.items()},
+                             {name: ratio for name in pruned}, cost_model=costs)
+    removals = {name: channels for name, channels in weak.items() if channels}
+    sizes = {name: group.size - len(removals.get(name, ())) for name, group in groups.items()}
     hard_prune(model, removals, allow_frozen=allow_frozen, groups=groups)
     predicted = costs.predict(sizes)
     after = CostModel(model, height, width).predict({})  # measured again, on the pruned model
@@ -206,6 +212,7 @@ def prune(cfg, args) -> dict:
         "weights": cfg.MODEL.WEIGHTS,
         "settings": {
             "criterion": args.criterion,
+            "allocation": allocation,
             "ratio": ratio,
             "requested": {"ratio": args.ratio} if args.flops_reduction is None else {"flops_reduction": args.flops_reduction},
             "scopes": list(scopes),
@@ -284,7 +291,8 @@ def summary(report: dict) -> str:
     )
     height, width = flops["input_size"]
     return "\n".join([
-        f"pruned {pruned} of {len(report['groups'])} channel groups ({settings['criterion']}, ratio "
+        f"pruned {pruned} of {len(report['groups'])} channel groups ({settings['criterion']}, "
+        f"{settings['allocation']} allocation, ratio "
         f"{settings['ratio']:.3f}, scopes {','.join(settings['scopes'])}, multiple {settings['multiple']}, "
         f"floor {settings['floor']})",
         f"GFLOPs at {height}x{width}: {flops['before_gflops']:.2f} -> {flops['after_gflops']:.2f} "

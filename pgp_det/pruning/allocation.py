@@ -1,56 +1,83 @@
-"""Who gets pruned at a pruning step: turn a scheduled fraction and channel scores into weak sets.
+"""Who gets pruned at a pruning step: turn a budget and channel scores into weak sets.
 
-:func:`allocate` takes the scores of a criterion, the groups being pruned and the schedule's
-pruned fraction (of each group's *original* size) and returns, per group, the *weak set*: the
-current channel indices that should not survive this step, the lowest-scored ones.
-:func:`split_hard_soft` then divides each weak set into channels removed now and channels zeroed
-(which may recover until a later step).
+:func:`allocate` takes the scores of a criterion, the groups being pruned and what the step must
+reach, and returns, per group, the *weak set*: the current channel indices that should not
+survive this step, the lowest-scored ones. :func:`split_hard_soft` then divides each weak set into
+channels removed now and channels zeroed (which may recover until a later step).
+
+What a step must reach (its *budget*):
+
+* ``TARGET ratio``: the schedule's pruned fraction ``f_g`` of each group's *original* size
+  ``C0_g``; ``global`` and ``adaptive`` read it as a channel budget, the kept channels summed over
+  groups at most ``sum C0_g (1 - f_g)``.
+* ``TARGET flops``: a FLOPs budget (``flops_budget``, FLOPs at the cost model's input size): the
+  kept counts must bring the model's predicted FLOPs (``cost_model.predict(kept)["flops"]``, see
+  :class:`~pgp_det.pruning.cost.CostModel`) to at most the budget. The pruning hook sets the
+  budget of step ``k`` to ``(1 - p_k)`` times the unpruned model's FLOPs, ``p_k`` the schedule
+  applied to the final FLOPs reduction, so the last step reaches the target itself.
 
 How many channels each group keeps is the job of an allocation method, picked by name from
 :data:`ALLOCATION_REGISTRY` (``PRUNING.ALLOCATION``):
 
 ``uniform``
-    Every group is pruned to its own target (PGP, PSFP): keep ``C0 * (1 - fraction)``, rounded
-    as :func:`~pgp_det.pruning.groups.kept_count` rounds.
+    Every group is pruned alike (PGP, PSFP). Channel target: each group keeps its own target
+    ``C0 * (1 - f)``, rounded as :func:`~pgp_det.pruning.groups.kept_count` rounds. FLOPs budget:
+    one fraction ``r`` for all groups, each keeping ``C0 * (1 - r)`` rounded down or up to an
+    allowed count; ``r`` and the rounding directions are searched so that the FLOPs meet the
+    budget (see *Meeting a budget*).
 ``global``
-    One ranking over all groups (FRS, one-step pruning): each group's scores are divided by
-    their mean so groups compare on one scale; the lowest ``sum C - sum C0 * (1 - fraction)``
-    channels overall are taken, no group going below its smallest allowed count. Per-group
-    counts are then rounded to allowed counts (multiples, floor) by largest remainder, keeping
-    the total as close to the target as the rounding allows.
+    One ranking over all groups (FRS's global ranking; One-step pruning's "global pruning rate
+    from which each layer's rate is set"): each group's scores are divided by their mean so
+    groups compare on one scale, and channels are taken lowest first (protected channels never,
+    no group below its smallest allowed count). How far down the ranking to go is searched
+    against the budget, channels or FLOPs. The One-step paper's own per-layer formula (arXiv
+    1906.07488) was not available: the ranking is what is implemented.
 ``adaptive``
-    Layer-adaptive ratios (PSAP): group ``g`` prunes the fraction ``r_g = s * sparsity_g`` of
-    its original size, where ``sparsity_g`` is its producer weights' sparsity
-    (:func:`weight_sparsity`) and ``s`` makes the channel-weighted mean ``sum C0_g r_g / sum C0_g``
-    equal the scheduled fraction; ratios are clipped to ``[0, 0.95]`` and the rest rescaled
-    (:func:`adaptive_ratios`).
+    PSAP-style layer-adaptive ratios (arXiv 2303.11881: "each layer's ratio is set from its weight
+    sparsity"; the paper's formula was not available). Implemented: group ``g`` prunes the
+    fraction ``r_g = min(s * sparsity_g, 0.95)`` of its original size, where ``sparsity_g`` is
+    the sparsity of its *live* channels' producer weights (:func:`weight_sparsity`) and the common
+    factor ``s`` is searched against the budget, channels or FLOPs (every group alike when no
+    group has any sparsity).
+
+Meeting a budget (``global``, ``adaptive``, and ``uniform`` with a FLOPs budget): the method
+gives a raw kept count per group as a function of one parameter ``t`` (the fraction, the depth
+in the ranking, the factor ``s``), never more than the group has now. Rounding every raw count
+down to an allowed count, the smallest ``t`` whose cost is within the budget is found by
+bisection; then groups are rounded back up, largest remainder first, each when the cost stays
+within the budget. The cost is predicted, never above the budget, and within about one rounding
+step of the cheapest group left below its raw count. A budget the method cannot meet even at its
+most pruned raises :class:`~pgp_det.pruning.groups.PruningRequestError`.
 
 Allowed kept counts: a multiple of ``lcm(multiple, group.channel_multiple)``, at least ``floor``,
 as :func:`kept_count` decides (``multiple`` and ``floor`` relax for small groups; a GroupNorm's
 ``channel_multiple`` never does); keeping every current channel is always allowed.
 
-Protection (PSAP's protective reconstruction): ``protected`` marks channels that must not be in
-this step's weak set, e.g. :func:`protect_by_gradient`'s channels whose recent gradient score is
-in the top of their group. The next-weakest unprotected channels are taken instead; when too few
-are left, the group prunes fewer (it never keeps fewer than its allowed count requires).
+Protection (PSAP's "protective reconstruction", whose formula was not available either):
+``protected`` marks channels that must not be in this step's weak set. The hook protects, with
+:func:`protect_by_gradient`, the channels whose *recent* gradient
+(:class:`~pgp_det.pruning.criteria.RecentGradientCriterion`, an accumulator of its own whatever
+the criterion) is in the top of their group. The next-weakest unprotected channels are taken
+instead; when too few are left, the group prunes fewer (it never keeps fewer than its allowed
+count requires), and the step may then stay above its budget.
 """
 import math
 import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from detectron2.utils.registry import Registry
 
+from ..utils.modules import unwrap_model
 from .groups import ChannelGroup, PruningRequestError, kept_count
 
 __all__ = [
     "ALLOCATION_REGISTRY",
     "AllocationRequest",
-    "adaptive_ratios",
     "allocate",
     "allowed_kept_counts",
     "protect_by_gradient",
@@ -63,6 +90,8 @@ ALLOCATION_REGISTRY.__doc__ = "fn(request: AllocationRequest) -> {group name: ch
 
 # no group is asked to prune more than this share of its original channels (adaptive)
 MAX_ADAPTIVE_RATIO = 0.95
+# relative slack when comparing a cost with its budget (float noise of sums of many terms)
+_BUDGET_SLACK = 1e-9
 
 
 def allowed_kept_counts(current: int, multiple: int = 8, floor: int = 8, channel_multiple: int = 1) -> List[int]:
@@ -96,6 +125,11 @@ class AllocationRequest:
         floor: fewest channels a group keeps.
         weight_sparsity: ``{group: sparsity in [0, 1]}`` or None (only ``adaptive`` needs it).
         protected: ``{group: bool tensor (C,)}``; True = not in this step's weak set.
+        cost_model: what predicts the FLOPs of kept counts (``predict(sizes)["flops"]``, a
+            :class:`~pgp_det.pruning.cost.CostModel` measured on a model at least as wide as
+            the groups are now), or None.
+        flops_budget: FLOPs (at the cost model's input size) the model may have after this step,
+            or None: the step's budget is then the channels of ``fractions``.
     """
 
     scores: Mapping[str, torch.Tensor]
@@ -106,6 +140,8 @@ class AllocationRequest:
     floor: int
     weight_sparsity: Optional[Mapping[str, float]]
     protected: Mapping[str, torch.Tensor]
+    cost_model: Optional[Any] = None
+    flops_budget: Optional[float] = None
 
     def target_kept(self, name: str, fraction: Optional[float] = None) -> int:
         """Channels group ``name`` keeps when ``fraction`` (default: its scheduled one) of its
@@ -123,6 +159,101 @@ class AllocationRequest:
         group = self.groups[name]
         return allowed_kept_counts(group.size, self.multiple, self.floor, group.channel_multiple)
 
+    @property
+    def budget(self) -> float:
+        """The most :meth:`cost` may be after this step: ``flops_budget`` when given, else the
+        scheduled kept channels ``sum C0 * (1 - fraction)``."""
+        if self.flops_budget is not None:
+            return self.flops_budget
+        return sum(self.original_sizes[n] * (1.0 - self.fractions[n]) for n in self.groups)
+
+    def cost(self, kept: Mapping[str, int]) -> float:
+        """What the budget limits, for ``kept[group]`` channels kept: predicted FLOPs with a
+        FLOPs budget, else the kept channels summed over the groups."""
+        if self.flops_budget is not None:
+            return self.cost_model.predict(kept)["flops"]
+        return float(sum(kept.values()))
+
+    def describe(self, cost: float) -> str:
+        """``cost`` in words, for messages."""
+        if self.flops_budget is not None:
+            size = getattr(self.cost_model, "height", "?"), getattr(self.cost_model, "width", "?")
+            return f"{cost / 1e9:.4g} GFLOPs at {size[0]}x{size[1]}"
+        return f"{cost:.1f} channels"
+
+
+# ---------------------------------------------------------------------------------------------
+# Meeting a budget
+
+
+def _meet_budget(
+    request: AllocationRequest, method: str, raw_kept: Callable[[float], Mapping[str, float]], high: float,
+    integral: bool = False,
+) -> Dict[str, int]:
+    """Allowed kept counts whose cost is at most the request's budget (module docstring, *Meeting
+    a budget*).
+
+    Args:
+        method: the allocation's name, for messages.
+        raw_kept: ``t -> {group: raw kept count}``, non-increasing in ``t``; ``raw_kept(0)`` keeps
+            every channel. Counts above a group's current size are capped to it.
+        high: the largest ``t`` worth searching (the method's most pruned configuration).
+        integral: ``t`` is an integer (a depth in a ranking).
+
+    Returns:
+        ``{group: allowed kept count}``.
+    """
+    names = list(request.groups)
+    current = {n: request.groups[n].size for n in names}
+    allowed = {n: request.allowed(n) for n in names}
+
+    def rounded(t: float):
+        raw = {n: min(float(r), current[n]) for n, r in raw_kept(t).items()}
+        lower = {n: max((a for a in allowed[n] if a <= raw[n] + 1e-9), default=allowed[n][0]) for n in names}
+        upper = {n: min(a for a in allowed[n] if a >= raw[n] - 1e-9) for n in names}
+        return raw, lower, upper
+
+    limit = request.budget * (1.0 + _BUDGET_SLACK)
+
+    def fits(kept: Mapping[str, int]) -> bool:
+        return request.cost(kept) <= limit
+
+    if fits(current):
+        return current
+    if not fits(rounded(high)[1]):
+        raise PruningRequestError(
+            f"{method} allocation cannot meet the budget of {request.describe(request.budget)}: pruning as much as "
+            f"it can leaves {request.describe(request.cost(rounded(high)[1]))}; lower the target, the floor or "
+            "the protection, or prune more scopes"
+        )
+    # bisection: the rounded-down counts miss the budget at `low`, meet it at `high`
+    low = 0.0
+    if integral:
+        low, high = 0, int(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(rounded(middle)[1]) else (middle, high)
+    else:
+        for _ in range(100):
+            middle = (low + high) / 2
+            if middle in (low, high):
+                break
+            low, high = (low, middle) if fits(rounded(middle)[1]) else (middle, high)
+    raw, kept, upper = rounded(high)
+
+    # round back up, largest remainder first, while the budget holds
+    def remainder(n: str) -> float:
+        gap = upper[n] - kept[n]
+        return (raw[n] - kept[n]) / gap if gap else -1.0
+
+    for n in sorted(names, key=remainder, reverse=True):
+        if upper[n] > kept[n]:
+            trial = dict(kept)
+            trial[n] = upper[n]
+            if fits(trial):
+                kept = trial
+    return kept
+
 
 # ---------------------------------------------------------------------------------------------
 # Allocation methods
@@ -130,17 +261,19 @@ class AllocationRequest:
 
 @ALLOCATION_REGISTRY.register()
 def uniform(request: AllocationRequest) -> Dict[str, int]:
-    """Each group keeps its own rounded target ``C0 * (1 - fraction)``."""
-    return {name: request.target_kept(name) for name in request.groups}
+    """Each group keeps its own rounded target ``C0 * (1 - fraction)``; with a FLOPs budget, one
+    fraction for all groups, searched with FLOPs-aware rounding."""
+    if request.flops_budget is None:
+        return {name: request.target_kept(name) for name in request.groups}
+    original = request.original_sizes
+    return _meet_budget(request, "uniform", lambda r: {n: original[n] * (1.0 - r) for n in request.groups}, 1.0)
 
 
 def _global_ranking(request: AllocationRequest) -> Dict[str, int]:
-    """One ranking of mean-normalised scores over all groups (see the module docstring)."""
+    """One ranking of mean-normalised scores over all groups, searched to the budget (see the
+    module docstring)."""
     names = list(request.groups)
-    current = {n: request.groups[n].size for n in names}
-    wanted_kept = sum(request.original_sizes[n] * (1.0 - request.fractions[n]) for n in names)
-    to_remove = max(0, int(math.floor(sum(current.values()) - wanted_kept + 0.5)))
-    smallest = {n: request.allowed(n)[0] for n in names}
+    current = [request.groups[n].size for n in names]
 
     # ranking: normalised score, protected channels last (never taken)
     normalised = []
@@ -150,38 +283,25 @@ def _global_ranking(request: AllocationRequest) -> Dict[str, int]:
         scaled = scores / mean if mean > 0 else torch.zeros_like(scores)
         normalised.append(scaled.masked_fill(request.protected[n], math.inf))
     flat = torch.cat(normalised)
-    owner = torch.cat([torch.full((current[n],), i, dtype=torch.long) for i, n in enumerate(names)])
+    owner = torch.cat([torch.full((size,), i, dtype=torch.long) for i, size in enumerate(current)])
     order = torch.sort(flat, stable=True).indices
-    capacity = [current[n] - smallest[n] for n in names]
+    # the owners of the channels taken, in the order taken: no group below its smallest count
+    capacity = [size - request.allowed(n)[0] for n, size in zip(names, current)]
     removed = [0] * len(names)
-    taken = 0
+    taken = []
     for value, group_index in zip(flat[order].tolist(), owner[order].tolist()):
-        if taken == to_remove or math.isinf(value):
+        if math.isinf(value):
             break
         if removed[group_index] < capacity[group_index]:
             removed[group_index] += 1
-            taken += 1
+            taken.append(group_index)
+    taken = torch.tensor(taken, dtype=torch.long)
 
-    # round each group's raw kept count down to an allowed count, then round up the groups
-    # with the largest remainders while that brings the total closer to the target
-    raw = {n: current[n] - removed[i] for i, n in enumerate(names)}
-    kept, upper = {}, {}
-    for n in names:
-        allowed = request.allowed(n)
-        kept[n] = max(a for a in allowed if a <= raw[n])
-        upper[n] = min(a for a in allowed if a >= raw[n])
-    deficit = sum(raw.values()) - sum(kept.values())
+    def raw_kept(depth: float) -> Dict[str, int]:
+        counts = torch.bincount(taken[: int(depth)], minlength=len(names)).tolist()
+        return {n: size - k for n, size, k in zip(names, current, counts)}
 
-    def remainder(n: str) -> float:
-        gap = upper[n] - kept[n]
-        return (raw[n] - kept[n]) / gap if gap else -1.0
-
-    for n in sorted(names, key=remainder, reverse=True):
-        step = upper[n] - kept[n]
-        if step and abs(deficit - step) < abs(deficit):
-            kept[n] = upper[n]
-            deficit -= step
-    return kept
+    return _meet_budget(request, "global", raw_kept, len(taken), integral=True)
 
 
 _global_ranking.__name__ = "global"  # the config name; `global` is a Python keyword
@@ -190,7 +310,8 @@ ALLOCATION_REGISTRY.register(_global_ranking)
 
 @ALLOCATION_REGISTRY.register()
 def adaptive(request: AllocationRequest) -> Dict[str, int]:
-    """Per-group ratios proportional to weight sparsity, channel-weighted mean = the fraction."""
+    """PSAP-style: group ``g`` prunes ``min(s * sparsity_g, 0.95)`` of its original size, ``s``
+    searched to the budget (see the module docstring)."""
     if request.weight_sparsity is None:
         raise PruningRequestError(
             "adaptive allocation needs weight_sparsity ({group: sparsity}; see weight_sparsity(model, groups))"
@@ -199,65 +320,20 @@ def adaptive(request: AllocationRequest) -> Dict[str, int]:
     missing = [n for n in names if n not in request.weight_sparsity]
     if missing:
         raise PruningRequestError(f"adaptive allocation: no weight sparsity for group {missing[0]}")
-    sizes = {n: request.original_sizes[n] for n in names}
-    # per-group schedules (a dict of fractions) become one channel-weighted mean target
-    mean_fraction = sum(sizes[n] * request.fractions[n] for n in names) / sum(sizes.values())
-    ratios = adaptive_ratios({n: request.weight_sparsity[n] for n in names}, sizes, mean_fraction)
-    return {n: request.target_kept(n, ratios[n]) for n in names}
-
-
-def adaptive_ratios(
-    sparsity: Mapping[str, float],
-    original_sizes: Mapping[str, int],
-    fraction: float,
-    max_ratio: float = MAX_ADAPTIVE_RATIO,
-) -> Dict[str, float]:
-    """Per-group pruned fractions ``r_g = s * sparsity_g`` with ``sum C0_g r_g = fraction * sum C0_g``.
-
-    Ratios are clipped to ``[0, max_ratio]``; the scale of the unclipped groups is solved again
-    until no more clip, so the weighted mean stays ``fraction`` whenever ``fraction <= max_ratio``
-    (beyond, every group gets ``max_ratio``). When no unclipped group has any sparsity, they
-    share the remaining fraction uniformly.
-
-    Args:
-        sparsity: ``{group: weight sparsity in [0, 1]}``.
-        original_sizes: ``{group: C0}``, the weights of the mean.
-        fraction: target mean pruned fraction in ``[0, 1)``.
-
-    Returns:
-        ``{group: ratio in [0, max_ratio]}``.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise PruningRequestError(f"fraction must be in [0, 1), got {fraction}")
-    bad = [n for n, s in sparsity.items() if not 0.0 <= float(s) <= 1.0]
+    weights = {n: float(request.weight_sparsity[n]) for n in names}
+    bad = [n for n, s in weights.items() if not 0.0 <= s <= 1.0]
     if bad:
-        raise PruningRequestError(f"weight sparsity of {bad[0]} must be in [0, 1], got {sparsity[bad[0]]}")
-    names = list(sparsity)
-    total = float(sum(original_sizes[n] for n in names))
-    ratios = {n: 0.0 for n in names}
-    if not names or fraction == 0.0:
-        return ratios
-    clipped = set()
-    while True:
-        free = [n for n in names if n not in clipped]
-        budget = fraction * total - max_ratio * sum(original_sizes[n] for n in clipped)
-        if not free or budget <= 0:
-            break
-        weight = sum(original_sizes[n] * float(sparsity[n]) for n in free)
-        if weight > 0:
-            scale = budget / weight
-            proposal = {n: scale * float(sparsity[n]) for n in free}
-        else:
-            share = budget / sum(original_sizes[n] for n in free)
-            proposal = {n: share for n in free}
-        over = [n for n in free if proposal[n] > max_ratio]
-        if not over:
-            ratios.update(proposal)
-            break
-        clipped.update(over)
-    for n in clipped:
-        ratios[n] = max_ratio
-    return ratios
+        raise PruningRequestError(f"weight sparsity of {bad[0]} must be in [0, 1], got {weights[bad[0]]}")
+    if not any(weights.values()):
+        weights = {n: 1.0 for n in names}  # no sparsity anywhere: every group alike
+    original = request.original_sizes
+
+    def raw_kept(scale: float) -> Dict[str, float]:
+        return {n: original[n] * (1.0 - min(scale * weights[n], MAX_ADAPTIVE_RATIO)) for n in names}
+
+    # beyond this factor every group with some sparsity is at the largest ratio
+    high = MAX_ADAPTIVE_RATIO / min(w for w in weights.values() if w > 0)
+    return _meet_budget(request, "adaptive", raw_kept, high)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,33 +341,46 @@ def adaptive_ratios(
 
 
 @torch.no_grad()
-def weight_sparsity(model: nn.Module, groups: Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]],
-                    threshold: float = 0.01) -> Dict[str, float]:
-    """Share of each prunable group's producer weights that are near zero.
+def weight_sparsity(
+    model: nn.Module,
+    groups: Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]],
+    threshold: float = 0.01,
+    excluded: Optional[Mapping[str, Iterable[int]]] = None,
+) -> Dict[str, float]:
+    """Share of each prunable group's producer weights that are near zero, over its *live* channels.
 
     A weight entry of producer layer ``l`` counts as sparse when ``|w| <= threshold * max |W_l|``
-    (relative to the layer's own largest entry, so layers of any scale compare; zeroed channels
-    count as sparse). A group's sparsity is the sparse share over all entries of its producer
-    layers' weights (conv/linear ``weight``; norms and biases left out).
+    (relative to the layer's largest live entry, so layers of any scale compare). A group's
+    sparsity is the sparse share over its live channels' filters (rows ``W_l[c]`` of the producer
+    layers' conv/linear ``weight``; norms and biases left out). Channels pruning zeroed are not
+    live: they would make the groups pruned last look the sparsest.
+
+    Args:
+        excluded: ``{group: channel indices}`` that are not live, e.g. the channels the last
+            pruning step zeroed (exactly zero, or grown back a little since).
 
     Returns:
-        ``{group name: float in [0, 1]}``.
+        ``{group name: float in [0, 1]}`` (0 for a group without a live channel).
     """
     if not threshold >= 0:
         raise PruningRequestError(f"threshold must be >= 0, got {threshold}")
     if isinstance(groups, Mapping):
         groups = groups.values()
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
+    model = unwrap_model(model)
+    excluded = excluded or {}
     result = OrderedDict()
     for group in groups:
         if not group.prunable:
             continue
+        live = torch.ones(group.size, dtype=torch.bool)
+        live[torch.as_tensor(list(excluded.get(group.name, ())), dtype=torch.long)] = False
         sparse, total = 0, 0
         for layer in group.producer_layers:
-            magnitude = model.get_submodule(layer).weight.detach().abs()
-            sparse += int((magnitude <= threshold * magnitude.max()).sum())
-            total += magnitude.numel()
+            weight = model.get_submodule(layer).weight.detach()  # (C, ...): the group's channels on dim 0
+            magnitude = weight.abs().reshape(weight.shape[0], -1)[live.to(weight.device)]
+            if magnitude.numel():
+                sparse += int((magnitude <= threshold * magnitude.max()).sum())
+                total += magnitude.numel()
         result[group.name] = sparse / total if total else 0.0
     return result
 
@@ -300,8 +389,9 @@ def protect_by_gradient(grad_scores: Mapping[str, torch.Tensor], quantile: float
     """Channels whose recent gradient score is in the top of their group, to keep out of a weak set.
 
     Args:
-        grad_scores: ``{group: (C,) scores}``, e.g. the ``pgp`` criterion's scores over the
-            iterations since the last pruning step.
+        grad_scores: ``{group: (C,) scores}``, e.g. the scores of the hook's
+            :class:`~pgp_det.pruning.criteria.RecentGradientCriterion` (gradient magnitude of the
+            last iterations before the step).
         quantile: in ``[0, 1)``; a channel is protected when its score is strictly above its
             group's ``quantile`` (so about ``1 - quantile`` of each group; equal scores protect
             nothing).
@@ -334,10 +424,15 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def _build_request(
-    scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected
+    scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget
 ) -> AllocationRequest:
     _check_positive_int("multiple", multiple)
     _check_positive_int("floor", floor)
+    if flops_budget is not None:
+        if isinstance(flops_budget, bool) or not isinstance(flops_budget, numbers.Real) or not flops_budget > 0:
+            raise PruningRequestError(f"flops_budget must be a number of FLOPs > 0, got {flops_budget!r}")
+        if cost_model is None:
+            raise PruningRequestError("a FLOPs budget needs the cost model that predicts FLOPs (cost_model)")
     groups = _group_dict(groups)
     checked_scores, fractions, sizes, masks = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
     for name, group in groups.items():
@@ -370,7 +465,10 @@ def _build_request(
         if mask.dtype != torch.bool or mask.numel() != group.size:
             raise PruningRequestError(f"{name}: protected must be a bool tensor of {group.size} entries")
         masks[name] = mask
-    return AllocationRequest(checked_scores, groups, fractions, sizes, multiple, floor, weight_sparsity, masks)
+    return AllocationRequest(
+        checked_scores, groups, fractions, sizes, multiple, floor, weight_sparsity, masks, cost_model,
+        None if flops_budget is None else float(flops_budget),
+    )
 
 
 def _weakest(request: AllocationRequest, name: str, kept: int) -> List[int]:
@@ -396,6 +494,8 @@ def allocate(
     floor: int = 8,
     weight_sparsity: Optional[Mapping[str, float]] = None,
     protected: Optional[Mapping[str, torch.Tensor]] = None,
+    cost_model: Optional[Any] = None,
+    flops_budget: Optional[float] = None,
 ) -> Dict[str, List[int]]:
     """The weak set of every group at one pruning step.
 
@@ -404,23 +504,32 @@ def allocate(
         scores: ``{group: (C,) float scores}`` from a criterion (higher = keep).
         groups: the groups being pruned (prunable), with their current sizes ``C``.
         fraction: the schedule's pruned fraction of each group's *original* size after this step,
-            in ``[0, 1)``; one float, or ``{group: fraction}`` for per-scope schedules.
+            in ``[0, 1)``; one float, or ``{group: fraction}`` for per-scope schedules. With
+            ``flops_budget`` the budget decides and the fractions are only checked.
         original_sizes: ``{group: C0}``, sizes before any pruning.
         multiple, floor: rounding of kept counts (see :func:`~pgp_det.pruning.groups.kept_count`).
         weight_sparsity: ``{group: sparsity}`` for ``adaptive`` (:func:`weight_sparsity`).
         protected: ``{group: bool (C,)}``, channels that must not be in a weak set this step.
+        cost_model: predicts FLOPs of kept counts (:class:`~pgp_det.pruning.cost.CostModel`,
+            measured on a model at least as wide as the groups are now); needed with
+            ``flops_budget``.
+        flops_budget: FLOPs at the cost model's input size the model may have after this step
+            (``TARGET flops``); None: the budget is the channels of ``fraction``.
 
     Returns:
         ``{group: sorted current indices of the channels that should not survive this step}``,
         an entry (possibly empty) for every group; ``C - len(weak)`` is an allowed kept count.
 
     Raises:
-        PruningRequestError: unknown method, or inputs that do not match the groups.
+        PruningRequestError: unknown method, inputs that do not match the groups, or a budget the
+            method cannot meet.
     """
     if method not in ALLOCATION_REGISTRY:
         known = ", ".join(sorted(n for n, _ in ALLOCATION_REGISTRY))
         raise PruningRequestError(f"unknown allocation method {method!r}; known: {known}")
-    request = _build_request(scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected)
+    request = _build_request(
+        scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget
+    )
     kept = ALLOCATION_REGISTRY.get(method)(request)
     weak = OrderedDict()
     for name, group in request.groups.items():

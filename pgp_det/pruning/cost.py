@@ -14,9 +14,10 @@ with its conv's output group. Parameters scale per tensor with the groups on eac
 FPN's own FLOPs (the top-down nearest upsampling) scale with its lateral group. Everything else
 is taken as fixed; fvcore counts nothing else in a Faster R-CNN.
 """
+import copy
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from detectron2.modeling.backbone.fpn import FPN
@@ -198,6 +199,37 @@ class CostModel:
             "flops_per_family": flops,
             "params_per_family": params,
         }
+
+    def rescaled(self, sizes: Mapping[str, int]) -> "CostModel":
+        """This cost model referred to other widths: a copy whose measured model has
+        ``sizes[group]`` channels (other groups as measured), e.g. the original widths of a model
+        measured after pruning (a resumed run).
+
+        Every cost term scales with the product of its groups' widths, so a term measured at
+        ``C`` channels is ``C' / C`` times larger at ``C'``: the copy predicts exactly what
+        measuring the model at those widths would (up to float rounding), wider ones included.
+
+        Raises:
+            PruningRequestError: an unknown group or a width that is not an integer >= 1.
+        """
+        self._check_known(sizes)
+        for name, width in sizes.items():
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise PruningRequestError(f"{name}: cannot rescale to {width!r} channels; use an integer >= 1")
+        widths = dict(self.sizes)
+        widths.update(sizes)
+        factors = {name: widths[name] / self.sizes[name] for name in self.sizes}
+
+        def scaled(terms):
+            return [replace(t, value=t.value * math.prod(factors[g] for g in t.groups)) for t in terms]
+
+        result = copy.copy(self)
+        result.sizes = widths
+        result._flop_terms = scaled(self._flop_terms)
+        result._param_terms = scaled(self._param_terms)
+        result.flops = sum(t.value for t in result._flop_terms)
+        result.params = int(round(sum(t.value for t in result._param_terms)))
+        return result
 
     def group_costs(self, groups: Optional[Iterable[str]] = None) -> "OrderedDict[str, GroupCost]":
         """:class:`GroupCost` of each named group (default: all), in forward order."""

@@ -94,6 +94,7 @@ __all__ = [
     "FilterNormCriterion",
     "GradientL1Criterion",
     "NormGammaCriterion",
+    "RecentGradientCriterion",
     "TaylorCriterion",
     "build_criterion",
     "combine_layer_scores",
@@ -490,6 +491,32 @@ class GradientL1Criterion(_GradientCriterion):
 
     def _contribution(self, weight, grad, scratch):
         return torch.abs(grad, out=scratch).sum(dim=1)
+
+
+class RecentGradientCriterion(GradientL1Criterion):
+    """The gradient magnitude of the last iterations, for protection (PSAP's "protective
+    reconstruction" watches gradients; its formula was not available):
+    ``sum_t decay^(T - t) || dL/dW[c] ||_1`` over the iterations ``t`` since the last reset, ``T``
+    the latest, ``decay = 0.5 ** (1 / half_life)``: an iteration ``half_life`` iterations old
+    counts half. Unlike the plain sum of ``pgp``, a channel whose gradient grew large in the last
+    iterations scores high even when its sum since the last step is small.
+
+    Not registered as a pruning criterion; the hook keeps one of its own for
+    ``PRUNING.PROTECT_QUANTILE`` whatever ``PRUNING.CRITERION`` is.
+    """
+
+    name = "recent_gradient"
+
+    def __init__(self, half_life: float = 10.0) -> None:
+        super().__init__()
+        if isinstance(half_life, bool) or not isinstance(half_life, (int, float)) or not half_life > 0:
+            raise PruningRequestError(f"half_life must be a number of iterations > 0, got {half_life!r}")
+        self.half_life = float(half_life)
+        self.decay = 0.5 ** (1.0 / self.half_life)
+
+    def update(self, model: nn.Module) -> None:
+        self._sums.flat.mul_(self.decay)  # in place: hooks hold views into the buffer
+        super().update(model)
 
 
 class TaylorCriterion(_GradientCriterion):

@@ -4,8 +4,10 @@ At each pruning step ``k`` of ``K`` (iterations set by ``PRUNING.START/END/INTER
 
 1. the criterion's scores (accumulated since the previous step from what training already
    computed) rank each group's current channels;
-2. the schedule gives the fraction ``p_k`` of each group's *original* channels to be gone, and
-   the allocation picks the weak set: the channels that must not survive this step;
+2. the schedule gives the fraction ``p_k`` of each group's *original* channels to be gone (with
+   ``TARGET flops``: of the original FLOPs, which every allocation meets at ``COST_INPUT_SIZE``),
+   and the allocation picks the weak set: the channels that must not survive this step
+   (:func:`plan_pruning_step`);
 3. the lowest ``REMOVE_RATIO`` share of the weak set is removed physically (surgery: smaller
    tensors, optimizer momentum sliced), the rest is zeroed (momentum cleared too) and may
    recover before the next step, unless ``KEEP_ZEROED`` masks it. At step ``K`` the whole weak set
@@ -32,12 +34,12 @@ from ..config import pruning_scope_ratios
 from ..utils.io import atomic_write_json
 from ..utils.modules import unwrap_model
 from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity
-from .criteria import build_criterion
+from .criteria import RecentGradientCriterion, build_criterion
 from .dependency import derive_channel_groups
 from .schedules import pruned_fraction, pruning_iterations
 from .surgery import ChannelMasks, hard_prune
 
-__all__ = ["PGPHook", "iterations_per_epoch", "resolve_pruning_iterations"]
+__all__ = ["PGPHook", "iterations_per_epoch", "plan_pruning_step", "resolve_pruning_iterations"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,47 @@ def resolve_pruning_iterations(cfg, iters_per_epoch: Optional[int] = None) -> Li
     return pruning_iterations(start + interval, end, interval) if start + interval <= end else [end]
 
 
+def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, original_sizes: Dict[str, int],
+                      ratios: Dict[str, float], cost_model=None, protected=None, zeroed=None) -> Dict[str, List[int]]:
+    """The weak set of every pruned group at pruning step ``step`` of ``num_steps``, as the hook
+    decides it (one-shot pruning is step 1 of 1: the final target at once).
+
+    The step's budget is the schedule's share of the final target: with ``PRUNING.TARGET
+    "ratio"``, group ``g`` is scheduled to have lost ``p_k(ratios[g])`` of its original channels
+    (``p_k`` = :func:`~pgp_det.pruning.schedules.pruned_fraction` of ``PRUNING.SCHEDULE``); with
+    ``"flops"``, the model may keep at most ``(1 - p_k(FLOPS_REDUCTION))`` of the FLOPs
+    ``cost_model`` measured, whatever the allocation. ``adaptive`` measures weight sparsity over
+    live channels only (``zeroed`` left out).
+
+    Args:
+        cfg: reads ``PRUNING.TARGET``, ``FLOPS_REDUCTION``, ``SCHEDULE``, ``ALLOCATION``,
+            ``CHANNEL_MULTIPLE`` and ``MIN_CHANNELS``.
+        model: the model being pruned (its weights, for ``adaptive``).
+        groups: ``{name: ChannelGroup}``, the pruned groups at their current sizes.
+        scores: ``{group: (C,) scores}`` of the criterion.
+        original_sizes: ``{group: C0}``, sizes before the first step.
+        ratios: ``{group: final pruned fraction}`` (``TARGET "ratio"``).
+        cost_model: a :class:`~pgp_det.pruning.cost.CostModel` of the unpruned model at
+            ``COST_INPUT_SIZE`` (required for ``TARGET "flops"``).
+        protected: ``{group: bool (C,)}`` channels kept out of the weak sets.
+        zeroed: ``{group: channel indices}`` zeroed by the previous step.
+
+    Returns:
+        ``{group: sorted weak channel indices}`` (see :func:`~pgp_det.pruning.allocation.allocate`).
+    """
+    p = cfg.PRUNING
+    fractions = {name: pruned_fraction(p.SCHEDULE, step, num_steps, ratios[name]) for name in groups}
+    budget = None
+    if p.TARGET == "flops":
+        budget = cost_model.flops * (1.0 - pruned_fraction(p.SCHEDULE, step, num_steps, float(p.FLOPS_REDUCTION)))
+    sparsity = weight_sparsity(model, groups, excluded=zeroed) if p.ALLOCATION == "adaptive" else None
+    return allocate(
+        p.ALLOCATION, scores, groups, fractions, original_sizes, multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS,
+        weight_sparsity=sparsity, protected=protected, cost_model=cost_model if budget is not None else None,
+        flops_budget=budget,
+    )
+
+
 def _digest(decision: Dict[str, List[int]]) -> str:
     return hashlib.sha1(json.dumps(decision, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -85,10 +128,13 @@ class PGPHook(HookBase):
         self.step_iters = resolve_pruning_iterations(cfg, iters_per_epoch)
         self.start_iter = int(p.START * (iters_per_epoch if p.UNIT == "epoch" else 1))
         self.criterion = build_criterion(p.CRITERION)
-        # protection needs recent gradients; a gradient criterion already has them
+        # protection watches a recent-gradient statistic of its own, whatever the criterion:
+        # gradient L1 with a half-life of a quarter of the shortest interval between steps
         self.protector = None
         if p.PROTECT_QUANTILE > 0:
-            self.protector = self.criterion if p.CRITERION == "pgp" else build_criterion("pgp")
+            bounds = [self.start_iter] + self.step_iters
+            shortest = min(b - a for a, b in zip(bounds, bounds[1:]))
+            self.protector = RecentGradientCriterion(half_life=max(1.0, shortest / 4))
         self.masks = ChannelMasks()
         self.steps_done = 0
         self.original_sizes: Dict[str, int] = {}
@@ -130,8 +176,9 @@ class PGPHook(HookBase):
                 self._cost(), self.pruned_groups, p.FLOPS_REDUCTION, multiple=p.CHANNEL_MULTIPLE,
                 floor=p.MIN_CHANNELS, scopes=p.SCOPES,
             )
-            logger.info("PRUNING.TARGET flops: ratio %.4f removes %.1f%% of FLOPs at %dx%d",
-                        ratio, 100 * p.FLOPS_REDUCTION, height, width)
+            logger.info("PRUNING.TARGET flops: each step's %s allocation meets the schedule's share of a %.1f%% FLOPs "
+                        "reduction at %dx%d (uniformly: a ratio of %.4f)",
+                        p.ALLOCATION, 100 * p.FLOPS_REDUCTION, height, width, ratio)
             return {name: ratio for name in self.pruned_groups}
         by_scope = pruning_scope_ratios(self.cfg)
         return {name: by_scope[g.scope] for name, g in self.pruned_groups.items()}
@@ -141,7 +188,8 @@ class PGPHook(HookBase):
 
         if self._cost_model is None:
             height, width = self.cfg.PRUNING.COST_INPUT_SIZE
-            self._cost_model = CostModel(self.model, height, width)
+            # referred to the original widths: a resumed run measures the model already pruned
+            self._cost_model = CostModel(self.model, height, width).rescaled(self.original_sizes)
         return self._cost_model
 
     # -- HookBase ---------------------------------------------------------------------------------
@@ -198,16 +246,12 @@ class PGPHook(HookBase):
         if self.criterion.needs_extra_pass:
             self.criterion.run_extra_pass(model, self.trainer._trainer._data_loader_iter, p.EXTRA_PASS_BATCHES)
         scores = self.criterion.scores(model)
-        fractions = {
-            name: pruned_fraction(p.SCHEDULE, step, num_steps, self.ratios[name]) for name in self.pruned_groups
-        }
         protected = None
         if self.protector is not None:
             protected = protect_by_gradient(self.protector.scores(model), quantile=p.PROTECT_QUANTILE)
-        sparsity = weight_sparsity(model, self.pruned_groups) if p.ALLOCATION == "adaptive" else None
-        weak = allocate(
-            p.ALLOCATION, scores, self.pruned_groups, fractions, self.original_sizes,
-            multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS, weight_sparsity=sparsity, protected=protected,
+        weak = plan_pruning_step(
+            self.cfg, model, self.pruned_groups, scores, step, num_steps, self.original_sizes, self.ratios,
+            cost_model=self._cost(), protected=protected, zeroed=self.zeroed,
         )
         remove, zero = split_hard_soft(
             weak, scores, 1.0 if step == num_steps else p.REMOVE_RATIO, multiple=p.CHANNEL_MULTIPLE,
