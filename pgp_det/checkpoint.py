@@ -14,7 +14,6 @@ two mismatches it tolerates when loading weights to train from.
 """
 import logging
 import os
-import pickle
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -27,6 +26,7 @@ from .errors import UserInputError
 from .pruning.dependency import derive_channel_groups, prediction_layers
 from .pruning.surgery import hard_prune
 from .utils.io import atomic_write, atomic_write_text
+from .utils.safe_load import read_checkpoint_file
 
 __all__ = ["ARCHITECTURE_KEY", "architecture_record", "apply_architecture", "PrunedCheckpointer", "load_model"]
 
@@ -131,6 +131,10 @@ class PrunedCheckpointer(DetectionCheckpointer):
       model; its state is then loaded as usual when the checkpointables are. When this happens,
       ``architecture_changed`` is True until the next load: a DistributedDataParallel wrapper
       around the model must be rebuilt.
+    * Files are read by :func:`pgp_det.utils.safe_load.read_checkpoint_file`: plain data only,
+      never code, unless the checkpointer is built with ``trusted=True`` (``--trust-weights``).
+    * A checkpoint of which not one tensor fits the model raises :class:`UserInputError`
+      (it is not a checkpoint of this architecture; loading it would leave random weights).
     * Tensors whose shapes differ between checkpoint and model raise :class:`UserInputError`
       naming the first one. With ``strict=False`` (the default, for loading weights to train
       from), two detectron2 conventions are kept: model tensors the checkpoint lacks keep their
@@ -143,9 +147,10 @@ class PrunedCheckpointer(DetectionCheckpointer):
     """
 
     def __init__(self, model: nn.Module, save_dir: str = "", *, save_to_disk: Optional[bool] = None,
-                 strict: bool = False, **checkpointables):
+                 strict: bool = False, trusted: bool = False, **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.strict = strict
+        self.trusted = trusted
         self.architecture_changed = False
         self._source = ""
 
@@ -190,17 +195,8 @@ class PrunedCheckpointer(DetectionCheckpointer):
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> dict:
-        try:
-            return super()._load_file(filename)
-        except pickle.UnpicklingError as e:
-            if "weights_only" not in str(e):
-                raise UserInputError(f"cannot read checkpoint '{filename}': {e}") from None
-            # torch >= 2.6 unpickles only tensors and plain containers by default; checkpoints that
-            # also pickle objects (older trainers' extra state) are the user's own files
-            loaded = torch.load(filename, map_location="cpu", weights_only=False)
-            return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
-        except (OSError, RuntimeError, EOFError, ValueError) as e:  # truncated or not a checkpoint
-            raise UserInputError(f"cannot read checkpoint '{filename}': {type(e).__name__}: {e}") from None
+        # every weights file goes through the one loader that never runs code it holds
+        return read_checkpoint_file(filename, trusted=self.trusted)
 
     def _optimizer(self) -> Optional[torch.optim.Optimizer]:
         """The optimizer training ``self.model``, if the checkpointer knows it."""
@@ -222,6 +218,14 @@ class PrunedCheckpointer(DetectionCheckpointer):
 
     def _check_incompatible(self, incompatible, has_record: bool) -> None:
         """Raise for what must not be loaded silently; leave the tolerated rest to be logged."""
+        model_keys = [k for k in self.model.state_dict() if not k.endswith("num_batches_tracked")]
+        not_loaded = set(incompatible.missing_keys) | {k for k, _, _ in incompatible.incorrect_shapes}
+        if model_keys and all(k in not_loaded for k in model_keys):
+            example = incompatible.unexpected_keys[0] if incompatible.unexpected_keys else "none"
+            raise UserInputError(
+                f"checkpoint {self._source} holds no tensor of this model (first of its tensors: {example}): it is "
+                "not a checkpoint of this architecture; " + _REUSE_HINT
+            )
         shapes = incompatible.incorrect_shapes
         if not self.strict:
             outputs = _prediction_tensors(self.model)
@@ -275,7 +279,7 @@ def _output_axis_only(key: str, ckpt: Tuple[int, ...], mine: Tuple[int, ...], pr
     )
 
 
-def load_model(cfg, weights: str = None, *, strict: bool = True) -> nn.Module:
+def load_model(cfg, weights: str = None, *, strict: bool = True, trusted: bool = False) -> nn.Module:
     """Build ``cfg``'s model, load ``weights`` (default ``cfg.MODEL.WEIGHTS``) and return it in eval mode.
 
     A pruned checkpoint's architecture is rebuilt (see :class:`PrunedCheckpointer`).
@@ -285,6 +289,7 @@ def load_model(cfg, weights: str = None, *, strict: bool = True) -> nn.Module:
         weights: checkpoint path or URL; ``""`` keeps the random initialisation.
         strict: refuse checkpoints that do not cover the whole model exactly (for evaluation);
             False accepts partial checkpoints such as an ImageNet backbone.
+        trusted: the user vouches for the file: allow pickled Python objects (runs their code).
 
     Raises:
         UserInputError: the weights file does not exist or does not fit the model.
@@ -294,5 +299,5 @@ def load_model(cfg, weights: str = None, *, strict: bool = True) -> nn.Module:
         raise UserInputError(f"weights file '{weights}' does not exist")
     model = build_model(cfg)
     if weights:
-        PrunedCheckpointer(model, strict=strict).load(weights)
+        PrunedCheckpointer(model, strict=strict, trusted=trusted).load(weights)
     return model.eval()

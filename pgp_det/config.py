@@ -1,12 +1,14 @@
 """Config keys pgp_det adds to detectron2's ``get_cfg()``, and their start-up validation."""
 import os
 
+import yaml
+
 from detectron2.config import CfgNode as CN
 
 from .data.custom import add_dataset_config
 from .errors import UserInputError
 
-__all__ = ["add_pgp_config", "add_pruning_config", "get_pgp_cfg", "load_config", "check_pruning_config", "pruning_scope_ratios"]
+__all__ = ["add_pgp_config", "add_pruning_config", "get_pgp_cfg", "load_config", "resolve_config_path", "check_pruning_config", "pruning_scope_ratios"]
 
 
 def add_pruning_config(cfg: CN) -> CN:
@@ -95,6 +97,27 @@ def get_pgp_cfg() -> CN:
     return add_pgp_config(get_cfg())
 
 
+def resolve_config_path(config: str, config_file: str, configs_dir: str) -> str:
+    """The config file a tool's ``--config NAME`` (looked up as given, then in ``configs_dir``) or
+    ``--config-file PATH`` (taken as is) names; exactly one of the two must be given.
+
+    Raises:
+        UserInputError: both or neither given, or the file does not exist.
+    """
+    if config and config_file:
+        raise UserInputError("give either --config or --config-file, not both")
+    if config:
+        for path in (config, os.path.join(configs_dir, config)):
+            if os.path.isfile(path):
+                return path
+        raise UserInputError(f"config '{config}' not found in {configs_dir}: list them with `ls -R configs`")
+    if not config_file:
+        raise UserInputError("no config given: pass --config NAME.yaml (from configs/) or --config-file PATH")
+    if not os.path.isfile(config_file):
+        raise UserInputError(f"config file '{config_file}' does not exist")
+    return config_file
+
+
 def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: str = "") -> CN:
     """pgp_det's config from the file ``path`` with ``KEY VALUE`` overrides ``opts`` and the
     user datasets of ``--register-voc`` / ``--register-coco`` appended; not frozen.
@@ -107,13 +130,31 @@ def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: st
         raise UserInputError(f"{where}config file '{path}' does not exist")
     cfg = get_pgp_cfg()
     try:
-        cfg.merge_from_file(path)
+        # detectron2 falls back to yaml.unsafe_load, which runs code a crafted file names: never
+        cfg.merge_from_file(path, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        raise UserInputError(
+            f"{where}config {path} was refused: it uses a YAML tag ({_first_line(e.problem)}) that could run code; "
+            "configs may hold plain values only") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or _first_line(e)
+        raise UserInputError(f"{where}config {path} is not valid YAML: {problem}{at}; fix the file") from None
+    except (KeyError, ValueError, AssertionError, TypeError, OSError) as e:
+        raise UserInputError(f"{where}bad config {path}: {_first_line(e)}") from None
+    try:
         cfg.merge_from_list(list(opts))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UserInputError(f"{where}bad config {path} or override {list(opts)}: {e}") from None
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise UserInputError(f"{where}bad override in {list(opts)}: {_first_line(e)}") from None
     cfg.DATASETS.CUSTOM_VOC.extend([list(entry) for entry in register_voc or ()])
     cfg.DATASETS.CUSTOM_COCO.extend([list(entry) for entry in register_coco or ()])
     return cfg
+
+
+def _first_line(error) -> str:
+    lines = str(error).strip().splitlines()
+    return " ".join(lines[:1]) or type(error).__name__
 
 
 def pruning_scope_ratios(cfg: CN) -> dict:

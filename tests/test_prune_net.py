@@ -149,10 +149,10 @@ def test_every_allocation_meets_the_target(tool, target):
         (["--ratio", "0.5", "--criterion", "l3"], "--criterion 'l3' is unknown; one-shot pruning takes bn_gamma, l1, l2"),
         (["--ratio", "0.5", "--criterion", "pgp"], "--criterion 'pgp' needs training"),
         (["--ratio", "0.5", "--allocation", "greedy"], "argument --allocation: invalid choice: 'greedy'"),
-        (["--ratio", "0.5", "--input-size", "128"], "--input-size '128': expected HxW"),
+        (["--ratio", "0.5", "--input-size", "128x"], "--input-size '128x': expected HxW"),
         (["--ratio", "0.5", "--flops-reduction", "x"], "argument --flops-reduction: invalid float value: 'x'"),
         (["--flops-reduction", "0.9", "--scopes", "rpn"], "unreachable"),
-        (["--ratio", "0.5", "MODEL.NO_SUCH_KEY", "1"], "bad config"),
+        (["--ratio", "0.5", "MODEL.NO_SUCH_KEY", "1"], "bad override"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tool, tmp_path, capsys, arguments, message):

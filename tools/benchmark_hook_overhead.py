@@ -20,6 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
+import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
 import torch  # noqa: E402
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
@@ -41,8 +42,10 @@ from pgp_det.benchmark.flops import FAMILIES, count_flops  # noqa: E402
 from pgp_det.benchmark.report import reproducibility_record, write_report  # noqa: E402
 from pgp_det.benchmark.timing import STAGES, environment_info, precision_context, synthetic_image  # noqa: E402
 from pgp_det.config import load_config  # noqa: E402
-from pgp_det.data import add_dataset_arguments, check_dataset_available, register_custom_datasets  # noqa: E402
+from pgp_det.data import add_dataset_arguments, check_dataset_available, check_num_classes, register_custom_datasets  # noqa: E402,E501
 from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
+from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 from pgp_det.evaluation import build_evaluator  # noqa: E402
 
 SEED = 0  # of the noise image used when no dataset image is at hand, and of torch
@@ -71,20 +74,6 @@ def run_dir_spec(directory: str) -> ModelSpec:
         if not os.path.isfile(path):
             raise UserInputError(f"--run-dir '{directory}': '{path}' does not exist (is it a finished training run?)")
     return ModelSpec(os.path.basename(os.path.normpath(directory)), config, weights)
-
-
-def parse_size(text: str) -> Tuple[int, int]:
-    """``HxW`` or ``N`` (square) -> (H, W)."""
-    parts = text.lower().split("x")
-    try:
-        size = tuple(int(p) for p in parts)
-    except ValueError:
-        size = ()
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) <= 0:
-        raise UserInputError(f"--input-size '{text}': expected HxW, e.g. 256x256")
-    return size
 
 
 def build_cfg(spec: ModelSpec, args):
@@ -123,24 +112,42 @@ def fixed_size_image(dataset: Optional[str], size: Tuple[int, int]) -> np.ndarra
     return synthetic_image(*size, seed=SEED)
 
 
-def benchmark_model(spec: ModelSpec, args, output_dir: str) -> Tuple[dict, dict]:
-    """All figures of one model: (flat row for the tables, details for the JSON)."""
-    def progress(message):
-        print(f"[{spec.label}] {message}", flush=True)
+@dataclass
+class PreparedModel:
+    """A model whose config, dataset and weights passed every check."""
 
+    spec: ModelSpec
+    cfg: object
+    model: torch.nn.Module
+    dataset: Optional[str]
+
+
+def prepare_model(spec: ModelSpec, args) -> PreparedModel:
+    """Check one model's config, dataset (and its class count) and weights, and load it; writes nothing."""
     cfg = build_cfg(spec, args)
     register_custom_datasets(cfg)
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
-    needs_dataset = not args.skip_eval or args.dataset_images > 0
-    if needs_dataset:
+    if not args.skip_eval or args.dataset_images > 0:
         if not dataset:
             raise UserInputError(f"model '{spec.label}': no --dataset given and its config has no DATASETS.TEST")
         check_dataset_available(dataset)
-    size = parse_size(args.input_size) if args.input_size else (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
-    dtype = "fp16" if args.fp16 else "fp32"
+        if not args.skip_eval:
+            check_num_classes(cfg, [dataset])
+    print(f"[{spec.label}] loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}",
+          flush=True)
+    return PreparedModel(spec, cfg, load_model(cfg, spec.weights, trusted=args.trust_weights), dataset)
 
-    progress(f"loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}")
-    model = load_model(cfg, spec.weights)
+
+def benchmark_model(prepared: PreparedModel, args, output_dir: str) -> Tuple[dict, dict]:
+    """All figures of one model: (flat row for the tables, details for the JSON)."""
+    spec, cfg, model, dataset = prepared.spec, prepared.cfg, prepared.model, prepared.dataset
+
+    def progress(message):
+        print(f"[{spec.label}] {message}", flush=True)
+
+    needs_dataset = not args.skip_eval or args.dataset_images > 0
+    size = parse_input_size(args.input_size) if args.input_size else (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
+    dtype = "fp16" if args.fp16 else "fp32"
     weights = spec.weights if spec.weights is not None else cfg.MODEL.WEIGHTS
     row = {"label": spec.label, "config": spec.config, "weights": weights or "", "dataset": dataset or ""}
     details = {}
@@ -199,7 +206,7 @@ def benchmark_model(spec: ModelSpec, args, output_dir: str) -> Tuple[dict, dict]
 
 
 def argument_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], metavar="LABEL=CONFIG_FILE[:WEIGHTS]",
                         help="a model to measure (repeatable); WEIGHTS defaults to the config's MODEL.WEIGHTS")
     parser.add_argument("--run-dir", action="append", default=[], metavar="DIR",
@@ -218,6 +225,7 @@ def argument_parser():
     parser.add_argument("--skip-eval", action="store_true", help="only time and count; no mAP")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for results.* and the plots")
     add_dataset_arguments(parser)
+    add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE config overrides applied to every model")
     return parser
@@ -241,31 +249,37 @@ def check_args(args) -> List[ModelSpec]:
     if args.fp16 and args.device != "cuda":
         raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
     if args.input_size:
-        parse_size(args.input_size)
+        parse_input_size(args.input_size)
     if args.runs < 1 or args.warmup < 0 or args.dataset_images < 0 or args.threads < 0:
         raise UserInputError("--runs must be >= 1; --warmup, --dataset-images and --threads >= 0")
     return specs
 
 
 def main(argv=None) -> int:
-    args = argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
     try:
+        check_overrides(parser, args.opts)
         specs = check_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(SEED)
-        rows, details = [], {}
-        for spec in specs:
-            row, extra = benchmark_model(spec, args, args.output)
-            rows.append(row)
-            details[spec.label] = extra
+        with claim_output_dir(args.output, "--output") as output:
+            # every model's config, dataset and weights are checked before anything is written
+            prepared = [prepare_model(spec, args) for spec in specs]
+            output.start_writing()
+            rows, details = [], {}
+            for model in prepared:
+                row, extra = benchmark_model(model, args, args.output)
+                rows.append(row)
+                details[model.spec.label] = extra
+            settings = {k: v for k, v in vars(args).items() if k != "output"}
+            command = ["python", "tools/eval_map_fps.py", *(sys.argv[1:] if argv is None else argv)]
+            record = reproducibility_record(environment_info(args.device), SEED, settings, command)
+            written = write_report(rows, args.output, record, details)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = {k: v for k, v in vars(args).items() if k != "output"}
-    command = ["python", "tools/eval_map_fps.py", *(sys.argv[1:] if argv is None else argv)]
-    record = reproducibility_record(environment_info(args.device), SEED, settings, command)
-    written = write_report(rows, args.output, record, details)
     print("wrote " + ", ".join(os.path.basename(p) for p in written.values()) + f" to {os.path.abspath(args.output)}",
           flush=True)
     return 0

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
@@ -40,6 +41,8 @@ from pgp_det.benchmark.timing import environment_info  # noqa: E402
 from pgp_det.config import load_config  # noqa: E402
 from pgp_det.data import add_dataset_arguments, check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
+from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 
@@ -56,21 +59,19 @@ def check_images(cfg, args) -> list:
     if args.sample_image:
         if not os.path.isfile(args.sample_image):
             raise UserInputError(f"--sample-image '{args.sample_image}' does not exist")
-        return [(args.sample_image, read_image(args.sample_image, format="BGR"))]
+        try:
+            image = read_image(args.sample_image, format="BGR")
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+            raise UserInputError(
+                f"--sample-image '{args.sample_image}' is not an image PIL can read ({type(e).__name__}); "
+                "give a JPEG or PNG file") from None
+        return [(args.sample_image, image)]
     register_custom_datasets(cfg)
     check_dataset_available(args.dataset)
     dicts = DatasetCatalog.get(args.dataset)[: args.num_images]
     if not dicts:
         raise UserInputError(f"dataset '{args.dataset}' has no images")
     return [(d["file_name"], read_image(d["file_name"], format="BGR")) for d in dicts]
-
-
-def parse_size(text: str):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserInputError(f"--input-size '{text}': expected HxW, e.g. 256x320") from None
-    return h, w
 
 
 def to_model_input(cfg, image, size=None) -> torch.Tensor:
@@ -110,7 +111,7 @@ def export_one(fmt: str, model, tensors, reference, path: str, args) -> dict:
 
 
 def argument_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--weights", default=None, help="checkpoint (default: the config's MODEL.WEIGHTS)")
     parser.add_argument("--output", required=True, metavar="DIR")
@@ -127,25 +128,38 @@ def argument_parser():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     add_dataset_arguments(parser)
+    add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
 
 
 def main(argv=None) -> int:
-    args = argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    output = None
     try:
+        check_overrides(parser, args.opts)
         if args.opset < 16:
             raise UserInputError(f"--opset {args.opset}: RoiAlign as detectron2 uses it needs opset 16 or later")
         if args.num_images < 1 or args.runs < 1 or args.warmup < 0:
             raise UserInputError("--num-images and --runs must be >= 1, --warmup >= 0")
+        size = parse_input_size(args.input_size) if args.input_size else None
+        output = claim_output_dir(args.output, "--output")
         cfg = build_cfg(args)
         images = check_images(cfg, args)
-        model = load_model(cfg, args.weights)
+        model = load_model(cfg, args.weights, trusted=args.trust_weights)
+        output.start_writing()
     except UserInputError as e:
+        if output is not None:
+            output.release()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    with output:
+        return export_and_check(cfg, args, argv, model, images, size)
 
-    size = parse_size(args.input_size) if args.input_size else None
+
+def export_and_check(cfg, args, argv, model, images, size) -> int:
+    """Export ``model`` in every requested format, compare with PyTorch, write the report; exit code."""
     tensors = [to_model_input(cfg, img, size) for _, img in images]
     sizes = [list(t.shape[1:]) for t in tensors]
     reference = [export.run_pytorch(model, t) for t in tensors]

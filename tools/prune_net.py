@@ -36,6 +36,7 @@ import time
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TOOLS_DIR))  # run from a checkout
 sys.path.insert(0, TOOLS_DIR)  # train_net's config handling
+import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
@@ -44,26 +45,22 @@ from train_net import build_config, resolve_config_path  # noqa: E402
 from pgp_det.checkpoint import PrunedCheckpointer, load_model  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import SCOPES, derive_channel_groups, hard_prune  # noqa: E402
+from pgp_det.pruning.groups import removable_channels  # noqa: E402
 from pgp_det.pruning.allocation import ALLOCATION_REGISTRY  # noqa: E402
 from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_reduction  # noqa: E402
 from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
 from pgp_det.pruning.hook import plan_pruning_step  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from pgp_det.utils.output_dir import check_output_dir, claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
 
 MODEL_FILE = "model_pruned"  # .pth
 REPORT_FILE = "pruning_report.json"
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one ``error:`` line (no usage block) and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def argument_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
     parser.add_argument("--config", metavar="NAME.yaml", default="", help="config file inside configs/")
     target = parser.add_mutually_exclusive_group(required=True)
@@ -86,21 +83,11 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-size", default="800x1333", metavar="HxW", help="input size FLOPs are counted at")
     parser.add_argument("--output", default="", metavar="DIR", help="folder for model_pruned.pth and the report")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model_pruned.pth")
+    add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     # train_net.build_config also reads dataset registrations; pruning needs no data
     parser.set_defaults(register_voc=None, register_coco=None)
     return parser
-
-
-def parse_size(text: str):
-    """``HxW`` -> (H, W), each >= 32."""
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        height = width = 0
-    if min(height, width) < 32:
-        raise UserInputError(f"--input-size '{text}': expected HxW with both >= 32, e.g. 800x1333")
-    return height, width
 
 
 def _one_shot_criteria():
@@ -131,7 +118,7 @@ def check_args(args) -> None:
     for flag, value in (("--multiple", args.multiple), ("--floor", args.floor)):
         if value is not None and value < 1:
             raise UserInputError(f"{flag} {value}: use an integer >= 1")
-    parse_size(args.input_size)
+    parse_input_size(args.input_size)
     if args.list_groups:
         return
     if not args.output:
@@ -144,16 +131,10 @@ def _scopes(text: str):
 
 
 def _check_output(directory: str, overwrite: bool) -> None:
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise UserInputError(f"--output '{directory}' exists and is not a folder")
+    check_output_dir(directory, "--output")
     existing = os.path.join(directory, MODEL_FILE + ".pth")
     if os.path.exists(existing) and not overwrite:
         raise UserInputError(f"'{existing}' already exists: pass --overwrite to replace it, or choose another --output")
-    parent = os.path.abspath(directory)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserInputError(f"--output '{directory}': cannot write into '{parent}'")
 
 
 def prune(cfg, args) -> dict:
@@ -164,14 +145,17 @@ def prune(cfg, args) -> dict:
     if weights:
         weights = check_weights_available(weights)
     # partial checkpoints are fine: an ImageNet backbone is pruned before the detector is trained
-    model = load_model(cfg, weights, strict=False)
+    model = load_model(cfg, weights, strict=False, trusted=args.trust_weights)
     allow_frozen = bool(args.allow_frozen or cfg.PRUNING.ALLOW_FROZEN)
     scopes = _scopes(args.scopes) if args.scopes else tuple(cfg.PRUNING.SCOPES)
     multiple = args.multiple if args.multiple is not None else int(cfg.PRUNING.CHANNEL_MULTIPLE)
     floor = args.floor if args.floor is not None else int(cfg.PRUNING.MIN_CHANNELS)
-    height, width = parse_size(args.input_size)
+    height, width = parse_input_size(args.input_size)
 
     groups = derive_channel_groups(model, allow_frozen=allow_frozen)
+    if removable_channels(groups, scopes, floor) == 0:
+        print(f"warning: --floor / PRUNING.MIN_CHANNELS {floor} is at least the width of every prunable group in "
+              f"{','.join(scopes)}: nothing will be pruned; lower it", file=sys.stderr)
     costs = CostModel(model, height, width)
     before = costs.predict({})  # the measurement itself: nothing pruned yet
     if args.flops_reduction is not None:
@@ -257,9 +241,9 @@ def group_table(cfg, args) -> str:
     """The channel groups of ``cfg``'s model: name, scope, size, GFLOPs share, parameters, and
     whether each may be pruned."""
     weights = check_weights_available(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
-    model = load_model(cfg, weights, strict=False)
+    model = load_model(cfg, weights, strict=False, trusted=args.trust_weights)
     groups = derive_channel_groups(model, allow_frozen=bool(args.allow_frozen or cfg.PRUNING.ALLOW_FROZEN))
-    costs = CostModel(model, *parse_size(args.input_size)).group_costs()
+    costs = CostModel(model, *parse_input_size(args.input_size)).group_costs()
     table = format_group_costs(groups, costs).splitlines()
     fixed = {name: f"fixed: {g.reason}" for name, g in groups.items() if not g.prunable}
     return "\n".join([table[0]] + [f"{line}  {fixed.get(name, '')}".rstrip() for name, line in zip(costs, table[1:])])
@@ -307,14 +291,17 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, or a bad argument (already printed as one line)
         return e.code if isinstance(e.code, int) else 2
     try:
+        check_overrides(argument_parser(), args.opts)
         check_args(args)
         cfg = build_config(args)
         if args.list_groups:
             print(group_table(cfg, args))
             return 0
-        started = time.perf_counter()
-        result = prune(cfg, args)
-        written = write_outputs(cfg, result["model"], result["report"], args.output)
+        with claim_output_dir(args.output, "--output") as output:
+            started = time.perf_counter()
+            result = prune(cfg, args)
+            output.start_writing()
+            written = write_outputs(cfg, result["model"], result["report"], args.output)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,7 +36,12 @@ from typing import List, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
+import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
+from pgp_det.config import check_pruning_config, load_config, resolve_config_path  # noqa: E402
+from pgp_det.engine.preflight import existing_run_files  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
+from pgp_det.utils.output_dir import check_output_dir  # noqa: E402
 
 TOOLS = os.path.join(ROOT, "tools")
 
@@ -92,6 +97,30 @@ def config_argument(args) -> List[str]:
     return ["--config", args.config] if args.config else ["--config-file", args.config_file]
 
 
+def check_runs(args, runs: List[Tuple[str, List[str]]]) -> None:
+    """Check every run's config with its overrides, and its output folder, before the first one
+    starts (a bad variant must not surface hours into a sweep)."""
+    path = resolve_config_path(args.config, args.config_file, os.path.join(ROOT, "configs"))
+    check_output_dir(args.output, "--output")
+    for label, extra in runs:
+        out = os.path.join(args.output, label)
+        if args.oneshot:  # prune_net checks its own arguments; its runs take seconds
+            if os.path.exists(os.path.join(out, "model_pruned.pth")) and not args.reuse:
+                raise UserInputError(f"run '{label}': '{out}' already holds a pruned model: pass --reuse to keep it, "
+                                     "or choose another --output")
+            continue
+        cfg = load_config(path, [*args.opts, *extra], label=f"run '{label}'")
+        try:
+            check_pruning_config(cfg)
+        except UserInputError as e:
+            raise UserInputError(f"run '{label}': {e}") from None
+        found = existing_run_files(out)
+        if found and not args.reuse:
+            raise UserInputError(
+                f"run '{label}': '{out}' already holds a run ({', '.join(found)}): pass --reuse to keep finished runs "
+                "and continue unfinished ones, or choose another --output")
+
+
 def run(command: List[str]) -> None:
     print("+ " + " ".join(shlex.quote(c) for c in command), flush=True)
     proc = subprocess.run(command)
@@ -102,7 +131,7 @@ def run(command: List[str]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="", metavar="NAME.yaml", help="config file inside configs/")
     parser.add_argument("--config-file", default="", metavar="PATH")
     parser.add_argument("--ratios", default="", help="channel ratios, e.g. 0.3,0.5,0.7 (PRUNING.TARGET ratio)")
@@ -113,26 +142,31 @@ def main(argv=None) -> int:
     parser.add_argument("--oneshot", action="store_true",
                         help="prune MODEL.WEIGHTS with tools/prune_net.py instead of training")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per training run")
-    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished in OUTPUT")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs that already finished in OUTPUT, and continue (--resume) unfinished ones")
     parser.add_argument("--eval-args", default="", help="extra arguments for tools/eval_map_fps.py, quoted")
     parser.add_argument("--output", required=True, metavar="DIR")
+    add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
     try:
+        check_overrides(parser, args.opts)
         config = config_argument(args)
         runs = plan_runs(args)
-        if len(args.opts) % 2:
-            raise UserInputError(f"overrides must be KEY VALUE pairs, got {args.opts}")
+        check_runs(args, runs)
+        trust = ["--trust-weights"] if args.trust_weights else []
         models = []
         for label, extra in runs:
             out = os.path.join(args.output, label)
             if args.oneshot:
                 done = os.path.join(out, "model_pruned.pth")
-                command = [sys.executable, os.path.join(TOOLS, "prune_net.py"), *config, *extra, "--output", out,
-                           *args.opts]
+                command = [sys.executable, os.path.join(TOOLS, "prune_net.py"), *config, *extra, *trust,
+                           "--output", out, *args.opts]
             else:
                 done = os.path.join(out, "model_final.pth")
-                command = [sys.executable, os.path.join(TOOLS, "train_net.py"), *config,
+                # --reuse continues an unfinished run from its last checkpoint
+                resume = ["--resume"] if args.reuse and existing_run_files(out) else []
+                command = [sys.executable, os.path.join(TOOLS, "train_net.py"), *config, *trust, *resume,
                            "--num-gpus", str(args.num_gpus), *args.opts, *extra, "OUTPUT_DIR", out]
             if args.reuse and os.path.isfile(done):
                 print(f"reusing {done}", flush=True)
@@ -142,7 +176,7 @@ def main(argv=None) -> int:
                 models += ["--model", f"{label}={os.path.join(out, 'config.yaml')}:{done}"]
             else:
                 models += ["--run-dir", out]
-        run([sys.executable, os.path.join(TOOLS, "eval_map_fps.py"), *models, *shlex.split(args.eval_args),
+        run([sys.executable, os.path.join(TOOLS, "eval_map_fps.py"), *models, *trust, *shlex.split(args.eval_args),
              "--output", os.path.join(args.output, "report")])
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)

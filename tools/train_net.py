@@ -12,9 +12,13 @@ Examples::
         --register-voc mine_test datasets/mine test "cat,dog" \\
         DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_test",)' MODEL.ROI_HEADS.NUM_CLASSES 2
 
-Bad input (a missing config, dataset or weights file, an unknown key) ends with one line on
-stderr naming the problem and exit code 2.
+Every check (config, datasets and their class count, weights, OUTPUT_DIR) runs before anything
+is written; bad input ends with one ``error:`` line on stderr and exit code 2. OUTPUT_DIR is
+locked while the run uses it, and a new training refuses a folder that holds another run (pass
+``--resume`` to continue that one). Weights files that pickle Python objects are refused unless
+``--trust-weights`` is given (loading them runs code they hold).
 """
+import argparse
 import logging
 import os
 import sys
@@ -22,37 +26,29 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from pgp_det.checkpoint import PrunedCheckpointer  # noqa: E402
-from pgp_det.config import check_pruning_config, load_config  # noqa: E402
-from pgp_det.data import add_dataset_arguments, check_dataset_available, register_custom_datasets  # noqa: E402
+from pgp_det.config import load_config  # noqa: E402
+from pgp_det.config import resolve_config_path as find_config  # noqa: E402
+from pgp_det.data import add_dataset_arguments, register_custom_datasets  # noqa: E402
 from pgp_det.engine import Trainer  # noqa: E402
+from pgp_det.engine.preflight import check_training_run  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
 from pgp_det.utils.io import atomic_write_json  # noqa: E402
-from pgp_det.utils.weights import check_weights_available  # noqa: E402
+from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def resolve_config_path(args) -> str:
     """``--config NAME`` is looked up in ``configs/``; ``--config-file PATH`` is taken as is."""
-    if args.config and args.config_file:
-        raise UserInputError("give either --config or --config-file, not both")
-    if args.config:
-        candidates = [args.config, os.path.join(CONFIGS_DIR, args.config)]
-        for path in candidates:
-            if os.path.isfile(path):
-                return path
-        raise UserInputError(f"config '{args.config}' not found in {CONFIGS_DIR}: list them with `ls -R configs`")
-    if not args.config_file:
-        raise UserInputError("no config given: pass --config NAME.yaml (from configs/) or --config-file PATH")
-    if not os.path.isfile(args.config_file):
-        raise UserInputError(f"config file '{args.config_file}' does not exist")
-    return args.config_file
+    return find_config(args.config, args.config_file, CONFIGS_DIR)
 
 
 def build_config(args):
@@ -65,17 +61,6 @@ def build_config(args):
     return cfg
 
 
-def preflight(cfg, args) -> None:
-    """Checks that turn late tracebacks into one clear line, run before any process starts."""
-    check_pruning_config(cfg)
-    register_custom_datasets(cfg)
-    names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    for name in names:
-        check_dataset_available(name)
-    if cfg.MODEL.WEIGHTS and not args.resume:
-        check_weights_available(cfg.MODEL.WEIGHTS)
-
-
 def main(args):
     cfg = build_config(args)
     default_setup(cfg, args)
@@ -86,12 +71,12 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # strict: evaluating a checkpoint that does not cover the model exactly would score random weights
-        PrunedCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
+        PrunedCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True, trusted=args.trust_weights).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
     else:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, trusted_weights=args.trust_weights)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
     if comm.is_main_process():
@@ -102,18 +87,26 @@ def main(args):
 
 
 def argument_parser():
-    parser = default_argument_parser()
+    parser = OneLineArgumentParser(parents=[default_argument_parser()], add_help=False, description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="NAME.yaml", default="", help="config file inside configs/")
     add_dataset_arguments(parser)
+    add_trust_argument(parser)
     return parser
 
 
 def cli(argv=None) -> int:
-    args = argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
     try:
-        preflight(build_config(args), args)
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+        check_overrides(parser, args.opts)
+        cfg = build_config(args)
+        with claim_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR") as output:
+            # every check before anything is written; the folder stays locked for the whole run
+            check_training_run(cfg, eval_only=args.eval_only, resume=args.resume, trusted=args.trust_weights)
+            output.start_writing()
+            launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(args,))
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 Importing this package registers the synthetic datasets (``synth_voc_*``, ``synth_coco_*``);
 their files are generated on first use.
 """
-from .builtin import SYNTHETIC_DATASETS, check_dataset_available, datasets_root, register_synthetic_datasets
+from .builtin import SYNTHETIC_DATASETS, check_dataset_available, check_num_classes, datasets_root, register_synthetic_datasets
 from .custom import (
     DatasetFormatError,
     DatasetNotFoundError,
@@ -29,6 +29,7 @@ __all__ = [
     "add_dataset_arguments",
     "add_dataset_config",
     "check_dataset_available",
+    "check_num_classes",
     "datasets_root",
     "generate_synthetic_dataset",
     "load_voc_layout",

@@ -17,10 +17,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json
 
-from .custom import DatasetNotFoundError, check_custom_dataset_files, is_custom_dataset, load_voc_layout
+from .custom import DatasetFormatError, DatasetNotFoundError, check_custom_dataset_files, is_custom_dataset, load_voc_layout
 from .synthetic import CLASS_NAMES, generate_synthetic_dataset
 
-__all__ = ["SYNTHETIC_DATASETS", "datasets_root", "register_synthetic_datasets", "check_dataset_available"]
+__all__ = [
+    "SYNTHETIC_DATASETS", "datasets_root", "register_synthetic_datasets", "check_dataset_available", "check_num_classes",
+]
 
 # dataset name -> (layout, split)
 SYNTHETIC_DATASETS = {
@@ -157,3 +159,24 @@ def check_dataset_available(name: str) -> None:
         if not os.path.exists(path):
             raise DatasetNotFoundError(
                 f"dataset '{name}' not found: expected {path} ({place} or set DETECTRON2_DATASETS; {_README_HINT})")
+
+
+def check_num_classes(cfg, dataset_names) -> None:
+    """Raise unless every dataset in ``dataset_names`` has ``MODEL.ROI_HEADS.NUM_CLASSES`` classes.
+
+    A detector trained or evaluated on a dataset with another class count either crashes deep in
+    training or scores the wrong classes; this says so before anything runs. Datasets whose
+    metadata lists no ``thing_classes`` are not checked.
+
+    Raises:
+        DatasetFormatError: the first dataset whose class count differs.
+    """
+    expected = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    for name in dataset_names:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != expected:
+            shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+            raise DatasetFormatError(
+                f"MODEL.ROI_HEADS.NUM_CLASSES is {expected} but dataset '{name}' has {len(classes)} classes "
+                f"({shown}): set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}, or use a dataset with {expected} classes"
+            )

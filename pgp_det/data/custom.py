@@ -316,7 +316,18 @@ def _read_coco_json(json_file: str) -> dict:
     for k, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
             raise DatasetFormatError(f"{json_file}: category {k} needs an integer 'id' and a string 'name'")
+    _refuse_duplicates(json_file, "category id", [c["id"] for c in data["categories"]])
+    _refuse_duplicates(json_file, "category name", [c["name"] for c in data["categories"]])
     return data
+
+
+def _refuse_duplicates(json_file: str, what: str, values: Sequence) -> None:
+    """Raise on the first value listed twice (pycocotools keeps one of them and drops the rest)."""
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise DatasetFormatError(f"{json_file}: {what} {value!r} is listed more than once; {what}s must be unique")
+        seen.add(value)
 
 
 def _check_coco(json_file: str, image_root: str, data: dict) -> None:
@@ -328,6 +339,8 @@ def _check_coco(json_file: str, image_root: str, data: dict) -> None:
             width, height = int(image["width"]), int(image["height"])
         except (KeyError, TypeError, ValueError):
             raise DatasetFormatError(f"{json_file}: image {k} needs 'id', 'file_name', 'width' and 'height'") from None
+        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+            raise DatasetFormatError(f"{json_file}: image {k} has id {image_id!r}; ids are integers or strings")
         if width <= 0 or height <= 0:
             raise DatasetFormatError(f"{json_file}: image {image_id} size {width}x{height} is not positive")
         image_file = os.path.join(image_root, file_name)
@@ -335,6 +348,9 @@ def _check_coco(json_file: str, image_root: str, data: dict) -> None:
             raise DatasetFormatError(f"{image_file}: image file not found (listed in {json_file})")
         images[image_id] = (width, height)
 
+    _refuse_duplicates(json_file, "image id", [image["id"] for image in data["images"]])
+    _refuse_duplicates(json_file, "annotation id",
+                       [ann["id"] for ann in data["annotations"] if isinstance(ann, dict) and "id" in ann])
     category_ids = {c["id"] for c in data["categories"]}
     for k, ann in enumerate(data["annotations"]):
         ann_id = ann.get("id", k) if isinstance(ann, dict) else k

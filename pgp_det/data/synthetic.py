@@ -28,6 +28,8 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
+from ..utils.io import current_umask
+
 __all__ = ["CLASS_NAMES", "SPLITS", "COMPLETE_MARKER", "generate_synthetic_dataset", "is_synthetic_dataset_complete"]
 
 # Bump whenever the generated content changes, so cached copies are regenerated.
@@ -106,6 +108,8 @@ def generate_synthetic_dataset(root: str, seed: int = 0, num_train: int = 600, n
         staging = tempfile.mkdtemp(prefix="." + base + ".tmp-", dir=parent)
         try:
             _write_dataset(staging, seed, {"train": num_train, "test": num_test})
+            # mkdtemp makes the folder private (0700); the dataset is for every user of the machine
+            os.chmod(staging, 0o777 & ~current_umask())
             if os.path.lexists(root):  # incomplete or made with other arguments
                 stale = tempfile.mkdtemp(prefix="." + base + ".old-", dir=parent)
                 os.rename(root, os.path.join(stale, base))

@@ -22,9 +22,13 @@ class Trainer(DefaultTrainer):
       periodic checkpointer so that a checkpoint taken at a pruning iteration holds its result.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, trusted_weights: bool = False):
+        """``trusted_weights``: allow ``MODEL.WEIGHTS`` files that pickle Python objects (runs code
+        they hold; see :mod:`pgp_det.utils.safe_load`)."""
         super().__init__(cfg)
-        self.checkpointer = PrunedCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = PrunedCheckpointer(
+            self._trainer.model, cfg.OUTPUT_DIR, trusted=trusted_weights, trainer=weakref.proxy(self)
+        )
         # the periodic checkpointer was built with detectron2's checkpointer: point it at ours
         for hook in self._hooks:
             if hasattr(hook, "checkpointer"):

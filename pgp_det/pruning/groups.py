@@ -237,3 +237,14 @@ def format_groups(groups: Union[Mapping[str, ChannelGroup], Iterable[ChannelGrou
         cells.append(row[order[-1]])
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def removable_channels(
+    groups: Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]], scopes: Iterable[str], floor: int
+) -> int:
+    """How many channels pruning could remove at most: over the prunable groups in ``scopes``,
+    each group's channels above ``floor`` (0 means a pruning run would change nothing)."""
+    if isinstance(groups, Mapping):
+        groups = groups.values()
+    scopes = set(scopes)
+    return sum(max(0, g.size - floor) for g in groups if g.prunable and g.scope in scopes)

@@ -5,10 +5,15 @@ import os
 import tempfile
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json"]
+__all__ = ["TEMPORARY_SUFFIX", "atomic_write", "atomic_write_text", "atomic_write_json"]
+
+# temporary files are named ".<target name>.<random>.pgp_det.tmp"; a process killed mid-write
+# leaves one, which the next run in that folder removes (utils.output_dir.remove_stale_temporaries)
+TEMPORARY_SUFFIX = ".pgp_det.tmp"
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it needs setting it; it is restored at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -21,11 +26,11 @@ def atomic_write(path: str, write_to_file: Callable[[str], None]) -> str:
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=TEMPORARY_SUFFIX)
     os.close(fd)
     try:
         write_to_file(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

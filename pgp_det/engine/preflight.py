@@ -1,0 +1,128 @@
+"""Checks a training or evaluation run makes before it writes anything.
+
+``tools/train_net.py`` claims ``OUTPUT_DIR`` (:func:`pgp_det.utils.output_dir.claim_output_dir`:
+a folder in use by another run is refused at once), then calls :func:`check_training_run` in
+the launching process, before any worker starts: the folder holds no other run, the pruning
+config, the datasets and their class count, the weights (read without running code, and fitted
+to the model as the run will load them). Only when all pass is anything written.
+"""
+import logging
+import os
+from typing import List
+
+from detectron2.modeling import build_model
+
+from ..checkpoint import PrunedCheckpointer
+from ..config import check_pruning_config
+from ..data import check_dataset_available, check_num_classes, register_custom_datasets, validate_dataset
+from ..data.custom import is_custom_dataset
+from ..errors import UserInputError
+from ..pruning.dependency import derive_channel_groups
+from ..pruning.groups import removable_channels
+from ..utils.weights import check_weights_available
+
+__all__ = [
+    "RUN_FILES", "check_training_run", "check_weights_fit", "existing_run_files", "weights_to_load",
+]
+
+logger = logging.getLogger(__name__)
+
+# files whose presence means OUTPUT_DIR already holds a training run
+RUN_FILES = ("last_checkpoint", "model_final.pth", "metrics.json")
+
+
+def existing_run_files(output_dir: str) -> List[str]:
+    """The :data:`RUN_FILES` present in ``output_dir``."""
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+
+
+def weights_to_load(cfg, resume: bool) -> str:
+    """The file a run will load, as detectron2's ``resume_or_load`` picks it, checked to exist.
+
+    With ``resume`` and ``OUTPUT_DIR/last_checkpoint`` present: the checkpoint it names.
+    Otherwise ``MODEL.WEIGHTS`` (``""``: train from scratch).
+
+    Raises:
+        UserInputError: ``last_checkpoint`` is empty or names a missing file; ``MODEL.WEIGHTS``
+            is missing or cannot be fetched.
+    """
+    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if resume and os.path.exists(last):
+        try:
+            with open(last) as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserInputError(f"--resume: cannot read '{last}' ({e}); delete it to start from MODEL.WEIGHTS") from None
+        if not name:
+            raise UserInputError(
+                f"--resume: '{last}' is empty; write the checkpoint's file name into it, or delete it to start from "
+                "MODEL.WEIGHTS")
+        path = os.path.join(cfg.OUTPUT_DIR, name)
+        if not os.path.isfile(path):
+            raise UserInputError(
+                f"--resume: '{last}' names '{name}', which does not exist in {cfg.OUTPUT_DIR}; restore that file, "
+                "or delete last_checkpoint to start from MODEL.WEIGHTS")
+        return path
+    if cfg.MODEL.WEIGHTS:
+        return check_weights_available(cfg.MODEL.WEIGHTS)
+    return ""
+
+
+def check_weights_fit(cfg, path: str, strict: bool, trusted: bool = False) -> None:
+    """Read ``path`` safely and load it into ``cfg``'s model built on the CPU, as the run will.
+
+    Raises:
+        UserInputError: the file is not a safe checkpoint, or does not fit the model (see
+            :class:`~pgp_det.checkpoint.PrunedCheckpointer`).
+    """
+    if not path:
+        return
+    cpu = cfg.clone()
+    cpu.defrost()
+    cpu.MODEL.DEVICE = "cpu"
+    PrunedCheckpointer(build_model(cpu), strict=strict, trusted=trusted).load(path)
+
+
+def _warn_if_nothing_to_prune(cfg) -> None:
+    p = cfg.PRUNING
+    cpu = cfg.clone()
+    cpu.defrost()
+    cpu.MODEL.DEVICE = "cpu"
+    groups = derive_channel_groups(build_model(cpu), allow_frozen=p.ALLOW_FROZEN)
+    if removable_channels(groups, p.SCOPES, p.MIN_CHANNELS) == 0:
+        logger.warning(
+            "PRUNING.MIN_CHANNELS %d is at least the width of every prunable channel group in PRUNING.SCOPES %s: "
+            "nothing will be pruned; lower PRUNING.MIN_CHANNELS or widen PRUNING.SCOPES", p.MIN_CHANNELS, tuple(p.SCOPES))
+
+
+def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = False) -> str:
+    """Every check of a ``train_net`` run, in the launching process; writes nothing.
+
+    Returns:
+        the weights file the run will load (``""``: none).
+
+    Raises:
+        UserInputError: the first problem found, in one line naming it and the fix.
+    """
+    if not eval_only and not resume:
+        found = existing_run_files(cfg.OUTPUT_DIR)
+        if found:
+            raise UserInputError(
+                f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' already holds a training run ({', '.join(found)}): pass --resume to "
+                "continue it, or choose another OUTPUT_DIR (a new run there would mix its files with the old run's)")
+    check_pruning_config(cfg)
+    register_custom_datasets(cfg)
+    names = list(cfg.DATASETS.TEST) if eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    for name in names:
+        check_dataset_available(name)
+        if is_custom_dataset(name):
+            # a user's annotation files are parsed and checked now (again by the workers later), so
+            # a bad annotation fails before anything is written rather than once training starts
+            validate_dataset(name)
+    check_num_classes(cfg, names)
+    path = weights_to_load(cfg, resume)
+    # evaluation needs the whole detector; training may start from a partial (backbone) checkpoint
+    check_weights_fit(cfg, path, strict=eval_only, trusted=trusted)
+    if cfg.PRUNING.ENABLED and not eval_only:
+        _warn_if_nothing_to_prune(cfg)
+    return path

@@ -1,0 +1,65 @@
+"""Argument handling the command-line tools share: one-line errors, input sizes, overrides, trust."""
+import argparse
+from typing import List, Sequence, Tuple
+
+from ..errors import UserInputError
+
+__all__ = ["OneLineArgumentParser", "add_trust_argument", "check_overrides", "parse_input_size"]
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``error:`` line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-weights``: the explicit opt-in to load weights files that pickle Python objects."""
+    parser.add_argument(
+        "--trust-weights", action="store_true",
+        help="load weights files that pickle Python objects (legacy checkpoints). Loading such a file runs "
+             "code it holds: use only for files from a source you trust. Without it, such files are refused.",
+    )
+
+
+def check_overrides(parser: argparse.ArgumentParser, opts: Sequence[str]) -> List[str]:
+    """Return ``opts`` (trailing ``KEY VALUE`` config overrides) after checking their form.
+
+    argparse hands everything after the first override to ``opts``, so an option written after
+    the overrides would silently become a config key; it is refused with a hint to move it.
+
+    Raises:
+        UserInputError: an option of ``parser`` among the overrides, or an odd number of items.
+    """
+    opts = list(opts or [])
+    known = {s for action in parser._actions for s in action.option_strings}
+    for item in opts:
+        flag = item.split("=", 1)[0]
+        if flag in known:
+            raise UserInputError(
+                f"option {flag} comes after the KEY VALUE config overrides, where it would be read as a config key: "
+                "move it before the first override"
+            )
+    if len(opts) % 2:
+        raise UserInputError(f"config overrides must be KEY VALUE pairs; got {len(opts)} items: {opts}")
+    return opts
+
+
+def parse_input_size(text: str, option: str = "--input-size", minimum: int = 32) -> Tuple[int, int]:
+    """``"HxW"`` (or ``"N"`` for a square) -> ``(H, W)`` in pixels, each at least ``minimum``.
+
+    Raises:
+        UserInputError: the text is not one or two integers joined by ``x``, or one is below ``minimum``.
+    """
+    try:
+        size = tuple(int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2:
+        raise UserInputError(f"{option} '{text}': expected HxW in pixels, e.g. 800x1333")
+    if min(size) < minimum:
+        raise UserInputError(f"{option} '{text}': height and width must each be >= {minimum} pixels")
+    return size
