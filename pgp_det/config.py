@@ -46,8 +46,17 @@ def add_pruning_config(cfg: CN) -> CN:
         REMOVE_RATIO [0.5]: share of each step's weak channels removed physically; the rest is
             zeroed and may recover. 1.0: hard pruning only; 0.0: soft only (SFP/PSFP). At the last
             step every weak channel is removed.
-        KEEP_ZEROED [False]: hold zeroed channels at zero until the next step (masked) instead of
-            letting them recover.
+        SOFT_MODE ["pgp"]: how channels are zeroed (soft pruning). Both modes zero the filter
+            weights (conv/linear rows computing the channel) and keep the layer's bias and its
+            norm's scale, shift and running statistics, which carry the gradient back so the
+            channel can grow back. ``"pgp"``: also clear the optimizer state (momentum) of the
+            zeroed filter rows, so momentum alone cannot revive them (PGP); ``"sfp"``: leave the
+            optimizer state untouched (SFP/PSFP). A zeroed channel outputs a constant (its shift
+            after the activation); when it is removed later this constant is folded into the
+            consumers (exact for linear and 1x1-conv consumers, see ``pgp_det.pruning.fold``).
+        KEEP_ZEROED [False]: hold zeroed channels' filter weights at zero until the next step
+            (masked after every iteration, in ``SOFT_MODE``; their bias and norm are kept)
+            instead of letting them recover.
         CHANNEL_MULTIPLE [8]: kept channel counts are rounded to this multiple (speed on GPUs).
         MIN_CHANNELS [8]: no group keeps fewer channels.
         ALLOW_FROZEN [False]: also prune groups that touch frozen layers (``FREEZE_AT``).
@@ -70,6 +79,7 @@ def add_pruning_config(cfg: CN) -> CN:
     cfg.PRUNING.END = -1
     cfg.PRUNING.INTERVAL = -1
     cfg.PRUNING.REMOVE_RATIO = 0.5
+    cfg.PRUNING.SOFT_MODE = "pgp"
     cfg.PRUNING.KEEP_ZEROED = False
     cfg.PRUNING.CHANNEL_MULTIPLE = 8
     cfg.PRUNING.MIN_CHANNELS = 8
@@ -225,6 +235,8 @@ def check_pruning_config(cfg: CN) -> None:
         fail("INTERVAL", p.INTERVAL, "use a positive interval, or -1 for a tenth of END - START")
     if not 0.0 <= p.REMOVE_RATIO <= 1.0:
         fail("REMOVE_RATIO", p.REMOVE_RATIO, "use a fraction in [0, 1]")
+    if p.SOFT_MODE not in ("pgp", "sfp"):
+        fail("SOFT_MODE", p.SOFT_MODE, "use 'pgp' (clear the zeroed filters' momentum) or 'sfp' (keep it)")
     if p.CHANNEL_MULTIPLE < 1:
         fail("CHANNEL_MULTIPLE", p.CHANNEL_MULTIPLE, "use an integer >= 1")
     if p.MIN_CHANNELS < 1:

@@ -147,6 +147,13 @@ def test_zeroed_channels_stay_zero_only_when_masked():
     # first step after 4 iterations (trainer.iter 3), second after 7
     assert sorted(masked) == [3, 4, 5] and all(v == 0.0 for v in masked.values())
     assert free[3] == 0.0 and free[5] > 0.0  # zeroed at the step, then training revives them
+    # soft-only training (REMOVE_RATIO 0): the log tells how many of step 1's zeroed channels regrew
+    free_steps = pruning_log("/tmp/pgp_det_test_free")["steps"]
+    masked_steps = pruning_log("/tmp/pgp_det_test_masked")["steps"]
+    assert free_steps[0]["zeroed"] > 0 and free_steps[1]["previously_zeroed"] == free_steps[0]["zeroed"]
+    assert 0 < free_steps[1]["regrown"] <= free_steps[1]["previously_zeroed"]
+    assert sum(free_steps[1]["regrown_per_group"].values()) == free_steps[1]["regrown"]
+    assert masked_steps[1]["previously_zeroed"] > 0 and masked_steps[1]["regrown"] == 0
 
 
 @pytest.mark.parametrize(

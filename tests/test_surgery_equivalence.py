@@ -1,6 +1,11 @@
 """Soft pruning followed by hard pruning of the same channels must not change what the detector
 computes: proposals, boxes and scores in eval mode, losses in training mode (fixed seeds).
 
+Here channels are zeroed in soft-pruning mode ``"output"`` (the whole output held at 0), which
+makes removal exact through every layer kind: these tests check that hard pruning slices every
+tensor consistently. The default modes keep norms and biases so channels can recover; what they
+leave behind, and how removal folds it, is tested in ``test_soft_recovery.py``.
+
 GroupNorm models are left out of the equivalence checks on purpose: GN normalises each channel
 with statistics of its whole GN group, so a zeroed channel still shifts the mean and variance its
 group-mates see, and removing it re-partitions the kept channels into ``num_groups`` groups.
@@ -95,10 +100,10 @@ def random_removals(groups, fraction, seed):
 
 
 def soft_then_hard(model, removals, check_losses):
-    """Soft-prune ``removals``, record outputs, hard-prune them, compare."""
+    """Zero the outputs of ``removals``, record outputs, hard-prune them, compare."""
     groups = derive_channel_groups(model, allow_frozen=True)
     for name, indices in removals.items():
-        soft_prune(model, groups[name], indices)
+        soft_prune(model, groups[name], indices, mode="output")
     image = make_image()
     soft_outputs = eval_outputs(model, image)
     soft_losses = training_losses(model) if check_losses else None

@@ -122,14 +122,17 @@ def test_soft_prune_zeroes_optimizer_state(kind):
     conv = model.backbone.bottom_up.res3[1].conv1
     for key in state_keys:
         assert optimizer.state[conv.weight][key][channels].abs().sum() > 0
+    norm = {name: b.clone() for name, b in conv.norm.named_buffers()}
     soft_prune(model, groups["backbone.bottom_up.res3.1.conv1"], channels, optimizer)
     assert conv.weight[channels].abs().sum() == 0
     for key in state_keys:
         assert optimizer.state[conv.weight][key][channels].abs().sum() == 0
         assert optimizer.state[conv.weight][key][0].abs().sum() > 0  # other channels untouched
-    # FrozenBN of a soft-pruned channel outputs exactly 0
-    norm = conv.norm
-    assert norm.weight[channels].abs().sum() == 0 and torch.all(norm.running_var[channels] == 1)
+    # the FrozenBN after the zeroed filters is kept: it carries the gradient back to them
+    assert all(torch.equal(b, norm[name]) for name, b in conv.norm.named_buffers())
+    # mode "output" zeroes the whole output: FrozenBN scale 0, variance 1
+    soft_prune(model, groups["backbone.bottom_up.res3.1.conv1"], channels, optimizer, mode="output")
+    assert conv.norm.weight[channels].abs().sum() == 0 and torch.all(conv.norm.running_var[channels] == 1)
 
 
 def test_masks_hold_channels_at_zero_and_follow_hard_prune():

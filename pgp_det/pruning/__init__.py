@@ -3,8 +3,10 @@
 * :mod:`.groups`: :class:`ChannelGroup` and its records, :func:`kept_count` rounding,
   :func:`format_groups` table, :class:`PruningRequestError`.
 * :mod:`.dependency`: :func:`derive_channel_groups` walks a built ``GeneralizedRCNN``.
-* :mod:`.surgery`: :func:`soft_prune` (zero), :func:`hard_prune` (remove, optimizer included),
-  :class:`ChannelMasks` (hold zeroed channels at zero).
+* :mod:`.surgery`: :func:`soft_prune` (zero filters, modes ``pgp``/``sfp``/``output``),
+  :func:`hard_prune` (remove, optimizer included), :class:`ChannelMasks` (hold zeroed channels
+  at zero).
+* :mod:`.fold`: the constant a zeroed channel outputs, folded into its consumers on removal.
 * :mod:`.criteria`: channel scores by name (``CRITERION_REGISTRY``: pgp, pgp_pass, l1, l2,
   taylor, bn_gamma, frs).
 * :mod:`.schedules`: pruned fraction per step (``SCHEDULE_REGISTRY``).
@@ -14,8 +16,11 @@
 * :mod:`.hook`: :class:`~.hook.PGPHook`, pruning while detectron2 trains.
 """
 from .dependency import derive_channel_groups, prediction_layers
-from .groups import SCOPES, ChannelCount, ChannelGroup, ChannelSlice, PruningRequestError, format_groups, kept_count
-from .surgery import ChannelMasks, hard_prune, rebuild_optimizer, soft_prune, validate_removals
+from .fold import Fold, fold_zeroed_channels, zeroed_channels
+from .groups import (
+    SCOPES, ChannelCount, ChannelGroup, ChannelSlice, ChannelSource, PruningRequestError, format_groups, kept_count,
+)
+from .surgery import SOFT_MODES, ChannelMasks, hard_prune, rebuild_optimizer, soft_prune, validate_removals
 
 __all__ = [
     "SCOPES",
@@ -23,13 +28,18 @@ __all__ = [
     "ChannelGroup",
     "ChannelMasks",
     "ChannelSlice",
+    "ChannelSource",
     "derive_channel_groups",
+    "Fold",
+    "fold_zeroed_channels",
     "format_groups",
     "hard_prune",
     "kept_count",
     "prediction_layers",
     "PruningRequestError",
     "rebuild_optimizer",
+    "SOFT_MODES",
     "soft_prune",
     "validate_removals",
+    "zeroed_channels",
 ]

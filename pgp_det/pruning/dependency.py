@@ -11,15 +11,22 @@ share an index set:
 * a layer applied to several features (the RPN head on every level, the ROI pooler) needs one
   index set for its input.
 
+Along the way each consuming layer gets a :class:`~pgp_det.pruning.groups.ChannelSource` per
+feature map it reads: which producers' outputs are summed (with identity shortcuts and FPN's
+top-down path), which activation follows (ReLU in ResNet blocks, the stem, the RPN conv and the
+box head; none after FPN convs), and whether ROIAlign lies in between.
+
 Supported: ``ResNet`` (``BasicStem``, ``BasicBlock``, ``BottleneckBlock``), ``FPN`` with
 ``LastLevelMaxPool`` or no top block, ``RPN`` with ``StandardRPNHead``, ``StandardROIHeads`` with
 ``FastRCNNConvFCHead`` and ``Res5ROIHeads``, each with ``FastRCNNOutputLayers``. Anything else
 holding parameters raises ``ValueError`` rather than being silently left out of a group.
 """
+import dataclasses
 import math
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import FrozenBatchNorm2d
@@ -31,7 +38,9 @@ from detectron2.modeling.roi_heads import Res5ROIHeads, StandardROIHeads
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 
-from .groups import ChannelCount, ChannelGroup, ChannelSlice
+from .groups import (
+    ROLE_BIAS, ROLE_FILTER, ROLE_INPUT, ROLE_NORM, ChannelCount, ChannelGroup, ChannelSlice, ChannelSource,
+)
 
 __all__ = ["derive_channel_groups", "prediction_layers"]
 
@@ -53,6 +62,14 @@ class _Space:
         self.consumer_layers: List[str] = []
         self.channel_multiple = 1
         self.blockers: List[str] = []  # structural reasons the space cannot be pruned
+        self.sources: Dict[str, Tuple[ChannelSource, ...]] = {}  # consumer layer -> what it reads
+
+
+class _Feature(NamedTuple):
+    """A feature map during the walk: its channel space and how its values arise."""
+
+    space: _Space
+    sources: Tuple[ChannelSource, ...]  # one per way the map's values arise (usually one)
 
 
 class _ChannelGraph:
@@ -86,6 +103,7 @@ class _ChannelGraph:
             return keep
         for attr in ("producers", "consumers", "counts", "producer_layers", "consumer_layers", "blockers"):
             getattr(keep, attr).extend(getattr(other, attr))
+        keep.sources.update(other.sources)
         keep.channel_multiple = math.lcm(keep.channel_multiple, other.channel_multiple)
         keep.order = min(keep.order, other.order)
         other.parent = keep
@@ -103,9 +121,9 @@ class _ChannelGraph:
         name = self.name(layer)
         self.visited.add(name)
         space.producer_layers.append(name)
-        space.producers.append(ChannelSlice(name, "weight", 0))
+        space.producers.append(ChannelSlice(name, "weight", 0, role=ROLE_FILTER))
         if layer.bias is not None:
-            space.producers.append(ChannelSlice(name, "bias", 0))
+            space.producers.append(ChannelSlice(name, "bias", 0, role=ROLE_BIAS))
         if isinstance(layer, nn.Conv2d):
             space.counts.append(ChannelCount(name, "out_channels"))
             self._check_groups(space, name, layer)
@@ -131,16 +149,18 @@ class _ChannelGraph:
         else:
             raise ValueError(f"cannot prune channels through norm {name} ({type(norm).__name__}); supported: BN, SyncBN, FrozenBN, GN")
         for tensor in tensors:
-            space.producers.append(ChannelSlice(name, tensor, 0, pruned_value=1.0 if tensor == "running_var" else 0.0))
+            pruned_value = 1.0 if tensor == "running_var" else 0.0
+            space.producers.append(ChannelSlice(name, tensor, 0, pruned_value=pruned_value, role=ROLE_NORM))
         space.counts.append(ChannelCount(name, count))
 
-    def consume(self, space: _Space, layer: nn.Module, expand: int = 1) -> None:
-        """``layer`` reads ``space``'s channels (``expand`` input columns each for a linear)."""
-        space = self.find(space)
+    def consume(self, feature: _Feature, layer: nn.Module, expand: int = 1) -> None:
+        """``layer`` reads ``feature``'s channels (``expand`` input columns each for a linear)."""
+        space = self.find(feature.space)
         name = self.name(layer)
         self.visited.add(name)
         space.consumer_layers.append(name)
-        space.consumers.append(ChannelSlice(name, "weight", 1, expand=expand))
+        space.consumers.append(ChannelSlice(name, "weight", 1, expand=expand, role=ROLE_INPUT))
+        space.sources[name] = tuple(dict.fromkeys(feature.sources))  # distinct, in order
         if isinstance(layer, nn.Conv2d):
             space.counts.append(ChannelCount(name, "in_channels"))
             self._check_groups(space, name, layer)
@@ -151,9 +171,9 @@ class _ChannelGraph:
         """``module.attribute[key]`` stores the channel count of ``space``."""
         self.find(space).counts.append(ChannelCount(self.name(module), attribute, key))
 
-    def predicts(self, space: _Space, layer: nn.Module, expand: int = 1) -> None:
-        """``layer`` reads ``space``; its own outputs are predictions and never pruned."""
-        self.consume(space, layer, expand)
+    def predicts(self, feature: _Feature, layer: nn.Module, expand: int = 1) -> None:
+        """``layer`` reads ``feature``; its own outputs are predictions and never pruned."""
+        self.consume(feature, layer, expand)
         self.prediction_layers.append(self.name(layer))
 
     @staticmethod
@@ -200,6 +220,7 @@ class _ChannelGraph:
             channel_multiple=space.channel_multiple,
             prunable=not reasons,
             reason="; ".join(reasons),
+            sources=dict(space.sources),
         )
 
     def check_coverage(self) -> None:
@@ -250,11 +271,25 @@ def _frozen_tensors(model: nn.Module, slices: Iterable[ChannelSlice]) -> List[st
 
 
 # ---------------------------------------------------------------------------------------------
-# Walkers: one per supported module type. Each takes the spaces its input lives in and returns
-# the spaces of its outputs.
+# Walkers: one per supported module type. Each takes the features its input lives in (channel
+# space and sources) and returns the features of its outputs.
 
 
-def _walk_backbone(graph: _ChannelGraph, backbone: nn.Module, image: _Space) -> Dict[str, _Space]:
+def _activation(module: nn.Module) -> Optional[str]:
+    """The activation a detectron2 ``Conv2d`` applies after its norm: None, "relu" or "other"."""
+    activation = getattr(module, "activation", None)
+    if activation is None:
+        return None
+    if isinstance(activation, nn.ReLU) or activation in (F.relu, F.relu_):
+        return "relu"
+    return "other"
+
+
+def _source(layers, activation: Optional[str] = None, plus: Optional[ChannelSource] = None, scale: float = 1.0):
+    return ChannelSource(tuple(layers), plus=plus, scale=scale, activation=activation)
+
+
+def _walk_backbone(graph: _ChannelGraph, backbone: nn.Module, image: _Feature) -> Dict[str, _Feature]:
     if isinstance(backbone, FPN):
         return _walk_fpn(graph, backbone, image)
     if isinstance(backbone, ResNet):
@@ -262,7 +297,7 @@ def _walk_backbone(graph: _ChannelGraph, backbone: nn.Module, image: _Space) -> 
     raise ValueError(f"cannot derive channel groups for backbone {type(backbone).__name__}; supported: ResNet, FPN over ResNet")
 
 
-def _walk_resnet(graph: _ChannelGraph, resnet: ResNet, image: _Space) -> Dict[str, _Space]:
+def _walk_resnet(graph: _ChannelGraph, resnet: ResNet, image: _Feature) -> Dict[str, _Feature]:
     if not isinstance(resnet.stem, BasicStem):
         raise ValueError(f"cannot derive channel groups for stem {type(resnet.stem).__name__}")
     if resnet.num_classes is not None:
@@ -273,85 +308,120 @@ def _walk_resnet(graph: _ChannelGraph, resnet: ResNet, image: _Space) -> Dict[st
     graph.produce(stem, conv)
     graph.count(stem, resnet.stem, "out_channels")
     graph.count(stem, resnet, "_out_feature_channels", "stem")
-    features = {"stem": stem}
-    x = stem
+    # BasicStem: conv (+ norm), relu, then a max-pool (which keeps a constant map constant)
+    x = _Feature(stem, (_source([graph.name(conv)], activation="relu"),))
+    features = {"stem": x}
     for stage_name, stage in zip(resnet.stage_names, resnet.stages):
         x = _walk_stage(graph, stage, x, "backbone")
-        graph.count(x, resnet, "_out_feature_channels", stage_name)
+        graph.count(x.space, resnet, "_out_feature_channels", stage_name)
         features[stage_name] = x
     return features
 
 
-def _walk_stage(graph: _ChannelGraph, stage: nn.Sequential, x: _Space, scope: str) -> _Space:
-    """A sequence of residual blocks; all block outputs of a stage form its residual stream."""
+def _walk_stage(graph: _ChannelGraph, stage: nn.Sequential, x: _Feature, scope: str) -> _Feature:
+    """A sequence of residual blocks; all block outputs of a stage form its residual stream.
+
+    In detectron2's blocks every conv but the last is followed by a ReLU; the last conv's output
+    is added to the shortcut (a projection conv, or the block's input) and the sum is ReLU'd.
+    """
     stream_name = f"{graph.name(stage)}.stream"
     for block in stage:
         if type(block) not in (BasicBlock, BottleneckBlock):
             raise ValueError(f"cannot derive channel groups for block {graph.name(block)} ({type(block).__name__})")
         convs = [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, BottleneckBlock) else [])
-        graph.count(x, block, "in_channels")
+        graph.count(x.space, block, "in_channels")
         inner = x
         for conv in convs[:-1]:
             graph.consume(inner, conv)
-            inner = graph.new_space(graph.name(conv), scope)
-            graph.produce(inner, conv)
+            inner = _Feature(graph.new_space(graph.name(conv), scope), (_source([graph.name(conv)], "relu"),))
+            graph.produce(inner.space, conv)
         graph.consume(inner, convs[-1])
         out = graph.new_space(stream_name, scope)
         graph.produce(out, convs[-1])
         graph.count(out, block, "out_channels")
+        last = graph.name(convs[-1])
         if block.shortcut is not None:
             graph.consume(x, block.shortcut)
             graph.produce(out, block.shortcut)
+            sources = (_source([last, graph.name(block.shortcut)], activation="relu"),)
         else:
-            out = graph.merge(out, x)  # identity shortcut: input and output channels are the same
-        x = out
-    return graph.find(x)
+            out = graph.merge(out, x.space)  # identity shortcut: input and output channels are the same
+            sources = tuple(_source([last], plus=s, activation="relu") for s in x.sources)
+        x = _Feature(out, sources)
+    return _Feature(graph.find(x.space), x.sources)
 
 
-def _walk_fpn(graph: _ChannelGraph, fpn: FPN, image: _Space) -> Dict[str, _Space]:
+def _walk_fpn(graph: _ChannelGraph, fpn: FPN, image: _Feature) -> Dict[str, _Feature]:
     bottom_up = _walk_backbone(graph, fpn.bottom_up, image)
     prefix = graph.name(fpn)
     inner = graph.new_space(f"{prefix}.fpn.inner", "fpn")
     out = graph.new_space(f"{prefix}.fpn.out", "fpn")
-    # lateral_convs / output_convs are stored coarse-to-fine; in_features fine-to-coarse
+    # lateral_convs / output_convs are stored coarse-to-fine; in_features fine-to-coarse. The
+    # top-down path adds each lateral output to the (nearest-)upsampled coarser sum.
+    summed: Dict[str, ChannelSource] = {}  # output conv -> the top-down sum it reads
+    top_down: Optional[ChannelSource] = None
+    scale = 0.5 if getattr(fpn, "_fuse_type", "sum") == "avg" else 1.0
+    for lateral, output in zip(fpn.lateral_convs, fpn.output_convs):
+        if top_down is None:
+            top_down = _source([graph.name(lateral)], activation=_activation(lateral))
+        else:
+            top_down = _source([graph.name(lateral)], plus=top_down, scale=scale)
+        summed[graph.name(output)] = top_down
+    level_sources: Dict[str, ChannelSource] = {}
     for feature, lateral, output in zip(fpn.in_features, fpn.lateral_convs[::-1], fpn.output_convs[::-1]):
         graph.consume(bottom_up[feature], lateral)
         graph.produce(inner, lateral)
-        graph.consume(inner, output)
+        graph.consume(_Feature(inner, (summed[graph.name(output)],)), output)
         graph.produce(out, output)
+        level_sources[graph.name(output)] = _source([graph.name(output)], activation=_activation(output))
     if fpn.top_block is not None and not isinstance(fpn.top_block, LastLevelMaxPool):
         raise ValueError(f"cannot derive channel groups for FPN top block {type(fpn.top_block).__name__}")
+    # FPN's outputs, fine to coarse, are the output convs' results (then the top block's)
+    by_level = [level_sources[graph.name(conv)] for conv in fpn.output_convs[::-1]]
     features = {}
-    for name in fpn._out_features:
+    for index, name in enumerate(fpn._out_features):
         graph.count(out, fpn, "_out_feature_channels", name)
-        features[name] = out
+        if index >= len(by_level):  # LastLevelMaxPool: a stride-2 max-pool of its input level
+            source = by_level[fpn._out_features.index(fpn.top_block.in_feature)]
+        else:
+            source = by_level[index]
+        features[name] = _Feature(out, (source,))
     return features
 
 
-def _walk_rpn(graph: _ChannelGraph, rpn: nn.Module, features: Dict[str, _Space]) -> None:
+def _walk_rpn(graph: _ChannelGraph, rpn: nn.Module, features: Dict[str, _Feature]) -> None:
     if not isinstance(rpn, RPN) or not isinstance(rpn.rpn_head, StandardRPNHead):
         raise ValueError(f"cannot derive channel groups for proposal generator {type(rpn).__name__}")
     head = rpn.rpn_head
-    x = graph.merge_all(features[f] for f in rpn.in_features)  # the head is shared by all levels
+    # the head is shared by all levels: one space, one source per level
+    space = graph.merge_all(features[f].space for f in rpn.in_features)
+    x = _Feature(space, tuple(s for f in rpn.in_features for s in features[f].sources))
     convs = list(head.conv) if isinstance(head.conv, nn.Sequential) else [head.conv]
     for conv in convs:
         graph.consume(x, conv)
-        x = graph.new_space(graph.name(conv), "rpn")
-        graph.produce(x, conv)
+        x = _Feature(graph.new_space(graph.name(conv), "rpn"), (_source([graph.name(conv)], _activation(conv)),))
+        graph.produce(x.space, conv)
     graph.predicts(x, head.objectness_logits)
     graph.predicts(x, head.anchor_deltas)
 
 
-def _walk_roi_heads(graph: _ChannelGraph, roi_heads: nn.Module, features: Dict[str, _Space]) -> None:
+def _pooled(graph: _ChannelGraph, features: Dict[str, _Feature], names) -> _Feature:
+    """What a ROI pooler over levels ``names`` outputs: one space, ROIAlign samples of each level."""
+    space = graph.merge_all(features[f].space for f in names)  # pooler mixes levels
+    sources = tuple(dataclasses.replace(s, path="roi_align") for f in names for s in features[f].sources)
+    return _Feature(space, sources)
+
+
+def _walk_roi_heads(graph: _ChannelGraph, roi_heads: nn.Module, features: Dict[str, _Feature]) -> None:
     if isinstance(roi_heads, StandardROIHeads):
         if not isinstance(roi_heads.box_head, FastRCNNConvFCHead):
             raise ValueError(f"cannot derive channel groups for box head {type(roi_heads.box_head).__name__}")
-        pooled = graph.merge_all(features[f] for f in roi_heads.box_in_features)  # pooler mixes levels
+        pooled = _pooled(graph, features, roi_heads.box_in_features)
         spatial = math.prod(roi_heads.box_pooler.output_size)
         x, per_channel = _walk_box_head(graph, roi_heads.box_head, pooled, spatial)
         _walk_box_predictor(graph, roi_heads.box_predictor, x, per_channel)
     elif isinstance(roi_heads, Res5ROIHeads):
-        pooled = graph.merge_all(features[f] for f in roi_heads.in_features)
+        pooled = _pooled(graph, features, roi_heads.in_features)
         x = _walk_stage(graph, roi_heads.res5, pooled, "roi_heads")
         # the predictor reads res5's output averaged over H, W: one input column per channel
         _walk_box_predictor(graph, roi_heads.box_predictor, x, 1)
@@ -360,28 +430,32 @@ def _walk_roi_heads(graph: _ChannelGraph, roi_heads: nn.Module, features: Dict[s
     # mask / keypoint heads (if any) hold weights that no walker visited: check_coverage reports them
 
 
-def _walk_box_head(graph: _ChannelGraph, head: FastRCNNConvFCHead, x: _Space, spatial: int):
+def _walk_box_head(graph: _ChannelGraph, head: FastRCNNConvFCHead, x: _Feature, spatial: int):
     """Convs keep the pooled ``H x W``; the first linear reads ``C * H * W`` flattened inputs.
 
-    Returns the output space and the input columns per channel a reader of it sees
+    Returns the output feature and the input columns per channel a reader of it sees
     (``H * W`` when the head ends with a conv, 1 after a linear).
     """
     per_channel = spatial
-    for layer in head.children():
+    children = list(head.children())
+    for index, layer in enumerate(children):
         if isinstance(layer, nn.Conv2d):
             graph.consume(x, layer)
+            activation = _activation(layer)  # detectron2 Conv2d: norm, then its activation
         elif isinstance(layer, nn.Linear):
             graph.consume(x, layer, expand=per_channel)
             per_channel = 1
+            following = children[index + 1] if index + 1 < len(children) else None
+            activation = "relu" if isinstance(following, nn.ReLU) else None  # fc, then fc_relu
         else:
             continue  # flatten, relu
-        x = graph.new_space(graph.name(layer), "roi_heads")
-        graph.produce(x, layer)
-    graph.count(x, head, "_output_size", 0 if isinstance(head._output_size, tuple) else None)
+        x = _Feature(graph.new_space(graph.name(layer), "roi_heads"), (_source([graph.name(layer)], activation),))
+        graph.produce(x.space, layer)
+    graph.count(x.space, head, "_output_size", 0 if isinstance(head._output_size, tuple) else None)
     return x, per_channel
 
 
-def _walk_box_predictor(graph: _ChannelGraph, predictor: nn.Module, x: _Space, per_channel: int) -> None:
+def _walk_box_predictor(graph: _ChannelGraph, predictor: nn.Module, x: _Feature, per_channel: int) -> None:
     if type(predictor) is not FastRCNNOutputLayers:
         raise ValueError(f"cannot derive channel groups for box predictor {type(predictor).__name__}")
     graph.predicts(x, predictor.cls_score, per_channel)
@@ -395,7 +469,7 @@ def _trace(model: nn.Module) -> _ChannelGraph:
         )
     graph = _ChannelGraph(model)
     image = graph.new_space("input", None)  # read by the stem, produced by no layer: never a group
-    features = _walk_backbone(graph, model.backbone, image)
+    features = _walk_backbone(graph, model.backbone, _Feature(image, ()))
     if model.proposal_generator is not None:
         _walk_rpn(graph, model.proposal_generator, features)
     _walk_roi_heads(graph, model.roi_heads, features)

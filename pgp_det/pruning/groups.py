@@ -3,11 +3,16 @@
 A :class:`ChannelGroup` of size ``C`` names every tensor axis that carries its ``C`` channels:
 
 * producers (:class:`ChannelSlice` with the channels on the output axis): conv/linear weight dim 0
-  and bias, and the tensors of the norm that follows the conv;
-* consumers (channels on the input axis): conv weight dim 1, linear weight dim 1 (``expand``
-  columns per channel when the linear reads a flattened ``(C, H, W)`` map);
+  (role ``"filter"``) and bias (``"bias"``), and the tensors of the norm that follows the conv
+  (``"norm"``: scale, shift, running statistics);
+* consumers (channels on the input axis, role ``"input"``): conv weight dim 1, linear weight dim 1
+  (``expand`` columns per channel when the linear reads a flattened ``(C, H, W)`` map);
 * counts (:class:`ChannelCount`): module attributes that store the channel count and must follow
-  it (``out_channels``, ``num_features``, ``_out_feature_channels[...]``, ...).
+  it (``out_channels``, ``num_features``, ``_out_feature_channels[...]``, ...);
+* sources (:class:`ChannelSource`): for each consuming layer, how the values it reads arise from
+  the producers (sums, identity shortcuts, activation, ROIAlign). Soft pruning decides what to
+  zero by slice role; hard pruning uses the sources to fold the constant output of a zeroed
+  channel into its consumers (:mod:`pgp_det.pruning.fold`).
 
 Everything is addressed by qualified module name, so the records stay valid while surgery swaps
 the tensors they point to. Groups are derived by :func:`pgp_det.pruning.dependency.derive_channel_groups`.
@@ -21,9 +26,19 @@ from torch import nn
 
 from ..errors import UserInputError
 
-__all__ = ["SCOPES", "ChannelSlice", "ChannelCount", "ChannelGroup", "PruningRequestError", "kept_count", "format_groups"]
+__all__ = [
+    "SCOPES", "ROLE_FILTER", "ROLE_BIAS", "ROLE_NORM", "ROLE_INPUT", "ChannelSlice", "ChannelCount",
+    "ChannelSource", "ChannelGroup", "PruningRequestError", "kept_count", "format_groups",
+]
 
 SCOPES = ("backbone", "fpn", "rpn", "roi_heads")
+
+# what a ChannelSlice is to its channels
+ROLE_FILTER = "filter"  # conv/linear weight rows that compute the channel (output axis)
+ROLE_BIAS = "bias"  # the bias of that conv/linear
+ROLE_NORM = "norm"  # a tensor of the norm after the conv: scale, shift, running mean or variance
+ROLE_INPUT = "input"  # a consumer's weight columns that read the channel (input axis)
+_ROLES = (ROLE_FILTER, ROLE_BIAS, ROLE_NORM, ROLE_INPUT)
 
 
 class PruningRequestError(UserInputError, ValueError):
@@ -42,8 +57,16 @@ class ChannelSlice:
         expand: consecutive entries per channel along ``dim``: 1 for convs and norms; ``H * W``
             for a linear layer reading a flattened ``(C, H, W)`` map (channel ``c`` owns columns
             ``c * expand .. c * expand + expand - 1``).
-        pruned_value: the value soft pruning writes (0; 1 for ``running_var`` so the statistic
-            stays a valid variance).
+        pruned_value: the value written when a channel's whole output is zeroed (soft pruning
+            mode ``"output"``): 0; 1 for ``running_var`` so the statistic stays a valid variance.
+        role: what the slice is to its channels: ``"filter"`` (conv/linear weight rows computing
+            them), ``"bias"`` (that layer's bias), ``"norm"`` (scale, shift or running statistic
+            of the norm after the layer), ``"input"`` (a consumer's weight columns). Soft
+            pruning zeroes ``"filter"`` slices and keeps the others, which carry the gradient
+            back to a zeroed filter. When not given it is inferred from ``dim`` and ``tensor``
+            (``dim != 0``: input; ``bias``: bias; running statistics: norm; else filter), so a
+            norm's ``weight``/``bias`` written by hand must say ``role="norm"``;
+            :func:`~pgp_det.pruning.dependency.derive_channel_groups` always does.
     """
 
     module: str
@@ -51,6 +74,22 @@ class ChannelSlice:
     dim: int
     expand: int = 1
     pruned_value: float = 0.0
+    role: str = ""
+
+    def __post_init__(self):
+        role = self.role
+        if not role:
+            if self.dim != 0:
+                role = ROLE_INPUT
+            elif self.tensor == "bias":
+                role = ROLE_BIAS
+            elif self.tensor in ("running_mean", "running_var"):
+                role = ROLE_NORM
+            else:
+                role = ROLE_FILTER
+            object.__setattr__(self, "role", role)  # frozen dataclass
+        if role not in _ROLES:
+            raise ValueError(f"ChannelSlice role must be one of {_ROLES}, got {role!r}")
 
     def get(self, model: nn.Module) -> torch.Tensor:
         """The tensor this slice lives in (a Parameter or a buffer)."""
@@ -118,6 +157,39 @@ class ChannelCount:
         return f"{self.module}.{self.attribute}{key}"
 
 
+@dataclass(frozen=True)
+class ChannelSource:
+    """What a consuming layer reads on a group's channels, written in terms of the producers, as
+    far as a *zeroed* channel (all its filter rows 0) is concerned.
+
+    The value read is ``activation(scale * (sum of the outputs of layers + value of plus))``,
+    carried to the consumer by ``path``. A producing layer's output on a zeroed channel is its
+    bias (0 without one) passed through its norm, a constant per channel (except under
+    GroupNorm, which mixes channels). Operations that keep a constant map constant (max-pool,
+    nearest upsampling, the spatial mean before a predictor) are not recorded.
+
+    Attributes:
+        layers: producing layers (qualified names) whose outputs are summed.
+        plus: a value added to that sum: the input of an identity shortcut, FPN's upsampled
+            top-down path. None when nothing is added.
+        scale: factor applied to the sum (0.5 for FPN ``fuse_type "avg"``).
+        activation: ``"relu"``, ``None`` (identity), or ``"other"`` (a constant cannot be
+            computed through it).
+        path: ``"direct"``: the consumer reads the map itself; ``"roi_align"``: it reads ROIAlign
+            samples of it, constant except where samples fall outside the map.
+    """
+
+    layers: Tuple[str, ...]
+    plus: Optional["ChannelSource"] = None
+    scale: float = 1.0
+    activation: Optional[str] = None
+    path: str = "direct"
+
+    def exact(self) -> bool:
+        """True when a constant map reaches the consumer unchanged (no ROIAlign anywhere)."""
+        return self.path == "direct" and (self.plus is None or self.plus.exact())
+
+
 @dataclass
 class ChannelGroup:
     """Coupled channels that must be pruned with one shared index set.
@@ -127,9 +199,12 @@ class ChannelGroup:
             ``backbone.bottom_up.res3.0.conv1``, ``backbone.fpn.out``, ``roi_heads.box_head.fc1``.
         scope: one of :data:`SCOPES` (where the producing layers live).
         size: current number of channels ``C``.
-        producers: slices with the channels on an output axis (what soft pruning zeroes).
+        producers: slices with the channels on an output axis (soft pruning zeroes those of role
+            ``"filter"``).
         consumers: slices with the channels on an input axis.
         counts: attributes that store the channel count.
+        sources: ``{consumer layer: ChannelSource per feature map it reads}`` (several when one
+            layer is shared by FPN levels that end in different producers).
         producer_layers: conv/linear modules whose outputs are the channels (qualified names).
         consumer_layers: conv/linear modules that read the channels (qualified names).
         channel_multiple: the kept count must be a multiple of this (GroupNorm ``num_groups``).
@@ -147,6 +222,7 @@ class ChannelGroup:
     channel_multiple: int = 1
     prunable: bool = True
     reason: str = field(default="")
+    sources: Mapping[str, Tuple[ChannelSource, ...]] = field(default_factory=dict)
 
     @property
     def slices(self) -> Tuple[ChannelSlice, ...]:

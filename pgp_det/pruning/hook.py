@@ -9,9 +9,12 @@ At each pruning step ``k`` of ``K`` (iterations set by ``PRUNING.START/END/INTER
    and the allocation picks the weak set: the channels that must not survive this step
    (:func:`plan_pruning_step`);
 3. the lowest ``REMOVE_RATIO`` share of the weak set is removed physically (surgery: smaller
-   tensors, optimizer momentum sliced), the rest is zeroed (momentum cleared too) and may
-   recover before the next step, unless ``KEEP_ZEROED`` masks it. At step ``K`` the whole weak set
-   is removed, so the model ends physically at the target.
+   tensors, optimizer momentum sliced; removed channels that are still zeroed have their constant
+   output folded into their consumers), the rest is zeroed: its filter weights are set to 0 (and
+   their momentum cleared with ``SOFT_MODE "pgp"``), while its bias and norm parameters stay, so
+   it keeps receiving gradient and may grow back before the next step, unless ``KEEP_ZEROED``
+   masks its filters. At step ``K`` the whole weak set is removed, so the model ends physically at
+   the target. Each step logs how many of the channels zeroed by the previous step grew back.
 
 Decisions depend only on values that are identical on every rank (scores are all-reduced by
 the criterion), and each step checks that all ranks chose the same channels before surgery.
@@ -37,7 +40,7 @@ from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_s
 from .criteria import RecentGradientCriterion, build_criterion
 from .dependency import derive_channel_groups
 from .schedules import pruned_fraction, pruning_iterations
-from .surgery import ChannelMasks, hard_prune
+from .surgery import ChannelMasks, hard_prune, zeroed_channels
 
 __all__ = ["PGPHook", "iterations_per_epoch", "plan_pruning_step", "resolve_pruning_iterations"]
 
@@ -117,9 +120,11 @@ class PGPHook(HookBase):
 
     Logs to detectron2's event storage at each step: ``pruning/step``, ``pruning/kept_<scope>``
     (channels kept in each scope), ``pruning/gflops`` (at ``PRUNING.COST_INPUT_SIZE``),
-    ``pruning/params_m`` and ``pruning/step_seconds``; and keeps ``pruning_log.json`` in
-    ``OUTPUT_DIR``. Its state (schedule position, original sizes, masks, criterion
-    accumulators) goes into the trainer's checkpoints, so ``--resume`` continues the schedule.
+    ``pruning/params_m``, ``pruning/regrown`` (channels zeroed by the previous step whose filters
+    are no longer all zero) and ``pruning/step_seconds``; and keeps ``pruning_log.json`` in
+    ``OUTPUT_DIR`` (per step also ``previously_zeroed``, ``regrown`` and ``regrown_per_group``).
+    Its state (schedule position, original sizes, masks, criterion accumulators) goes into the
+    trainer's checkpoints, so ``--resume`` continues the schedule.
     """
 
     def __init__(self, cfg, iters_per_epoch: Optional[int] = None):
@@ -135,7 +140,7 @@ class PGPHook(HookBase):
             bounds = [self.start_iter] + self.step_iters
             shortest = min(b - a for a, b in zip(bounds, bounds[1:]))
             self.protector = RecentGradientCriterion(half_life=max(1.0, shortest / 4))
-        self.masks = ChannelMasks()
+        self.masks = ChannelMasks(mode=p.SOFT_MODE)  # zeroes filters (and, in "pgp", their momentum)
         self.steps_done = 0
         self.original_sizes: Dict[str, int] = {}
         self.ratios: Dict[str, float] = {}  # final pruned fraction per pruned group
@@ -237,12 +242,25 @@ class PGPHook(HookBase):
 
     # -- a pruning step ---------------------------------------------------------------------------
 
+    def _regrown(self) -> Dict[str, int]:
+        """Per group, how many channels zeroed by the previous step have a non-zero filter now."""
+        counts = {}
+        for name, channels in self.zeroed.items():
+            group = self.pruned_groups.get(name)
+            if group is not None and channels:
+                alive = ~zeroed_channels(self.model, group)[torch.tensor(channels, dtype=torch.long)]
+                counts[name] = int(alive.sum())
+        return counts
+
     def _prune_step(self):
         started = time.perf_counter()
         p = self.cfg.PRUNING
         step = self.steps_done + 1
         num_steps = len(self.step_iters)
         model = self.model
+        # before this step zeroes anything: what became of the previous step's zeroed channels
+        regrown = self._regrown()
+        previously_zeroed = sum(len(v) for v in self.zeroed.values())
         if self.criterion.needs_extra_pass:
             self.criterion.run_extra_pass(model, self.trainer._trainer._data_loader_iter, p.EXTRA_PASS_BATCHES)
         scores = self.criterion.scores(model)
@@ -279,7 +297,8 @@ class PGPHook(HookBase):
             # DDP holds the old parameters: wrap the smaller model anew
             self.trainer.model = create_ddp_model(model, broadcast_buffers=False)
         self.steps_done = step
-        self._record(step, num_steps, remove, zero, digests, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._record(step, num_steps, remove, zero, (previously_zeroed, regrown), digests, seconds)
 
     def _check_same_on_all_ranks(self, decision) -> List[str]:
         """Each rank's digest of ``decision``; raises before any surgery if they differ."""
@@ -288,7 +307,8 @@ class PGPHook(HookBase):
             raise RuntimeError(f"pruning decisions differ across ranks ({digests}): scores were not reduced")
         return digests
 
-    def _record(self, step, num_steps, remove, zero, digests, seconds):
+    def _record(self, step, num_steps, remove, zero, recovery, digests, seconds):
+        """``recovery``: (channels zeroed by the previous step, ``{group: how many regrew}``)."""
         kept = {}
         for name, group in self.pruned_groups.items():
             kept[group.scope] = kept.get(group.scope, 0) + group.size
@@ -300,6 +320,8 @@ class PGPHook(HookBase):
             storage.put_scalar(f"pruning/kept_{scope}", count, smoothing_hint=False)
         storage.put_scalar("pruning/gflops", cost["flops"] / 1e9, smoothing_hint=False)
         storage.put_scalar("pruning/params_m", cost["params"] / 1e6, smoothing_hint=False)
+        previously_zeroed, regrown = recovery
+        storage.put_scalar("pruning/regrown", sum(regrown.values()), smoothing_hint=False)
         storage.put_scalar("pruning/step_seconds", seconds, smoothing_hint=False)
         entry = {
             "step": step,
@@ -307,6 +329,10 @@ class PGPHook(HookBase):
             "iteration": self.trainer.iter + 1,
             "removed": sum(len(v) for v in remove.values()),
             "zeroed": sum(len(v) for v in zero.values()),
+            # channels zeroed by the previous step, and those of them whose filters grew back
+            "previously_zeroed": previously_zeroed,
+            "regrown": sum(regrown.values()),
+            "regrown_per_group": {name: count for name, count in regrown.items() if count},
             "kept_per_scope": kept,
             "gflops": cost["flops"] / 1e9,
             "params": cost["params"],

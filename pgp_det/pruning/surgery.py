@@ -3,22 +3,35 @@
 Both work on channel *indices* of :class:`~pgp_det.pruning.groups.ChannelGroup` s, and both keep
 an optimizer consistent with the model:
 
-* :func:`soft_prune` zeroes the channels' producing tensors (filters, biases, norm affine
-  parameters and statistics) so the channels output exactly 0, and zeroes the optimizer state
-  of those entries (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``, ...).
-  :class:`ChannelMasks` remembers soft-pruned channels and re-zeroes them after optimizer steps.
-* :func:`hard_prune` replaces every affected parameter by a smaller ``nn.Parameter`` (same
-  ``requires_grad``, dtype, device), slices buffers and gradients, updates the attributes that
-  store channel counts (so ``output_shape()`` describes the pruned model), and edits the given
-  optimizer in place: parameter references are swapped at their positions in ``param_groups``
-  and per-parameter state is sliced on the same axes as the parameter. Param-group
-  hyper-parameters are untouched. :func:`rebuild_optimizer` makes a fresh optimizer object
-  from the edited one when one is wanted.
+* :func:`soft_prune` zeroes the channels' filters (the conv/linear weight rows computing them,
+  slices of role ``"filter"``) and keeps what carries the gradient back to them: the layers'
+  biases and their norms' scale, shift and running statistics. A zeroed channel then still
+  receives gradient and can grow back, as in SFP (He et al., IJCAI 2018) and PGP. Modes
+  (:data:`SOFT_MODES`): ``"pgp"`` (default) also clears the optimizer state of the zeroed filter
+  rows (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``, ...) so momentum alone cannot
+  revive them; ``"sfp"`` leaves every optimizer state as it is; ``"output"`` zeroes every
+  producing tensor (filters, biases, norm scale, shift and mean; variance 1) and its optimizer
+  state, so the channel outputs exactly 0 and, behind a ReLU or a zero norm scale, never
+  recovers. :class:`ChannelMasks` remembers soft-pruned channels and re-zeroes them after
+  optimizer steps, in the same modes.
+* :func:`hard_prune` first folds the constant output of removed channels that are zeroed
+  (their bias or norm shift after the activation) into the consumers' biases or norm running
+  means (:mod:`pgp_det.pruning.fold`: exact for linear and 1x1-conv consumers), then replaces
+  every affected parameter by a smaller ``nn.Parameter`` (same ``requires_grad``, dtype, device),
+  slices buffers and gradients, updates the attributes that store channel counts (so
+  ``output_shape()`` describes the pruned model), and edits the given optimizer in place:
+  parameter references are swapped at their positions in ``param_groups`` and per-parameter
+  state is sliced on the same axes as the parameter. Param-group hyper-parameters are
+  untouched. :func:`rebuild_optimizer` makes a fresh optimizer object from the edited one when
+  one is wanted.
 
-Channels that soft pruning zeroed contribute nothing downstream, so hard-pruning the same
+Channels zeroed in mode ``"output"`` contribute nothing downstream, so hard-pruning the same
 indices afterwards leaves the detector's outputs unchanged (except through GroupNorm, whose
 statistics mix the channels of a group: there the pruned and kept channels of one GN group
 cannot be decoupled, and hard pruning re-partitions the kept channels into ``num_groups``).
+Channels zeroed in modes ``"pgp"``/``"sfp"`` output a constant, which the fold accounts for:
+exactly where their consumers are linear layers or 1x1 convs, approximately elsewhere (padded
+convs at the border, ROIAlign, FPN levels with different biases; see :mod:`pgp_det.pruning.fold`).
 """
 import inspect
 import logging
@@ -29,9 +42,16 @@ import torch
 from torch import nn
 
 from .dependency import derive_channel_groups
-from .groups import ChannelGroup, PruningRequestError
+from .fold import fold_zeroed_channels, zeroed_channels
+from .groups import ROLE_FILTER, ChannelGroup, PruningRequestError
 
-__all__ = ["soft_prune", "hard_prune", "rebuild_optimizer", "ChannelMasks", "validate_removals"]
+__all__ = [
+    "SOFT_MODES", "soft_prune", "hard_prune", "rebuild_optimizer", "ChannelMasks", "validate_removals",
+    "zeroed_channels",
+]
+
+# soft pruning modes; see the module docstring
+SOFT_MODES = ("pgp", "sfp", "output")
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +159,29 @@ def _optimizer_state_tensors(optimizer: Optional[torch.optim.Optimizer], param: 
     ]
 
 
+def _check_mode(mode: str) -> str:
+    if mode not in SOFT_MODES:
+        raise PruningRequestError(f"soft pruning mode must be one of {SOFT_MODES}, got {mode!r}")
+    return mode
+
+
 @torch.no_grad()
 def _zero_producers(
-    model: nn.Module, group: ChannelGroup, channels: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]
+    model: nn.Module,
+    group: ChannelGroup,
+    channels: torch.Tensor,
+    optimizer: Optional[torch.optim.Optimizer],
+    mode: str,
 ) -> None:
+    """Zero ``channels`` of ``group`` in ``mode`` (see the module docstring)."""
     for piece in group.producers:
+        if mode != "output" and piece.role != ROLE_FILTER:
+            continue  # biases and norms carry the gradient back to the zeroed filter
         tensor = piece.get(model)
         positions = piece.positions(channels).to(tensor.device)
         tensor.index_fill_(piece.dim, positions, piece.pruned_value)
+        if mode == "sfp":
+            continue
         for state in _optimizer_state_tensors(optimizer, tensor):
             state.index_fill_(piece.dim, positions.to(state.device), 0.0)
 
@@ -157,13 +192,16 @@ def soft_prune(
     indices: Indices,
     optimizer: Optional[torch.optim.Optimizer] = None,
     allow_frozen: bool = False,
+    mode: str = "pgp",
 ) -> List[int]:
-    """Make channels ``indices`` of ``group`` output exactly 0, keeping every shape.
+    """Zero the filters of channels ``indices`` of ``group``, keeping every shape.
 
-    Zeroes the producers' entries of those channels (conv/linear rows and biases; norm
-    ``weight``/``bias``/``running_mean`` set to 0, ``running_var`` to 1) and the matching
-    entries of ``optimizer``'s per-parameter state. Consumers are left alone: they read zeros.
-    Unless masked (:class:`ChannelMasks`), the channels may recover in later training steps.
+    Every producing conv/linear of the group gets the rows of those channels set to 0 (slices
+    of role ``"filter"``). What carries the gradient back to them is kept: the layers' biases
+    and their norms' scale, shift and running statistics. The channels then output a constant
+    (the bias or norm shift, after the activation that follows) and still receive gradient, so
+    training can grow them back; :class:`ChannelMasks` holds them at zero instead. Consumers are
+    left alone.
 
     Args:
         model: the model the group was derived from.
@@ -171,14 +209,20 @@ def soft_prune(
         indices: channel indices in ``0 .. group.size - 1``.
         optimizer: optimizer holding ``model``'s parameters, or None.
         allow_frozen: only used when ``group`` is a name (see ``derive_channel_groups``).
+        mode: ``"pgp"`` (default): also zero ``optimizer``'s per-entry state of the zeroed filter
+            rows, so momentum alone cannot revive them; ``"sfp"``: leave the optimizer state
+            untouched (SFP/PSFP); ``"output"``: zero every producing tensor of those channels
+            (biases, norm scale, shift and mean; ``running_var`` 1) and its optimizer state, so
+            the channels output exactly 0 and cannot recover behind a ReLU or a zero scale.
 
     Returns:
         the zeroed indices, sorted.
     """
+    _check_mode(mode)
     group = _resolve_group(model, group, allow_frozen)
     chosen = _as_indices(group, indices)
     if chosen:
-        _zero_producers(model, group, torch.tensor(chosen, dtype=torch.long), optimizer)
+        _zero_producers(model, group, torch.tensor(chosen, dtype=torch.long), optimizer, mode)
     return chosen
 
 
@@ -186,11 +230,16 @@ class ChannelMasks:
     """Soft-pruned channels per group, re-zeroed on demand so they stay pruned while training.
 
     Call :meth:`apply` after every ``optimizer.step()`` (the cost is one ``index_fill_`` per
-    producing tensor). After a hard prune, call :meth:`after_hard_prune` with the same removals
-    so that the recorded indices follow the new channel numbering.
+    zeroed tensor). :meth:`apply` zeroes what :func:`soft_prune` zeroes in the masks' ``mode``:
+    in ``"pgp"`` (default) and ``"sfp"`` the filter rows (and, in ``"pgp"``, their optimizer
+    state), so a masked channel outputs its constant shift and keeps its norm and bias, and can
+    recover once unmasked; in ``"output"`` every producing tensor, so it outputs exactly 0. After
+    a hard prune, call :meth:`after_hard_prune` with the same removals so that the recorded
+    indices follow the new channel numbering.
     """
 
-    def __init__(self):
+    def __init__(self, mode: str = "pgp"):
+        self.mode = _check_mode(mode)
         self._groups: Dict[str, ChannelGroup] = OrderedDict()
         self._channels: Dict[str, torch.Tensor] = OrderedDict()
 
@@ -231,7 +280,7 @@ class ChannelMasks:
     def apply(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Zero all masked channels in ``model`` (and in ``optimizer``'s state when given)."""
         for name, channels in self._channels.items():
-            _zero_producers(model, self._groups[name], channels, optimizer)
+            _zero_producers(model, self._groups[name], channels, optimizer, self.mode)
 
     def after_hard_prune(self, groups: Mapping[str, ChannelGroup], removals: Mapping[str, Indices]) -> None:
         """Renumber masks after ``hard_prune(model, removals)``: removed channels are dropped,
@@ -338,8 +387,14 @@ def hard_prune(
     optimizer: Optional[torch.optim.Optimizer] = None,
     allow_frozen: bool = False,
     groups: Optional[Mapping[str, ChannelGroup]] = None,
+    fold: bool = True,
 ) -> Dict[nn.Parameter, nn.Parameter]:
     """Physically remove channels: ``removals[group name]`` are the indices to drop.
+
+    Removed channels that are zeroed (all filter rows 0) still output a constant (bias or norm
+    shift after the activation); with ``fold`` it is first folded into the consumers' biases or
+    norm running means (:func:`~pgp_det.pruning.fold.fold_zeroed_channels`), which makes the
+    removal exact for linear and 1x1-conv consumers. Other removed channels are simply dropped.
 
     All groups are derived from ``model`` as it is now (so indices refer to current channel
     positions) and all requests are validated before anything changes. Each affected parameter
@@ -358,6 +413,7 @@ def hard_prune(
         allow_frozen: allow groups touching frozen (``requires_grad=False``) parameters.
         groups: the groups of ``model`` as it is now, if already derived (saves a walk);
             derived with ``allow_frozen`` when None.
+        fold: fold the constants of zeroed removed channels into their consumers (default).
 
     Returns:
         ``{old parameter: new parameter}`` for every replaced parameter.
@@ -372,6 +428,8 @@ def hard_prune(
         _check_optimizer(model, optimizer)
     if not checked:
         return {}
+    if fold:
+        fold_zeroed_channels(model, groups, checked)
     plan = _plan(model, groups, checked)
     replaced = _replace_tensors(model, plan)
     for name, removed in checked.items():
