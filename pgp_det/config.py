@@ -25,9 +25,10 @@ def add_pruning_config(cfg: CN) -> CN:
         COST_INPUT_SIZE [(800, 1333)]: (height, width) at which FLOPs are counted.
         SCOPES: which parts are pruned, among ``backbone``, ``fpn``, ``rpn``, ``roi_heads``.
         SCOPE_RATIOS [()]: per-scope overrides of ``RATIO`` as ``(("roi_heads", 0.3), ...)``.
-        CRITERION ["pgp"]: channel score, by name in ``CRITERION_REGISTRY``: ``pgp`` (online
-            gradient L1), ``pgp_pass`` (extra pass of ``EXTRA_PASS_BATCHES`` batches), ``l1``,
-            ``l2``, ``taylor``, ``bn_gamma``, ``frs``.
+        CRITERION ["pgp"]: channel score, by name in ``CRITERION_REGISTRY``: ``pgp`` (L1 norm of
+            the gradient summed signed since the last step), ``pgp_pass`` (the same over an extra
+            pass of ``EXTRA_PASS_BATCHES`` batches), ``rpgp`` (summed gradient L1 norms), ``l1``,
+            ``l2``, ``taylor``, ``bn_gamma``, ``frs`` (see ``pgp_det.pruning.criteria``).
         EXTRA_PASS_BATCHES [16]: batches of the extra pass of ``pgp_pass``.
         SCHEDULE ["pgp_exponential"]: pruned fraction over steps, by name in
             ``SCHEDULE_REGISTRY``: ``pgp_exponential``, ``psfp``, ``linear``, ``cubic``.

@@ -27,20 +27,24 @@ an interrupted sweep continues where it stopped. Trailing ``KEY VALUE`` pairs ap
 Bad input ends with one ``error:`` line and exit code 2.
 """
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
+import time
 from typing import List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
+from pgp_det.benchmark.report import seed_summary_markdown, summarize_seeds  # noqa: E402
 from pgp_det.config import check_pruning_config, load_config, resolve_config_path  # noqa: E402
 from pgp_det.engine.preflight import existing_run_files  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
+from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir  # noqa: E402
 
 TOOLS = os.path.join(ROOT, "tools")
@@ -88,6 +92,14 @@ def plan_runs(args) -> List[Tuple[str, List[str]]]:
             runs.insert(0, ("baseline", ["PRUNING.ENABLED", "False"]))
     if not runs:
         raise UserInputError("nothing to run: give --ratios and/or --flops-reductions (and --baseline)")
+    seeds = getattr(args, "seeds", 1)
+    if seeds < 1:
+        raise UserInputError(f"--seeds {seeds}: give the number of seeds per run, >= 1")
+    if seeds > 1:
+        if args.oneshot:
+            raise UserInputError("--seeds applies to training runs; one-shot pruning of given weights has no seed")
+        # seeds 1..N (SEED also seeds the model's initialisation and the data order)
+        runs = [(f"{label}_s{seed}", [*extra, "SEED", str(seed)]) for label, extra in runs for seed in range(1, seeds + 1)]
     return runs
 
 
@@ -121,13 +133,57 @@ def check_runs(args, runs: List[Tuple[str, List[str]]]) -> None:
                 "and continue unfinished ones, or choose another --output")
 
 
+def _check_exit(command: List[str], returncode: int, where: str = "above") -> None:
+    if returncode == 2:
+        raise UserInputError(f"{os.path.basename(command[1])} rejected its input (see the error line {where})")
+    if returncode:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed with exit code {returncode} (see {where})")
+
+
 def run(command: List[str]) -> None:
     print("+ " + " ".join(shlex.quote(c) for c in command), flush=True)
-    proc = subprocess.run(command)
-    if proc.returncode == 2:
-        raise UserInputError(f"{os.path.basename(command[1])} rejected its input (see the error line above)")
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(command[:3])} ... failed with exit code {proc.returncode}")
+    _check_exit(command, subprocess.run(command).returncode)
+
+
+def run_parallel(jobs: List[Tuple[List[str], str]], parallel: int) -> None:
+    """Run ``(command, log file)`` jobs, ``parallel`` at a time, each with an equal share of the
+    CPU cores (``OMP_NUM_THREADS``); a job's output goes to its log file. Raises after all
+    started jobs end if any failed."""
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending, running, failures = list(jobs), [], []
+    while pending or running:
+        while pending and len(running) < parallel:
+            command, log = pending.pop(0)
+            print(f"+ {' '.join(shlex.quote(c) for c in command)}  > {log}", flush=True)
+            handle = open(log, "w")
+            running.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), command, log,
+                            handle))
+        time.sleep(1.0)
+        for job in list(running):
+            proc, command, log, handle = job
+            if proc.poll() is not None:
+                handle.close()
+                running.remove(job)
+                print(f"  done ({proc.returncode}): {log}", flush=True)
+                if proc.returncode:
+                    failures.append((command, proc.returncode, log))
+    if failures:
+        command, code, log = failures[0]
+        _check_exit(command, code, where=log)
+
+
+def write_seed_summary(report_dir: str) -> str:
+    """``summary.md`` / ``summary.json`` beside the per-run report: mean +- std over seeds per run,
+    and which AP50 differences to the first run exceed the seed spread."""
+    with open(os.path.join(report_dir, "results.json")) as f:
+        rows = json.load(f)["results"]
+    summary = summarize_seeds(rows)
+    atomic_write_json({"summary": summary, "rule": "exceeds spread: |mean_a - mean_b| > std_a + std_b"},
+                      os.path.join(report_dir, "summary.json"))
+    text = ("# Mean +- sample std over seeds\n\nA difference exceeds the seed spread when |mean_a - mean_b| > "
+            "std_a + std_b.\n\n" + seed_summary_markdown(summary))
+    return atomic_write_text(os.path.join(report_dir, "summary.md"), text)
 
 
 def main(argv=None) -> int:
@@ -141,6 +197,10 @@ def main(argv=None) -> int:
                         help="also train each target with these PRUNING overrides (repeatable)")
     parser.add_argument("--oneshot", action="store_true",
                         help="prune MODEL.WEIGHTS with tools/prune_net.py instead of training")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train every run with SEED 1..N (labels <run>_s<seed>) and report mean +- std per run")
+    parser.add_argument("--parallel", type=int, default=1, metavar="P",
+                        help="training runs at a time (each with OMP_NUM_THREADS = cores / P)")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per training run")
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs that already finished in OUTPUT, and continue (--resume) unfinished ones")
@@ -154,8 +214,10 @@ def main(argv=None) -> int:
         config = config_argument(args)
         runs = plan_runs(args)
         check_runs(args, runs)
+        if args.parallel < 1:
+            raise UserInputError(f"--parallel {args.parallel}: give the number of runs at a time, >= 1")
         trust = ["--trust-weights"] if args.trust_weights else []
-        models = []
+        models, jobs = [], []
         for label, extra in runs:
             out = os.path.join(args.output, label)
             if args.oneshot:
@@ -170,12 +232,16 @@ def main(argv=None) -> int:
                            "--num-gpus", str(args.num_gpus), *args.opts, *extra, "OUTPUT_DIR", out]
             if args.reuse and os.path.isfile(done):
                 print(f"reusing {done}", flush=True)
+            elif args.parallel > 1:
+                os.makedirs(args.output, exist_ok=True)
+                jobs.append((command, os.path.join(args.output, f"{label}.log")))
             else:
                 run(command)
             if args.oneshot:
                 models += ["--model", f"{label}={os.path.join(out, 'config.yaml')}:{done}"]
             else:
                 models += ["--run-dir", out]
+        run_parallel(jobs, args.parallel)
         run([sys.executable, os.path.join(TOOLS, "eval_map_fps.py"), *models, *trust, *shlex.split(args.eval_args),
              "--output", os.path.join(args.output, "report")])
     except UserInputError as e:
@@ -184,6 +250,10 @@ def main(argv=None) -> int:
     table = os.path.join(args.output, "report", "results.md")
     with open(table) as f:
         print(f.read())
+    if args.seeds > 1:
+        table = write_seed_summary(os.path.join(args.output, "report"))
+        with open(table) as f:
+            print(f.read())
     print(f"sweep done: each run in {os.path.abspath(args.output)}/<label>/, the table above in {os.path.abspath(table)}",
           flush=True)
     return 0

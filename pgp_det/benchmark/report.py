@@ -9,7 +9,9 @@ import io
 import json
 import math
 import os
+import re
 import shlex
+import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -29,6 +31,9 @@ __all__ = [
     "markdown_table",
     "plot_tradeoff",
     "write_report",
+    "summarize_seeds",
+    "exceeds_spread",
+    "seed_summary_markdown",
 ]
 
 # Known columns, in report order, with units. Rows may carry more (appended after these).
@@ -283,3 +288,67 @@ def write_report(
         if path:
             written[kind] = path
     return written
+
+
+SEED_SUFFIX = re.compile(r"_s(\d+)$")  # labels of one method's seeds: "<method>_s<seed>"
+
+# figures summarised over seeds, in table order
+SEED_SUMMARY_COLUMNS = ("AP50", "AP", "AP75", "mAP", "gflops", "params_M", "latency_median_ms", "fps")
+
+
+def summarize_seeds(rows: Sequence[dict]) -> List[dict]:
+    """Mean and sample standard deviation over the seeds of each method.
+
+    Rows whose label ends in ``_s<seed>`` are grouped by the label without it (other rows are
+    groups of one). Returns one row per method, in first-seen order: ``label``, ``seeds`` (count),
+    and ``<column>_mean`` / ``<column>_std`` for each of :data:`SEED_SUMMARY_COLUMNS` present
+    (``std`` is None for a single seed).
+    """
+    groups: Dict[str, List[dict]] = {}
+    for row in rows:
+        groups.setdefault(SEED_SUFFIX.sub("", str(row["label"])), []).append(row)
+    summary = []
+    for label, members in groups.items():
+        out = {"label": label, "seeds": len(members)}
+        for column in SEED_SUMMARY_COLUMNS:
+            values = [float(r[column]) for r in members if _is_number(r.get(column))]
+            if values:
+                out[f"{column}_mean"] = statistics.fmean(values)
+                out[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        summary.append(out)
+    return summary
+
+
+def exceeds_spread(a: dict, b: dict, column: str) -> Optional[bool]:
+    """Whether methods ``a`` and ``b`` (rows of :func:`summarize_seeds`) differ in ``column`` by more
+    than their seed spreads: ``|mean_a - mean_b| > std_a + std_b`` (their mean +- std intervals do
+    not overlap). None when either has fewer than two seeds."""
+    std_a, std_b = a.get(f"{column}_std"), b.get(f"{column}_std")
+    if std_a is None or std_b is None:
+        return None
+    return abs(a[f"{column}_mean"] - b[f"{column}_mean"]) > std_a + std_b
+
+
+def seed_summary_markdown(summary: Sequence[dict], reference: Optional[str] = None, column: str = "AP50") -> str:
+    """A Markdown table of :func:`summarize_seeds`: mean +- std per figure, and for each method its
+    difference in ``column`` to ``reference`` (default: the first method) and whether that
+    difference exceeds the seed spread (:func:`exceeds_spread`)."""
+    if not summary:
+        return ""
+    base = next((r for r in summary if r["label"] == reference), summary[0])
+    columns = [c for c in SEED_SUMMARY_COLUMNS if any(f"{c}_mean" in r for r in summary)]
+    header = ["label", "seeds", *columns, f"{column} vs {base['label']}", "exceeds spread"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(columns) + "---:|---|"]
+    for row in summary:
+        cells = [str(row["label"]), str(row["seeds"])]
+        for c in columns:
+            mean, std = row.get(f"{c}_mean"), row.get(f"{c}_std")
+            cells.append("-" if mean is None else _format_cell(mean) + ("" if std is None else f" +- {_format_cell(std)}"))
+        if row is base or f"{column}_mean" not in row or f"{column}_mean" not in base:
+            cells += ["", ""]
+        else:
+            verdict = exceeds_spread(row, base, column)
+            cells += [f"{row[f'{column}_mean'] - base[f'{column}_mean']:+.2f}",
+                      {None: "n/a (1 seed)", True: "yes", False: "no"}[verdict]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

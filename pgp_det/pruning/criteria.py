@@ -27,11 +27,17 @@ A layer whose vector is all zero contributes zeros.
 Criteria (registry names)
 -------------------------
 ``pgp``
-    RPGP, PGP's online variant: ``s_l[c] = sum_t || dL/dW_l[c] ||_1``, the L1 norm of the
-    filter's gradient accumulated every iteration from ``.grad`` (no extra pass).
+    PGP (Nguyen-Meidine et al., arXiv 1906.08746): ``s_l[c] = || sum_t dL/dW_l[c] ||_1``, the
+    gradient summed signed per weight entry over the training iterations since the last pruning
+    step, then the filter's L1 norm: the paper's "change in filter weights" (without the learning
+    rate and momentum). Read from ``.grad`` every iteration; no extra pass.
 ``pgp_pass``
-    PGP: ``s_l[c] = || sum_b dL_b/dW_l[c] ||_1``: signed gradients summed over an extra pass of
-    batches without optimizer steps (:meth:`ExtraPassGradientCriterion.run_extra_pass`), then L1.
+    PGP as the paper's code runs it: the same signed sum over an extra pass of
+    ``PRUNING.EXTRA_PASS_BATCHES`` batches without optimizer steps, right before each pruning
+    step (:meth:`ExtraPassGradientCriterion.run_extra_pass`).
+``rpgp``
+    RPGP, the paper's online variant: ``s_l[c] = sum_t || dL/dW_l[c] ||_1``, the filter's
+    gradient L1 norm summed over iterations (magnitudes: no cancellation).
 ``l1``, ``l2``
     SFP / PSFP: the L1 / L2 norm of each filter ``W_l[c]`` (nothing accumulated).
 ``taylor``
@@ -87,6 +93,7 @@ from ..utils.modules import unwrap_model
 from .groups import ChannelGroup, ChannelSlice, PruningRequestError
 
 __all__ = [
+    "AccumulatedGradientCriterion",
     "CRITERION_REGISTRY",
     "ChannelCriterion",
     "ExtraPassGradientCriterion",
@@ -487,7 +494,7 @@ class _GradientCriterion(_AccumulatingCriterion):
 class GradientL1Criterion(_GradientCriterion):
     """RPGP: ``sum_t || dL/dW[c] ||_1`` per filter, accumulated from ``.grad`` every iteration."""
 
-    name = "pgp"
+    name = "rpgp"
 
     def _contribution(self, weight, grad, scratch):
         return torch.abs(grad, out=scratch).sum(dim=1)
@@ -517,6 +524,35 @@ class RecentGradientCriterion(GradientL1Criterion):
     def update(self, model: nn.Module) -> None:
         self._sums.flat.mul_(self.decay)  # in place: hooks hold views into the buffer
         super().update(model)
+
+
+class _SignedGradientSums:
+    """Sums kept per weight entry (the weight's shape), signed, scored by each filter's L1 norm:
+    ``|| sum dL/dW[c] ||_1``, so gradients of opposite sign cancel before the norm is taken."""
+
+    def _sum_shape(self, module):
+        return module.weight.shape
+
+    def _layer_score(self, summed):
+        return _filter_norms(summed, 1)
+
+    def after_hard_prune(self, groups, removals):
+        """Starts the sums anew instead of slicing them: per-entry sums would also need slicing on
+        the input axes, and a pruning step has just consumed them."""
+        self._require_attached()
+        self.attach(self._model, groups)
+
+
+class AccumulatedGradientCriterion(_SignedGradientSums, _GradientCriterion):
+    """PGP: ``|| sum_t dL/dW[c] ||_1``, the L1 norm of the gradient accumulated (signed, per weight
+    entry) over the iterations since the last pruning step: the paper's "change in filter
+    weights" without the learning rate and momentum. Costs one weight-sized float32 buffer."""
+
+    name = "pgp"
+
+    def _contribution(self, weight, grad, scratch):
+        # a copy of its own: the shared scratch buffer is overwritten by the next layer
+        return grad.to(torch.float32, copy=True)
 
 
 class TaylorCriterion(_GradientCriterion):
@@ -579,27 +615,12 @@ class FeatureRelevanceCriterion(_AccumulatingCriterion):
         self.num_updates += 1
 
 
-class ExtraPassGradientCriterion(_AccumulatingCriterion):
-    """PGP: ``|| sum_b dL_b/dW[c] ||_1`` over an extra pass of batches (no optimizer step).
-
-    Sums are kept per weight entry (shape of the weight) and are signed, so gradients of
-    opposite sign over batches cancel before the L1 norm is taken.
-    """
+class ExtraPassGradientCriterion(_SignedGradientSums, _AccumulatingCriterion):
+    """PGP with its paper code's extra pass: ``|| sum_b dL_b/dW[c] ||_1`` over ``N`` batches run
+    right before the pruning step without optimizer steps (signed sums per weight entry)."""
 
     name = "pgp_pass"
     needs_extra_pass = True
-
-    def _sum_shape(self, module):
-        return module.weight.shape
-
-    def _layer_score(self, summed):
-        return _filter_norms(summed, 1)
-
-    def after_hard_prune(self, groups, removals):
-        """Resets instead of slicing: the per-entry sums would also need slicing on the input
-        axes, and the extra pass runs right before each pruning step, which consumes them."""
-        self._require_attached()
-        self.attach(self._model, groups)
 
     def run_extra_pass(self, model: nn.Module, data_iter: Iterable, num_batches: int) -> None:
         """Forward + backward ``num_batches`` training batches and add their weight gradients.
@@ -653,7 +674,13 @@ class ExtraPassGradientCriterion(_AccumulatingCriterion):
 
 @CRITERION_REGISTRY.register()
 def pgp() -> ChannelCriterion:
-    """RPGP (online PGP): accumulated L1 norm of each filter's gradient."""
+    """PGP: L1 norm of each filter's gradient accumulated (signed) since the last pruning step."""
+    return AccumulatedGradientCriterion()
+
+
+@CRITERION_REGISTRY.register()
+def rpgp() -> ChannelCriterion:
+    """RPGP: sum over iterations of the L1 norm of each filter's gradient."""
     return GradientL1Criterion()
 
 
