@@ -211,8 +211,9 @@ class PGPHook(HookBase):
             self.ratios = dict(state["ratios"])
             self.log = list(state["log"])
             self._attach()
-            self.criterion.load_state_dict(state["criterion"])
-            if self.protector is not None and self.protector is not self.criterion:
+            if state["criterion"] is not None:  # None once every step is done
+                self.criterion.load_state_dict(state["criterion"])
+            if self.protector is not None and self.protector is not self.criterion and state.get("protector"):
                 self.protector.load_state_dict(state["protector"])
             self.masks.load(self._groups, state["masked"])
             self.zeroed = dict(state["zeroed"])
@@ -361,10 +362,13 @@ class PGPHook(HookBase):
             "ratios": dict(self.ratios),
             "masked": self.masks.masked(),
             "zeroed": dict(self.zeroed),
-            "criterion": self.criterion.state_dict(),
             "log": list(self.log),
         }
-        if self.protector is not None and self.protector is not self.criterion:
+        # after the last step the accumulators are never read again: checkpoints (model_final.pth
+        # included) do not carry them (PGP's are as large as the weights)
+        finished = self.steps_done >= len(self.step_iters)
+        state["criterion"] = None if finished else self.criterion.state_dict()
+        if self.protector is not None and self.protector is not self.criterion and not finished:
             state["protector"] = self.protector.state_dict()
         return state
 
