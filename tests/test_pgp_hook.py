@@ -37,7 +37,7 @@ def train(out, *extra, num_gpus=1, resume=False, wait=True):
 
 
 def checkpoint_architecture(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["pgp_architecture"]
+    return torch.load(path, map_location="cpu", weights_only=True)["pgp_architecture"]
 
 
 def pruning_log(out):
@@ -96,12 +96,51 @@ def test_resume_after_kill_ends_with_the_same_architecture(pgp_run, tmp_path):
     assert [s["step"] for s in pruning_log(tmp_path)["steps"]] == [1, 2, 3, 4]
 
 
-def test_two_processes_take_identical_decisions(tmp_path):
-    train(tmp_path, "SOLVER.MAX_ITER", "12", "PRUNING.END", "7", num_gpus=2)
+_TWO_RANKS = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+from detectron2.engine import launch
+from pgp_det.checkpoint import architecture_record
+from pgp_det.config import load_config
+from pgp_det.data import register_custom_datasets
+from pgp_det.engine import Trainer
+from pgp_det.utils.modules import unwrap_model
+from detectron2.utils import comm
+
+def main(cfg):
+    register_custom_datasets(cfg)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    model = unwrap_model(trainer.model)
+    # parameters only: BN running statistics are per rank (detectron2 does not broadcast buffers)
+    params = {{name: p.detach() for name, p in model.named_parameters()}}
+    torch.save({{"params": params, "architecture": architecture_record(model)}},
+               os.path.join(cfg.OUTPUT_DIR, "rank%d.pth" % comm.get_rank()))
+
+if __name__ == "__main__":
+    cfg = load_config(os.path.join({root!r}, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"), {opts!r})
+    cfg.freeze()
+    launch(main, 2, dist_url="auto", args=(cfg,))
+"""
+
+
+def test_two_processes_take_identical_decisions_and_end_with_identical_models(tmp_path):
+    opts = [*TINY, "SOLVER.MAX_ITER", "12", "PRUNING.END", "7", "OUTPUT_DIR", str(tmp_path)]
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS.format(root=ROOT, opts=opts))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     steps = pruning_log(tmp_path)["steps"]
     assert len(steps) == 2
     for step in steps:
         assert len(step["rank_digests"]) == 2 and len(set(step["rank_digests"])) == 1
+    ranks = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["architecture"] == ranks[1]["architecture"]
+    assert ranks[0]["architecture"] != pruning_log(tmp_path)["original_sizes"]  # it was pruned
+    assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
+    for key, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][key]), key
 
 
 def test_zeroed_channels_stay_zero_only_when_masked():
@@ -183,3 +222,78 @@ def test_epochs_convert_to_iterations():
     assert resolve_pruning_iterations(cfg, iters_per_epoch=100) == [300, 500, 700]
     cfg.merge_from_list(["PRUNING.UNIT", "iter", "PRUNING.START", "0", "PRUNING.INTERVAL", "-1", "PRUNING.END", "-1"])
     assert resolve_pruning_iterations(cfg) == list(range(75, 750, 75)) + [750]
+
+
+def test_channels_without_gradient_are_the_ones_pgp_removes():
+    """Dead channels (zero filter, a negative shift or bias in front of the ReLU: no gradient can
+    reach them) planted in a BN conv group and in the box head's fc1 score 0 under PGP's criterion
+    after real training steps, and are in the step's weak set."""
+    from detectron2.utils.events import EventStorage
+
+    from pgp_det.pruning import derive_channel_groups
+    from pgp_det.pruning.criteria import build_criterion
+    from pgp_det.pruning.hook import plan_pruning_step
+    from test_pruning_groups import build_detector
+    from test_surgery_equivalence import make_training_input
+
+    model = build_detector("R18-FPN", "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", 0)
+    groups = {n: g for n, g in derive_channel_groups(model).items() if g.prunable}
+    conv_group = next(n for n in groups if n.endswith("res3.0.conv1"))
+    planted = {conv_group: [1, 5, 9], "roi_heads.box_head.fc1": [0, 7, 100, 511]}
+    conv = model.get_submodule(groups[conv_group].producer_layers[0])
+    fc1 = model.roi_heads.box_head.fc1
+    with torch.no_grad():
+        for c in planted[conv_group]:
+            conv.weight[c] = 0.0
+            conv.norm.bias[c] = -1.0
+        for c in planted["roi_heads.box_head.fc1"]:
+            fc1.weight[c] = 0.0
+            fc1.bias[c] = -1.0
+    criterion = build_criterion("pgp")
+    criterion.attach(model, groups)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    for seed in (1, 2, 3):
+        optimizer.zero_grad()
+        with EventStorage(0):
+            losses = model([make_training_input(seed)])
+        sum(losses.values()).backward()
+        criterion.update(model)
+        optimizer.step()
+    scores = criterion.scores(model)
+    cfg = get_pgp_cfg()
+    cfg.merge_from_list(["PRUNING.TARGET", "ratio", "PRUNING.CHANNEL_MULTIPLE", 1, "PRUNING.MIN_CHANNELS", 1])
+    sizes = {n: g.size for n, g in groups.items()}
+    weak = plan_pruning_step(cfg, model, groups, scores, 1, 1, sizes, {n: 0.25 for n in groups})
+    for name, channels in planted.items():
+        assert all(scores[name][c] == 0 for c in channels), name
+        assert (scores[name] > 0).float().mean() > 0.5, name  # live channels score above them
+        assert set(channels) <= set(weak[name]), name
+
+
+def test_kept_counts_follow_the_schedule_at_every_step(tmp_path):
+    """TARGET ratio, hard pruning only: after step k every pruned group keeps exactly the
+    schedule's count, ``kept_count(C0, p_k)``, summed per scope in the log."""
+    from detectron2.modeling import build_model
+
+    from pgp_det.pruning import derive_channel_groups, kept_count
+    from pgp_det.pruning.schedules import pruned_fraction
+
+    train(tmp_path, "PRUNING.TARGET", "ratio", "PRUNING.RATIO", "0.5", "PRUNING.REMOVE_RATIO", "1.0",
+          "PRUNING.CRITERION", "l1", "PRUNING.CHANNEL_MULTIPLE", "1", "PRUNING.MIN_CHANNELS", "1")
+    log = pruning_log(tmp_path)
+    cfg = get_pgp_cfg()
+    cfg.merge_from_file(os.path.join(tmp_path, "config.yaml"))
+    scope_of = {name: g.scope for name, g in derive_channel_groups(build_model(cfg)).items()}
+    original = log["original_sizes"]
+    assert [s["iteration"] for s in log["steps"]] == [4, 8, 12, 15]
+    for step in log["steps"]:
+        fraction = pruned_fraction("pgp_exponential", step["step"], step["of"], 0.5)
+        expected = {}
+        for name, size in original.items():
+            expected[scope_of[name]] = expected.get(scope_of[name], 0) + kept_count(size, fraction, 1, 1)
+        assert step["zeroed"] == 0
+        assert step["kept_per_scope"] == expected, step["step"]
+    assert log["architecture"] == {  # the final widths: half of every pruned group
+        name: kept_count(size, 0.5, 1, 1) for name, size in original.items()} | {
+        name: width for name, width in log["architecture"].items() if name not in original}
