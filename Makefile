@@ -3,17 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# exact versions of every package installed (pip constraints); `make lock` refreshes it
+LOCK := constraints.txt
+PIP_INSTALL = -m pip install --disable-pip-version-check -q -c $(LOCK)
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo test lock clean-venv
 
 install: $(STAMP)
 
-# Re-runs only when the install recipe changes; each step is a no-op when already satisfied.
-$(STAMP): setup.py tools/install_detectron2.py Makefile
+# Re-runs when the install recipe or the lock changes; each step is a no-op when already satisfied.
+$(STAMP): setup.py tools/install_detectron2.py Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch and torchvision together, so pip picks a matching pair (see README: Installing)
-	$(PY) -m pip install --disable-pip-version-check -q torch torchvision
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	# torch and torchvision first, as the locked pair (see README: Installing)
+	$(PY) $(PIP_INSTALL) torch torchvision
+	$(PY) $(PIP_INSTALL) -e '.[dev]'
 	$(PY) tools/install_detectron2.py
 	touch $@
 
@@ -24,6 +27,22 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Upgrade deliberately: install the newest releases setup.py allows into a scratch environment,
+# run the tests there, and only if they pass write their versions into $(LOCK).
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --disable-pip-version-check -q torch torchvision
+	$(LOCK_VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	$(LOCK_VENV)/bin/python tools/install_detectron2.py
+	$(LOCK_VENV)/bin/python -m pytest -q tests
+	{ sed -n '1,2p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable \
+		| grep -viE '^(pip|pb1-detectron2|detectron2)([=@ ]|$$)'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "$(LOCK) refreshed; 'make install' uses it"
 
 clean-venv:
 	rm -rf $(VENV)

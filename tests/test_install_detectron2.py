@@ -84,3 +84,41 @@ def test_launch_runs_two_processes_without_gpu(tmp_path):
     launch(_all_reduce_worker, 2, dist_url="auto", args=(str(tmp_path),))
     for rank in range(2):
         assert (tmp_path / f"rank{rank}").read_text() == "gloo 3.0"
+
+
+def test_verify_names_what_an_incomplete_detectron2_lacks(tmp_path):
+    """A user's own detectron2 is kept; --verify tells them which checks it fails."""
+    fake = tmp_path / "detectron2"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('__version__ = "0.0-fake"\n')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "install_detectron2.py"), "--verify"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode != 0
+    for name in ("lazy_C", "pillow_linear", "numpy_aliases", "pkg_resources", "gloo_launch_and_cpu_ddp"):
+        assert f"MISSING  {name}" in proc.stdout, proc.stdout
+    assert "5 check(s) missing" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "upstream"], "needs --commit with a full 40-hex-digit commit id"),
+    (["--source", "upstream", "--commit", "main"], "needs --commit with a full 40-hex-digit commit id"),
+    (["--commit", "a" * 40], "--commit applies to --source upstream only"),
+])
+def test_upstream_source_only_at_a_pinned_commit(args, message):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "install_detectron2.py"), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_make_install_uses_the_lock_and_reruns_when_it_changes():
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        makefile = f.read()
+    stamp_rule = next(line for line in makefile.splitlines() if line.startswith("$(STAMP):"))
+    assert "$(LOCK)" in stamp_rule
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        pins = {line.split("==")[0].lower(): line.split("==")[1].strip() for line in f if "==" in line}
+    import torch
+    import torchvision
+
+    # the environment the tests run in is the locked one
+    assert torch.__version__.split("+")[0] == pins["torch"] and torchvision.__version__.split("+")[0] == pins["torchvision"]

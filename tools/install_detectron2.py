@@ -1,14 +1,22 @@
 #!/usr/bin/env python
 """Install detectron2 into the running Python environment, from packages only.
 
-Order of preference:
+What it installs:
 
-1. an importable detectron2 is kept as it is (a user who has one keeps theirs);
-2. the upstream git source, when its host is reachable (``pip install git+...``);
-3. the PyPI sdist ``pb1-detectron2==0.6`` (upstream v0.6 Python sources), built as pure Python
-   after applying :data:`FIXES`, each of which names one known incompatibility of v0.6 with
-   today's torch / NumPy / Pillow / setuptools. A fix whose original text is no longer found
-   fails the install loudly instead of silently producing a half-patched package.
+1. an importable detectron2 is kept as it is (a user who has one keeps theirs; ``--verify``
+   tells them which of the checks below it fails);
+2. by default, the PyPI sdist ``pb1-detectron2==0.6`` (upstream v0.6 Python sources), checked
+   against its sha256, built as pure Python after applying :data:`FIXES`, each of which names
+   one known incompatibility of v0.6 with today's torch / NumPy / Pillow / setuptools. A fix
+   whose original text is no longer found fails the install loudly instead of silently
+   producing a half-patched package;
+3. only when asked (``--source upstream --commit SHA``): upstream's git source at that exact
+   commit. It needs a C++ toolchain and network access to the git host, and gets the same
+   verification, which tells whether that commit carries the fixes this project needs.
+
+Verification (:data:`VERIFY_SCRIPT`, after every install and with ``--verify``) runs one named
+behavioural check per fix, two CPU processes communicating through detectron2's ``launch()``
+and a CPU ``create_ddp_model`` among them, and prints ``ok`` or ``MISSING`` for each.
 
 Faster R-CNN needs none of detectron2's compiled ops (torchvision provides nms and roi_align),
 so the pure-Python build trains and evaluates every model this project uses.
@@ -17,13 +25,14 @@ Usage::
 
     python tools/install_detectron2.py            # install (no-op when detectron2 imports)
     python tools/install_detectron2.py --verify   # only check the installed detectron2
+    python tools/install_detectron2.py --source upstream --commit <40-hex sha>
 """
 import argparse
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -31,7 +40,6 @@ import tempfile
 from typing import List, Optional, Tuple
 
 UPSTREAM_GIT = "git+https://github.com/facebookresearch/detectron2.git"
-UPSTREAM_HOST = ("github.com", 443)
 SDIST_NAME = "pb1-detectron2"
 SDIST_VERSION = "0.6"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
@@ -175,31 +183,81 @@ FIXES: Tuple[SourceFix, ...] = (
     ),
 )
 
-# Import-time and call-time checks, run in the target interpreter after installing. Each one
-# failed on the unpatched v0.6 sources with today's packages.
-VERIFY_SNIPPET = r"""
-import inspect, os
-import numpy as np
-import detectron2
-import detectron2.layers, detectron2.evaluation, detectron2.data.transforms  # lazy_C, pillow_linear
-from detectron2.evaluation import pascal_voc_evaluation, sem_seg_evaluation
-from detectron2.data import build as data_build
-from detectron2.structures import masks
-from detectron2.utils import visualizer, video_visualizer
-from detectron2.data.datasets import pascal_voc
-for mod in (pascal_voc_evaluation, sem_seg_evaluation, data_build, masks, visualizer, video_visualizer, pascal_voc):
-    src = inspect.getsource(mod)
-    for alias in ("np.bool)", "np.int)", "np.float)", "np.str)", "dtype=np.int\n"):
-        assert alias not in src, f"numpy_aliases: {alias!r} left in {mod.__name__}"
-data_build.print_instances_class_histogram(
-    [{"annotations": [{"category_id": 0}, {"category_id": 1}]}], ["a", "b"])  # numpy_aliases
-from detectron2 import model_zoo
-cfg_file = model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")  # pkg_resources
-assert os.path.isfile(cfg_file), cfg_file
-from detectron2.engine import launch as launch_mod, defaults
-assert 'backend="NCCL"' not in inspect.getsource(launch_mod), "gloo_launch not applied"
-assert "is_cuda" in inspect.getsource(defaults.create_ddp_model), "cpu_ddp not applied"
-print("detectron2", detectron2.__version__, "verified at", os.path.dirname(detectron2.__file__))
+# Behavioural checks, run in the target interpreter after installing (and by --verify). Each one
+# failed on the unpatched v0.6 sources with today's packages; each prints "ok NAME" or
+# "MISSING NAME: why", and the script exits 1 if any is missing.
+VERIFY_SCRIPT = r"""
+import inspect, os, sys, tempfile
+
+
+def check_lazy_C():
+    import detectron2.layers, detectron2.evaluation  # noqa: F401  (modules that imported _C at top level)
+
+
+def check_pillow_linear():
+    import detectron2.data.transforms  # noqa: F401  (Image.LINEAR as a default argument)
+
+
+def check_numpy_aliases():
+    from detectron2.data import build as data_build
+    data_build.print_instances_class_histogram([{"annotations": [{"category_id": 0}, {"category_id": 1}]}], ["a", "b"])
+    from detectron2.evaluation import pascal_voc_evaluation, sem_seg_evaluation
+    from detectron2.structures import masks
+    from detectron2.utils import visualizer, video_visualizer
+    from detectron2.data.datasets import pascal_voc
+    for mod in (pascal_voc_evaluation, sem_seg_evaluation, data_build, masks, visualizer, video_visualizer, pascal_voc):
+        src = inspect.getsource(mod)
+        for alias in ("np.bool)", "np.int)", "np.float)", "np.str)", "dtype=np.int\n"):
+            assert alias not in src, f"{alias!r} (removed from NumPy) in {mod.__name__}"
+
+
+def check_pkg_resources():
+    from detectron2 import model_zoo
+    path = model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
+    assert os.path.isfile(path), path
+
+
+def _worker(out_dir):
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from detectron2.engine.defaults import create_ddp_model
+    from detectron2.utils import comm
+    value = torch.tensor([float(comm.get_rank() + 1)])
+    dist.all_reduce(value)
+    model = create_ddp_model(nn.Linear(2, 2), broadcast_buffers=False)  # cpu_ddp
+    model(torch.ones(1, 2)).sum().backward()
+    with open(os.path.join(out_dir, str(comm.get_rank())), "w") as f:
+        f.write(f"{dist.get_backend()} {value.item()}")
+
+
+def check_gloo_launch_and_cpu_ddp():
+    import torch
+    from detectron2.engine import launch
+    if torch.cuda.is_available():
+        return  # the CPU path is what this checks
+    with tempfile.TemporaryDirectory() as out:
+        launch(_worker, 2, dist_url="auto", args=(out,))
+        results = sorted(open(os.path.join(out, name)).read() for name in os.listdir(out))
+    assert results == ["gloo 3.0", "gloo 3.0"], results
+
+
+if __name__ == "__main__":
+    import warnings
+    warnings.simplefilter("ignore")
+    import detectron2
+    missing = 0
+    for name, check in [(n[len("check_"):], f) for n, f in list(globals().items()) if n.startswith("check_")]:
+        try:
+            check()
+            print(f"ok       {name}", flush=True)
+        except BaseException as e:  # noqa: BLE001 - report every check
+            missing += 1
+            lines = str(e).strip().splitlines()
+            print(f"MISSING  {name}: {type(e).__name__}: {lines[0] if lines else ''}", flush=True)
+    where = os.path.dirname(detectron2.__file__)
+    print(f"detectron2 {detectron2.__version__} at {where}: " + ("verified" if not missing else f"{missing} check(s) missing"))
+    sys.exit(1 if missing else 0)
 """
 
 
@@ -222,17 +280,13 @@ def installed_from_our_sdist(python: str) -> bool:
 
 
 def verify(python: str) -> None:
-    """Run :data:`VERIFY_SNIPPET`; raises CalledProcessError naming the failed check."""
+    """Run :data:`VERIFY_SCRIPT` in ``python``; raises CalledProcessError when a check is missing."""
     print("+ verifying the installed detectron2", flush=True)
-    subprocess.run([python, "-W", "ignore::FutureWarning", "-c", VERIFY_SNIPPET], check=True)
-
-
-def host_reachable(host_port: Tuple[str, int], timeout: float = 5.0) -> bool:
-    try:
-        with socket.create_connection(host_port, timeout=timeout):
-            return True
-    except OSError:
-        return False
+    with tempfile.TemporaryDirectory(prefix="d2_verify_") as tmp:
+        script = os.path.join(tmp, "verify_detectron2.py")
+        with open(script, "w") as f:
+            f.write(VERIFY_SCRIPT)
+        subprocess.run([python, script], check=True)
 
 
 def download_sdist(python: str, dest: str) -> str:
@@ -282,40 +336,41 @@ def install_from_sdist(python: str) -> None:
         _run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--force-reinstall", root])
 
 
-def install_from_upstream(python: str) -> None:
-    _run([python, "-m", "pip", "install", "--no-build-isolation", UPSTREAM_GIT])
+def install_from_upstream(python: str, commit: str) -> None:
+    """Upstream's source at exactly ``commit`` (40 hex digits: a branch or tag could move)."""
+    _run([python, "-m", "pip", "install", "--no-build-isolation", f"{UPSTREAM_GIT}@{commit}"])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--verify", action="store_true", help="only verify the installed detectron2")
     parser.add_argument("--python", default=sys.executable, help="interpreter to install into")
-    parser.add_argument("--source", choices=["auto", "upstream", "sdist"], default="auto",
-                        help="where to install from when detectron2 is not importable")
+    parser.add_argument("--source", choices=["sdist", "upstream"], default="sdist",
+                        help="sdist (default): the verified pb1-detectron2 0.6 with its fixes; upstream: the git "
+                             "source at --commit")
+    parser.add_argument("--commit", default="", help="upstream commit to install (40 hex digits), with --source upstream")
     args = parser.parse_args(argv)
+    if args.source == "upstream" and not re.fullmatch(r"[0-9a-f]{40}", args.commit):
+        parser.error("--source upstream needs --commit with a full 40-hex-digit commit id (a branch or tag can move)")
+    if args.commit and args.source != "upstream":
+        parser.error("--commit applies to --source upstream only")
 
     if args.verify:
         verify(args.python)
         return 0
-    if detectron2_importable(args.python):
+    if detectron2_importable(args.python) and args.source == "sdist":
         if not installed_from_our_sdist(args.python):
-            print("detectron2 already importable: keeping it")
+            print("detectron2 already importable: keeping it (run with --verify to see what it lacks)")
             return 0
         try:  # our own earlier build: keep it only if it carries today's fixes
             verify(args.python)
             return 0
         except subprocess.CalledProcessError:
             print("the installed pb1-detectron2 lacks a fix: rebuilding it", flush=True)
-            args.source = "sdist"
-    if args.source == "upstream" or (args.source == "auto" and host_reachable(UPSTREAM_HOST)):
-        try:
-            install_from_upstream(args.python)
-            return 0  # upstream main carries its own fixes; VERIFY_SNIPPET checks the v0.6 ones
-        except subprocess.CalledProcessError:
-            if args.source == "upstream":
-                raise
-            print("upstream install failed: falling back to the PyPI sdist", flush=True)
-    install_from_sdist(args.python)
+    if args.source == "upstream":
+        install_from_upstream(args.python, args.commit)
+    else:
+        install_from_sdist(args.python)
     verify(args.python)
     return 0
 
