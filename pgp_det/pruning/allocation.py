@@ -28,10 +28,12 @@ How many channels each group keeps is the job of an allocation method, picked by
 ``global``
     One ranking over all groups (FRS's global ranking; One-step pruning's "global pruning rate
     from which each layer's rate is set"): each group's scores are divided by their mean so
-    groups compare on one scale, and channels are taken lowest first (protected channels never,
-    no group below its smallest allowed count). How far down the ranking to go is searched
-    against the budget, channels or FLOPs. The One-step paper's own per-layer formula (arXiv
-    1906.07488) was not available: the ranking is what is implemented.
+    groups compare on one scale (``normalisation "mean"``; with ``"none"`` they are ranked as
+    they are, for a criterion that normalises its own scores: FRS's per-layer L2), and channels
+    are taken lowest first (protected channels never, no group below its smallest allowed
+    count). How far down the ranking to go is searched against the budget, channels or FLOPs.
+    The One-step paper's own per-layer formula (arXiv 1906.07488) was not available: the
+    ranking is what is implemented.
 ``adaptive``
     PSAP-style layer-adaptive ratios (arXiv 2303.11881: "each layer's ratio is set from its weight
     sparsity"; the paper's formula was not available). Implemented: group ``g`` prunes the
@@ -61,6 +63,7 @@ the criterion) is in the top of their group. The next-weakest unprotected channe
 instead; when too few are left, the group prunes fewer (it never keeps fewer than its allowed
 count requires), and the step may then stay above its budget.
 """
+import dataclasses
 import math
 import numbers
 from collections import OrderedDict
@@ -130,6 +133,8 @@ class AllocationRequest:
             the groups are now), or None.
         flops_budget: FLOPs (at the cost model's input size) the model may have after this step,
             or None: the step's budget is then the channels of ``fractions``.
+        normalisation: how ``global`` puts groups on one scale: ``"mean"`` (divide by the
+            group's mean) or ``"none"`` (the scores already are).
     """
 
     scores: Mapping[str, torch.Tensor]
@@ -142,6 +147,7 @@ class AllocationRequest:
     protected: Mapping[str, torch.Tensor]
     cost_model: Optional[Any] = None
     flops_budget: Optional[float] = None
+    normalisation: str = "mean"
 
     def target_kept(self, name: str, fraction: Optional[float] = None) -> int:
         """Channels group ``name`` keeps when ``fraction`` (default: its scheduled one) of its
@@ -270,8 +276,8 @@ def uniform(request: AllocationRequest) -> Dict[str, int]:
 
 
 def _global_ranking(request: AllocationRequest) -> Dict[str, int]:
-    """One ranking of mean-normalised scores over all groups, searched to the budget (see the
-    module docstring)."""
+    """One ranking of the scores over all groups (mean-normalised unless the request says
+    ``"none"``), searched to the budget (see the module docstring)."""
     names = list(request.groups)
     current = [request.groups[n].size for n in names]
 
@@ -279,8 +285,11 @@ def _global_ranking(request: AllocationRequest) -> Dict[str, int]:
     normalised = []
     for n in names:
         scores = request.scores[n]
-        mean = scores.mean()
-        scaled = scores / mean if mean > 0 else torch.zeros_like(scores)
+        if request.normalisation == "none":
+            scaled = scores.clone()
+        else:
+            mean = scores.mean()
+            scaled = scores / mean if mean > 0 else torch.zeros_like(scores)
         normalised.append(scaled.masked_fill(request.protected[n], math.inf))
     flat = torch.cat(normalised)
     owner = torch.cat([torch.full((size,), i, dtype=torch.long) for i, size in enumerate(current)])
@@ -496,6 +505,7 @@ def allocate(
     protected: Optional[Mapping[str, torch.Tensor]] = None,
     cost_model: Optional[Any] = None,
     flops_budget: Optional[float] = None,
+    normalisation: str = "mean",
 ) -> Dict[str, List[int]]:
     """The weak set of every group at one pruning step.
 
@@ -515,6 +525,8 @@ def allocate(
             ``flops_budget``.
         flops_budget: FLOPs at the cost model's input size the model may have after this step
             (``TARGET flops``); None: the budget is the channels of ``fraction``.
+        normalisation: ``global`` only: ``"mean"`` divides each group's scores by their mean,
+            ``"none"`` ranks them as given (a criterion's ``global_normalisation``).
 
     Returns:
         ``{group: sorted current indices of the channels that should not survive this step}``,
@@ -527,9 +539,12 @@ def allocate(
     if method not in ALLOCATION_REGISTRY:
         known = ", ".join(sorted(n for n, _ in ALLOCATION_REGISTRY))
         raise PruningRequestError(f"unknown allocation method {method!r}; known: {known}")
+    if normalisation not in ("mean", "none"):
+        raise PruningRequestError(f"unknown score normalisation {normalisation!r}; use 'mean' or 'none'")
     request = _build_request(
         scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget
     )
+    request = dataclasses.replace(request, normalisation=normalisation)
     kept = ALLOCATION_REGISTRY.get(method)(request)
     weak = OrderedDict()
     for name, group in request.groups.items():

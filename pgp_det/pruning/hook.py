@@ -71,7 +71,8 @@ def resolve_pruning_iterations(cfg, iters_per_epoch: Optional[int] = None) -> Li
 
 
 def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, original_sizes: Dict[str, int],
-                      ratios: Dict[str, float], cost_model=None, protected=None, zeroed=None) -> Dict[str, List[int]]:
+                      ratios: Dict[str, float], cost_model=None, protected=None, zeroed=None,
+                      normalisation: str = "mean") -> Dict[str, List[int]]:
     """The weak set of every pruned group at pruning step ``step`` of ``num_steps``, as the hook
     decides it (one-shot pruning is step 1 of 1: the final target at once).
 
@@ -94,6 +95,8 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
             ``COST_INPUT_SIZE`` (required for ``TARGET "flops"``).
         protected: ``{group: bool (C,)}`` channels kept out of the weak sets.
         zeroed: ``{group: channel indices}`` zeroed by the previous step.
+        normalisation: the criterion's ``global_normalisation`` (``global`` ranks FRS's
+            per-layer L2-normalised scores as they are).
 
     Returns:
         ``{group: sorted weak channel indices}`` (see :func:`~pgp_det.pruning.allocation.allocate`).
@@ -107,7 +110,7 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
     return allocate(
         p.ALLOCATION, scores, groups, fractions, original_sizes, multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS,
         weight_sparsity=sparsity, protected=protected, cost_model=cost_model if budget is not None else None,
-        flops_budget=budget,
+        flops_budget=budget, normalisation=normalisation,
     )
 
 
@@ -271,6 +274,7 @@ class PGPHook(HookBase):
         weak = plan_pruning_step(
             self.cfg, model, self.pruned_groups, scores, step, num_steps, self.original_sizes, self.ratios,
             cost_model=self._cost(), protected=protected, zeroed=self.zeroed,
+            normalisation=self.criterion.global_normalisation,
         )
         remove, zero = split_hard_soft(
             weak, scores, 1.0 if step == num_steps else p.REMOVE_RATIO, multiple=p.CHANNEL_MULTIPLE,
