@@ -1,14 +1,30 @@
-"""Config keys pgp_det adds to detectron2's ``get_cfg()``, and their start-up validation."""
+"""Config keys pgp_det adds to detectron2's ``get_cfg()``, and loading a config file safely.
+
+A leaf: it imports nothing of pgp_det but :mod:`pgp_det.errors`, and importing it registers no
+dataset. The ``PRUNING`` keys are validated by :func:`pgp_det.pruning.settings.check_pruning_config`.
+"""
 import os
 
 import yaml
 
 from detectron2.config import CfgNode as CN
 
-from .data.custom import add_dataset_config
 from .errors import UserInputError
 
-__all__ = ["add_pgp_config", "add_pruning_config", "get_pgp_cfg", "load_config", "resolve_config_path", "check_pruning_config", "pruning_scope_ratios"]
+__all__ = ["add_pgp_config", "add_dataset_config", "add_pruning_config", "get_pgp_cfg", "load_config",
+           "resolve_config_path"]
+
+
+def add_dataset_config(cfg: CN) -> CN:
+    """Add ``DATASETS.CUSTOM_VOC`` and ``DATASETS.CUSTOM_COCO`` (both empty lists) to ``cfg``.
+
+    ``CUSTOM_VOC`` entries are ``[name, dirname, split, classes]`` (classes: a list, a
+    comma-separated string or a text file with one name per line); ``CUSTOM_COCO`` entries are
+    ``[name, json_file, image_root]``. :func:`pgp_det.data.register_custom_datasets` registers them.
+    """
+    cfg.DATASETS.CUSTOM_VOC = []
+    cfg.DATASETS.CUSTOM_COCO = []
+    return cfg
 
 
 def add_pruning_config(cfg: CN) -> CN:
@@ -166,86 +182,3 @@ def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: st
 def _first_line(error) -> str:
     lines = str(error).strip().splitlines()
     return " ".join(lines[:1]) or type(error).__name__
-
-
-def pruning_scope_ratios(cfg: CN) -> dict:
-    """``{scope: final ratio}`` for every scope in ``PRUNING.SCOPES`` (``SCOPE_RATIOS`` applied)."""
-    ratios = {scope: float(cfg.PRUNING.RATIO) for scope in cfg.PRUNING.SCOPES}
-    ratios.update({scope: float(ratio) for scope, ratio in cfg.PRUNING.SCOPE_RATIOS})
-    return ratios
-
-
-def _registry_names(registry) -> list:
-    return sorted(name for name, _ in registry)
-
-
-def check_pruning_config(cfg: CN) -> None:
-    """Validate ``cfg.PRUNING`` before training starts.
-
-    Raises:
-        UserInputError: one line naming the bad key, its value and what is accepted.
-    """
-    from .pruning import SCOPES
-    from .pruning.allocation import ALLOCATION_REGISTRY
-    from .pruning.criteria import CRITERION_REGISTRY
-    from .pruning.schedules import SCHEDULE_REGISTRY
-
-    p = cfg.PRUNING
-    if not p.ENABLED:
-        return
-
-    def fail(key, value, accepted):
-        raise UserInputError(f"PRUNING.{key} = {value!r} is invalid: {accepted}")
-
-    if p.TARGET not in ("ratio", "flops"):
-        fail("TARGET", p.TARGET, "use 'ratio' or 'flops'")
-    if not 0.0 <= p.RATIO < 1.0:
-        fail("RATIO", p.RATIO, "use a fraction in [0, 1)")
-    if not 0.0 < p.FLOPS_REDUCTION < 1.0:
-        fail("FLOPS_REDUCTION", p.FLOPS_REDUCTION, "use a fraction in (0, 1)")
-    if len(p.COST_INPUT_SIZE) != 2 or min(p.COST_INPUT_SIZE) < 32:
-        fail("COST_INPUT_SIZE", p.COST_INPUT_SIZE, "use (height, width), each >= 32")
-    if not p.SCOPES:
-        fail("SCOPES", p.SCOPES, f"name at least one of {SCOPES}")
-    for scope in p.SCOPES:
-        if scope not in SCOPES:
-            fail("SCOPES", scope, f"scopes are {SCOPES}")
-    for entry in p.SCOPE_RATIOS:
-        if len(entry) != 2 or entry[0] not in p.SCOPES:
-            fail("SCOPE_RATIOS", entry, f"use (scope, ratio) pairs with a scope in PRUNING.SCOPES {tuple(p.SCOPES)}")
-        if not 0.0 <= float(entry[1]) < 1.0:
-            fail("SCOPE_RATIOS", entry, "ratios are fractions in [0, 1)")
-    if p.TARGET == "flops" and p.SCOPE_RATIOS:
-        fail("SCOPE_RATIOS", p.SCOPE_RATIOS, "per-scope ratios apply to TARGET 'ratio' only")
-    for key, registry in (("CRITERION", CRITERION_REGISTRY), ("SCHEDULE", SCHEDULE_REGISTRY),
-                          ("ALLOCATION", ALLOCATION_REGISTRY)):
-        value = p.get(key)
-        if value not in registry:
-            fail(key, value, f"known: {', '.join(_registry_names(registry))}")
-    if p.CRITERION == "pgp_pass" and p.EXTRA_PASS_BATCHES < 1:
-        fail("EXTRA_PASS_BATCHES", p.EXTRA_PASS_BATCHES, "the pgp_pass criterion needs >= 1 batch")
-    if not 0.0 <= p.PROTECT_QUANTILE < 1.0:
-        fail("PROTECT_QUANTILE", p.PROTECT_QUANTILE, "use a quantile in [0, 1); 0 disables protection")
-    if p.UNIT not in ("iter", "epoch"):
-        fail("UNIT", p.UNIT, "use 'iter' or 'epoch'")
-    if p.START < 0:
-        fail("START", p.START, "use a value >= 0")
-    if p.END != -1 and p.END < p.START:
-        fail("END", p.END, f"must be >= PRUNING.START ({p.START}), or -1 for 3/4 of SOLVER.MAX_ITER")
-    if p.INTERVAL != -1 and p.INTERVAL <= 0:
-        fail("INTERVAL", p.INTERVAL, "use a positive interval, or -1 for a tenth of END - START")
-    if not 0.0 <= p.REMOVE_RATIO <= 1.0:
-        fail("REMOVE_RATIO", p.REMOVE_RATIO, "use a fraction in [0, 1]")
-    if p.SOFT_MODE not in ("pgp", "sfp"):
-        fail("SOFT_MODE", p.SOFT_MODE, "use 'pgp' (clear the zeroed filters' momentum) or 'sfp' (keep it)")
-    if p.CHANNEL_MULTIPLE < 1:
-        fail("CHANNEL_MULTIPLE", p.CHANNEL_MULTIPLE, "use an integer >= 1")
-    if p.MIN_CHANNELS < 1:
-        fail("MIN_CHANNELS", p.MIN_CHANNELS, "use an integer >= 1")
-    if p.UNIT == "iter":
-        from .pruning.hook import resolve_pruning_iterations
-
-        try:
-            resolve_pruning_iterations(cfg)
-        except ValueError as e:
-            raise UserInputError(f"{e} (SOLVER.MAX_ITER is {cfg.SOLVER.MAX_ITER})") from None

@@ -32,13 +32,14 @@ How, and what holds on torch 2.x + detectron2 v0.6 (pure Python):
 """
 import contextlib
 import warnings
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .utils.io import atomic_write
+from .utils.modules import TensorDetector
 
 __all__ = [
     "OUTPUT_NAMES",
@@ -56,18 +57,6 @@ __all__ = [
 ]
 
 OUTPUT_NAMES = ("boxes", "scores", "classes")
-
-
-class TensorDetector(nn.Module):
-    """A detectron2 GeneralizedRCNN as ``image (3, H, W) -> (boxes, scores, classes)``; see module doc."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        instances = self.model.inference([{"image": image}], do_postprocess=False)[0]
-        return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
 @contextlib.contextmanager

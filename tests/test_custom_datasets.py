@@ -11,10 +11,10 @@ import pytest
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from pgp_det.config import add_dataset_config
 from pgp_det.data import (
     DatasetFormatError,
     DatasetNotFoundError,
-    add_dataset_config,
     check_dataset_available,
     register_coco_layout,
     register_custom_datasets,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pgp_det.config import get_pgp_cfg
-from pgp_det.pruning.hook import resolve_pruning_iterations
+from pgp_det.pruning.schedules import resolve_pruning_iterations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
@@ -297,3 +297,82 @@ def test_kept_counts_follow_the_schedule_at_every_step(tmp_path):
     assert log["architecture"] == {  # the final widths: half of every pruned group
         name: kept_count(size, 0.5, 1, 1) for name, size in original.items()} | {
         name: width for name, width in log["architecture"].items() if name not in original}
+
+
+def test_an_epoch_counts_the_images_detectron2_trains_on():
+    """detectron2 drops the images without annotations (about 3% of the synthetic training set)
+    when ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is on: an epoch is as many batches as it keeps."""
+    import math
+
+    from detectron2.data import DatasetCatalog
+
+    import pgp_det.data  # noqa: F401  (registers the synthetic datasets)
+    from pgp_det.pruning.hook import iterations_per_epoch
+
+    cfg = get_pgp_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"))
+    images = [d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
+    annotated = [d for d in images if any(not a.get("iscrowd", 0) for a in d.get("annotations", ()))]
+    assert 0 < len(images) - len(annotated) < 0.1 * len(images)
+    for batch in (1, 4):
+        cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", batch, "DATALOADER.FILTER_EMPTY_ANNOTATIONS", True])
+        assert iterations_per_epoch(cfg) == math.ceil(len(annotated) / batch)
+        cfg.merge_from_list(["DATALOADER.FILTER_EMPTY_ANNOTATIONS", False])
+        assert iterations_per_epoch(cfg) == math.ceil(len(images) / batch)
+    assert math.ceil(len(annotated) / 4) != math.ceil(len(images) / 4)  # the filter shows at the config's batch
+
+
+def test_every_holder_of_the_ddp_wrapper_sees_the_new_one(tmp_path, monkeypatch):
+    """A hard prune, then a resume from the pruned checkpoint, inside DistributedDataParallel: the
+    training loop, detectron2's PreciseBN hook and the checkpointers (the periodic one's included)
+    all hold the one new wrapper (or its model). One process: a gloo group of one, and detectron2
+    told there are two processes so that it wraps the model as in a multi-process run."""
+    import torch.distributed as dist
+    from detectron2.engine import hooks
+    from detectron2.utils import comm
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pgp_det.checkpoint import architecture_record
+    from pgp_det.data import register_custom_datasets
+    from pgp_det.engine import Trainer
+    from pgp_det.utils.modules import unwrap_model
+
+    def holders(trainer):
+        """The training loop's model, PreciseBN's, and every checkpointer's (unwrapped, as fvcore keeps it)."""
+        precise = [h for h in trainer._hooks if isinstance(h, hooks.PreciseBN)]
+        checkpointers = [trainer.checkpointer] + [h.checkpointer for h in trainer._hooks if hasattr(h, "checkpointer")]
+        assert len(precise) == 1 and len(checkpointers) == 2
+        return trainer._trainer.model, trainer.model, precise[0]._model, [c.model for c in checkpointers]
+
+    def check(trainer):
+        loop, model, precise, checkpointed = holders(trainer)
+        assert isinstance(loop, DistributedDataParallel)
+        assert model is loop and precise is loop
+        assert all(m is unwrap_model(loop) for m in checkpointed)
+        return loop
+
+    cfg = get_pgp_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"))
+    cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "3", "PRUNING.INTERVAL", "2", "PRUNING.END", "2",
+                                "PRUNING.REMOVE_RATIO", "1.0", "TEST.PRECISE_BN.ENABLED", "True",
+                                "TEST.PRECISE_BN.NUM_ITER", "1", "OUTPUT_DIR", str(tmp_path / "run")])
+    register_custom_datasets(cfg)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    try:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        first = check(trainer)
+        dense = architecture_record(first)
+        trainer.train()  # prunes after 2 iterations; PreciseBN runs after the last one
+        pruned = check(trainer)
+        assert pruned is not first and architecture_record(pruned) != dense
+        # resuming from the pruned checkpoint shrinks the freshly built model inside its wrapper
+        resumed = Trainer(cfg)
+        built = check(resumed)
+        resumed.resume_or_load(resume=True)
+        assert resumed.checkpointer.architecture_changed
+        after = check(resumed)
+        assert after is not built and architecture_record(after) == architecture_record(pruned)
+    finally:
+        dist.destroy_process_group()

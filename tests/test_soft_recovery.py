@@ -22,11 +22,12 @@ from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
-from pgp_det.config import check_pruning_config, get_pgp_cfg
+from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
 from pgp_det.pruning import (
     ChannelMasks, derive_channel_groups, fold_zeroed_channels, hard_prune, soft_prune, zeroed_channels,
 )
+from pgp_det.pruning.settings import check_pruning_config
 from test_pruning_groups import SMALL, detector_cfg
 from test_surgery_equivalence import HEIGHT, WIDTH, make_image, make_training_input
 

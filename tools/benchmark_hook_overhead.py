@@ -24,9 +24,10 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
-from pgp_det.config import check_pruning_config, load_config  # noqa: E402
+from pgp_det.config import load_config  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.pruning.settings import check_pruning_config  # noqa: E402
 
 
 def build_cfg(args, output_dir):

@@ -29,20 +29,21 @@ kept/original channels per group; the settings). Bad input ends with one ``error
 stderr, exit code 2, and nothing written.
 """
 import argparse
+import logging
 import os
 import sys
 import time
 
-TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(TOOLS_DIR))  # run from a checkout
-sys.path.insert(0, TOOLS_DIR)  # train_net's config handling
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
+import torch  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
-from train_net import build_config, resolve_config_path  # noqa: E402
-
 from pgp_det.checkpoint import PrunedCheckpointer, load_model  # noqa: E402
+from pgp_det.config import load_config  # noqa: E402
+from pgp_det.config import resolve_config_path as find_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import SCOPES, derive_channel_groups, hard_prune  # noqa: E402
 from pgp_det.pruning.groups import removable_channels  # noqa: E402
@@ -55,6 +56,7 @@ from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir, claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
 
+CONFIGS_DIR = os.path.join(ROOT, "configs")
 MODEL_FILE = "model_pruned"  # .pth
 REPORT_FILE = "pruning_report.json"
 
@@ -85,9 +87,22 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model_pruned.pth")
     add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    # train_net.build_config also reads dataset registrations; pruning needs no data
-    parser.set_defaults(register_voc=None, register_coco=None)
     return parser
+
+
+def resolve_config_path(args) -> str:
+    """``--config NAME`` is looked up in ``configs/``; ``--config-file PATH`` is taken as is."""
+    return find_config(args.config, args.config_file, CONFIGS_DIR)
+
+
+def build_config(args):
+    """The frozen config of this run (pruning needs no dataset: none is registered)."""
+    cfg = load_config(resolve_config_path(args), args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("pgp_det").warning("CUDA is not available: running on CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
 
 
 def _one_shot_criteria():

@@ -40,9 +40,10 @@ sys.path.insert(0, ROOT)  # run from a checkout
 
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 from pgp_det.benchmark.report import seed_summary_markdown, summarize_seeds  # noqa: E402
-from pgp_det.config import check_pruning_config, load_config, resolve_config_path  # noqa: E402
+from pgp_det.config import load_config, resolve_config_path  # noqa: E402
 from pgp_det.engine.preflight import existing_run_files  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.pruning.settings import check_pruning_config  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir  # noqa: E402

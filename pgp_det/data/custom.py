@@ -18,7 +18,6 @@ from ..errors import UserInputError
 __all__ = [
     "DatasetNotFoundError",
     "DatasetFormatError",
-    "add_dataset_config",
     "register_voc_layout",
     "register_coco_layout",
     "register_custom_datasets",
@@ -57,19 +56,9 @@ def add_dataset_arguments(parser) -> None:
                         help="register a COCO-layout dataset (instances JSON + image folder)")
 
 
-def add_dataset_config(cfg: CfgNode) -> None:
-    """Add ``DATASETS.CUSTOM_VOC`` and ``DATASETS.CUSTOM_COCO`` (both empty lists) to ``cfg``.
-
-    ``CUSTOM_VOC`` entries are ``[name, dirname, split, classes]`` (classes: a list, a
-    comma-separated string or a text file with one name per line); ``CUSTOM_COCO`` entries are
-    ``[name, json_file, image_root]``. :func:`register_custom_datasets` registers them.
-    """
-    cfg.DATASETS.CUSTOM_VOC = []
-    cfg.DATASETS.CUSTOM_COCO = []
-
-
 def register_custom_datasets(cfg: CfgNode) -> None:
-    """Register every dataset listed in ``cfg.DATASETS.CUSTOM_VOC`` and ``cfg.DATASETS.CUSTOM_COCO``.
+    """Register every dataset listed in ``cfg.DATASETS.CUSTOM_VOC`` and ``cfg.DATASETS.CUSTOM_COCO``
+    (keys added by :func:`pgp_det.config.add_dataset_config`).
 
     Safe to call repeatedly with the same config (each process of a multi-process run calls it).
     """

@@ -13,12 +13,12 @@ from typing import List
 from detectron2.modeling import build_model
 
 from ..checkpoint import PrunedCheckpointer
-from ..config import check_pruning_config
 from ..data import check_dataset_available, check_num_classes, register_custom_datasets, validate_dataset
 from ..data.custom import is_custom_dataset
 from ..errors import UserInputError
 from ..pruning.dependency import derive_channel_groups
 from ..pruning.groups import removable_channels
+from ..pruning.settings import check_pruning_config
 from ..utils.weights import check_weights_available
 
 __all__ = [

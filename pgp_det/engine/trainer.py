@@ -3,13 +3,11 @@ while training when ``PRUNING.ENABLED``."""
 import weakref
 
 from detectron2.engine import DefaultTrainer
-from detectron2.engine.defaults import create_ddp_model
-from detectron2.utils import comm
 
 from ..checkpoint import PrunedCheckpointer
 from ..evaluation import build_evaluator
 from ..pruning.hook import PGPHook, iterations_per_epoch
-from ..utils.modules import unwrap_model
+from ..utils.modules import rewrap_model
 
 
 class Trainer(DefaultTrainer):
@@ -44,9 +42,9 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        if self.checkpointer.architecture_changed and comm.get_world_size() > 1:
-            # the checkpoint shrank the model inside its DDP wrapper: wrap the smaller model anew
-            self._trainer.model = create_ddp_model(unwrap_model(self._trainer.model), broadcast_buffers=False)
+        if self.checkpointer.architecture_changed:
+            # the checkpoint shrank the model inside its DDP wrapper (if any): wrap the smaller model anew
+            rewrap_model(self)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

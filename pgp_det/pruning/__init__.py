@@ -9,10 +9,12 @@
 * :mod:`.fold`: the constant a zeroed channel outputs, folded into its consumers on removal.
 * :mod:`.criteria`: channel scores by name (``CRITERION_REGISTRY``: pgp, pgp_pass, l1, l2,
   taylor, bn_gamma, frs).
-* :mod:`.schedules`: pruned fraction per step (``SCHEDULE_REGISTRY``).
+* :mod:`.schedules`: pruned fraction per step (``SCHEDULE_REGISTRY``), and the iterations the steps
+  happen at.
 * :mod:`.allocation`: which channels a step prunes (``ALLOCATION_REGISTRY``: uniform, global,
   adaptive), and the hard/soft split.
 * :mod:`.cost`: FLOPs and parameters per group and family, predicted for any pruned widths.
+* :mod:`.settings`: the ``PRUNING`` config checked at start-up (:func:`~.settings.check_pruning_config`).
 * :mod:`.hook`: :class:`~.hook.PGPHook`, pruning while detectron2 trains.
 """
 from .dependency import derive_channel_groups, prediction_layers
@@ -20,7 +22,7 @@ from .fold import Fold, fold_zeroed_channels, zeroed_channels
 from .groups import (
     SCOPES, ChannelCount, ChannelGroup, ChannelSlice, ChannelSource, PruningRequestError, format_groups, kept_count,
 )
-from .surgery import SOFT_MODES, ChannelMasks, hard_prune, rebuild_optimizer, soft_prune, validate_removals
+from .surgery import SOFT_MODES, ChannelMasks, hard_prune, soft_prune, validate_removals
 
 __all__ = [
     "SCOPES",
@@ -37,7 +39,6 @@ __all__ = [
     "kept_count",
     "prediction_layers",
     "PruningRequestError",
-    "rebuild_optimizer",
     "SOFT_MODES",
     "soft_prune",
     "validate_removals",

@@ -1,7 +1,7 @@
 """What channels cost: FLOPs and parameters per layer and per channel group, and the FLOPs a
 pruned architecture will have, predicted without building it.
 
-FLOPs follow :mod:`pgp_det.benchmark.flops` (fvcore's count: one multiply-add is one FLOP; one
+FLOPs follow :mod:`pgp_det.utils.flops` (fvcore's count: one multiply-add is one FLOP; one
 inference on a zero image of a fixed size; the RPN keeps its full proposal budget, so the ROI
 heads' cost depends only on the architecture). Unlike ``count_flops``, proposals that box
 clipping made empty are kept too (see ``_every_proposal_kept``): both agree on any model whose
@@ -23,8 +23,8 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from detectron2.modeling.backbone.fpn import FPN
 from torch import nn
 
+from ..utils.flops import FAMILIES, family_of, module_flops
 from ..utils.modules import unwrap_model
-from ..benchmark.flops import FAMILIES, family_of, module_flops
 from .dependency import derive_channel_groups
 from .groups import SCOPES, ChannelGroup, PruningRequestError, kept_count
 
@@ -184,7 +184,7 @@ class CostModel:
         Returns:
             ``{"flops": float, "gflops": float, "params": int, "flops_per_family": {family:
             float}, "params_per_family": {family: int}}`` with the families of
-            :data:`pgp_det.benchmark.flops.FAMILIES` (plus "other" if anything falls outside).
+            :data:`pgp_det.utils.flops.FAMILIES` (plus "other" if anything falls outside).
 
         Raises:
             PruningRequestError: an unknown group, or a count outside ``1 .. measured size``.

@@ -29,45 +29,20 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.engine import HookBase
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
-from torch.nn.parallel import DistributedDataParallel
 
-from ..config import pruning_scope_ratios
 from ..utils.io import atomic_write_json
-from ..utils.modules import unwrap_model
+from ..utils.modules import rewrap_model, unwrap_model
 from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity
 from .criteria import RecentGradientCriterion, build_criterion
 from .dependency import derive_channel_groups
-from .schedules import pruned_fraction, pruning_iterations
+from .schedules import pruned_fraction, resolve_pruning_iterations
+from .settings import pruning_scope_ratios
 from .surgery import ChannelMasks, hard_prune, zeroed_channels
 
-__all__ = ["PGPHook", "iterations_per_epoch", "plan_pruning_step", "resolve_pruning_iterations"]
+__all__ = ["PGPHook", "iterations_per_epoch", "plan_pruning_step"]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_pruning_iterations(cfg, iters_per_epoch: Optional[int] = None) -> List[int]:
-    """Numbers of completed training iterations after which the pruning steps happen.
-
-    ``START``/``END``/``INTERVAL`` are converted from epochs when ``PRUNING.UNIT == "epoch"``
-    (``iters_per_epoch`` required). Steps happen once ``START + INTERVAL, START + 2 INTERVAL, ...``
-    iterations are done and at ``END`` (at most ``SOLVER.MAX_ITER``); scores accumulate from
-    ``START``.
-    """
-    p = cfg.PRUNING
-    scale = 1
-    if p.UNIT == "epoch":
-        if not iters_per_epoch:
-            raise ValueError("PRUNING.UNIT 'epoch' needs the number of iterations per epoch")
-        scale = iters_per_epoch
-    start = int(p.START * scale)
-    end = int(p.END * scale) if p.END != -1 else (3 * cfg.SOLVER.MAX_ITER) // 4
-    interval = int(p.INTERVAL * scale) if p.INTERVAL != -1 else max(1, (end - start) // 10)
-    end = min(end, cfg.SOLVER.MAX_ITER)
-    if end <= start:
-        raise ValueError(f"pruning ends at iteration {end}, not after it starts ({start}): check PRUNING.START/END")
-    return pruning_iterations(start + interval, end, interval) if start + interval <= end else [end]
 
 
 def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, original_sizes: Dict[str, int],
@@ -298,9 +273,9 @@ class PGPHook(HookBase):
             self.masks.clear()
         # the scores restart from zero after every step: re-attaching to the new groups does both
         self._attach()
-        if remove and isinstance(self.trainer.model, DistributedDataParallel):
-            # DDP holds the old parameters: wrap the smaller model anew
-            self.trainer.model = create_ddp_model(model, broadcast_buffers=False)
+        if remove:
+            # a DistributedDataParallel wrapper holds the old parameters: wrap the smaller model anew
+            rewrap_model(self.trainer)
         self.steps_done = step
         seconds = time.perf_counter() - started
         self._record(step, num_steps, remove, zero, (previously_zeroed, regrown), digests, seconds)
@@ -382,8 +357,17 @@ class PGPHook(HookBase):
 
 
 def iterations_per_epoch(cfg) -> int:
-    """Training iterations in one pass over ``cfg.DATASETS.TRAIN`` at ``SOLVER.IMS_PER_BATCH``."""
-    from detectron2.data import DatasetCatalog
+    """Training iterations in one pass over ``cfg.DATASETS.TRAIN`` at ``SOLVER.IMS_PER_BATCH``.
 
-    images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-    return max(1, math.ceil(images / cfg.SOLVER.IMS_PER_BATCH))
+    The images are those detectron2's training loader keeps: with
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` it drops images without (non-crowd) annotations, so
+    they are counted with detectron2's own ``get_detection_dataset_dicts``.
+    """
+    from detectron2.data.build import get_detection_dataset_dicts
+
+    dicts = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+    )
+    return max(1, math.ceil(len(dicts) / cfg.SOLVER.IMS_PER_BATCH))

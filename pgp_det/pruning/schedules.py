@@ -2,11 +2,12 @@
 
 A schedule maps pruning step ``k`` (1..``num_steps``) and the final ratio ``r`` to the pruned
 fraction ``p_k``; every schedule reaches ``p_{num_steps} == r`` exactly, and ``p_0 == 0``.
-Pick one by name through :data:`SCHEDULE_REGISTRY` (``PRUNING.SCHEDULE``).
+Pick one by name through :data:`SCHEDULE_REGISTRY` (``PRUNING.SCHEDULE``). When the steps happen:
+:func:`pruning_iterations`, and :func:`resolve_pruning_iterations` from a config.
 """
 import math
 import numbers
-from typing import List
+from typing import List, Optional
 
 from detectron2.utils.registry import Registry
 
@@ -96,3 +97,29 @@ def pruning_iterations(start_iter: int, end_iter: int, interval: int) -> List[in
         )
     iters = list(range(start_iter, end_iter, interval))
     return iters + [end_iter]
+
+
+def resolve_pruning_iterations(cfg, iters_per_epoch: Optional[int] = None) -> List[int]:
+    """Numbers of completed training iterations after which the pruning steps happen.
+
+    ``START``/``END``/``INTERVAL`` are converted from epochs when ``PRUNING.UNIT == "epoch"``
+    (``iters_per_epoch`` required). Steps happen once ``START + INTERVAL, START + 2 INTERVAL, ...``
+    iterations are done and at ``END`` (at most ``SOLVER.MAX_ITER``); scores accumulate from
+    ``START``.
+
+    Raises:
+        ValueError: epochs without ``iters_per_epoch``, or pruning that would end before it starts.
+    """
+    p = cfg.PRUNING
+    scale = 1
+    if p.UNIT == "epoch":
+        if not iters_per_epoch:
+            raise ValueError("PRUNING.UNIT 'epoch' needs the number of iterations per epoch")
+        scale = iters_per_epoch
+    start = int(p.START * scale)
+    end = int(p.END * scale) if p.END != -1 else (3 * cfg.SOLVER.MAX_ITER) // 4
+    interval = int(p.INTERVAL * scale) if p.INTERVAL != -1 else max(1, (end - start) // 10)
+    end = min(end, cfg.SOLVER.MAX_ITER)
+    if end <= start:
+        raise ValueError(f"pruning ends at iteration {end}, not after it starts ({start}): check PRUNING.START/END")
+    return pruning_iterations(start + interval, end, interval) if start + interval <= end else [end]

@@ -22,8 +22,9 @@ an optimizer consistent with the model:
   ``output_shape()`` describes the pruned model), and edits the given optimizer in place:
   parameter references are swapped at their positions in ``param_groups`` and per-parameter
   state is sliced on the same axes as the parameter. Param-group hyper-parameters are
-  untouched. :func:`rebuild_optimizer` makes a fresh optimizer object from the edited one when
-  one is wanted.
+  untouched. Optimizers whose state cannot be sliced that way are refused before anything
+  changes: sharded ones (ZeRO, FSDP) and state shaped unlike its parameter (factored second
+  moments such as Adafactor's); SGD, Adam and AdamW are carried.
 
 Channels zeroed in mode ``"output"`` contribute nothing downstream, so hard-pruning the same
 indices afterwards leaves the detector's outputs unchanged (except through GroupNorm, whose
@@ -33,8 +34,8 @@ Channels zeroed in modes ``"pgp"``/``"sfp"`` output a constant, which the fold a
 exactly where their consumers are linear layers or 1x1 convs, approximately elsewhere (padded
 convs at the border, ROIAlign, FPN levels with different biases; see :mod:`pgp_det.pruning.fold`).
 """
-import inspect
 import logging
+import sys
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -46,7 +47,7 @@ from .fold import fold_zeroed_channels, zeroed_channels
 from .groups import ROLE_FILTER, ChannelGroup, PruningRequestError
 
 __all__ = [
-    "SOFT_MODES", "soft_prune", "hard_prune", "rebuild_optimizer", "ChannelMasks", "validate_removals",
+    "SOFT_MODES", "soft_prune", "hard_prune", "ChannelMasks", "validate_removals",
     "zeroed_channels",
 ]
 
@@ -370,7 +371,36 @@ def _update_optimizer(optimizer: torch.optim.Optimizer, replaced) -> None:
         }
 
 
+def _loaded_class(module: str, name: str):
+    """``module.name`` if that module is already imported, else None: an object of a class whose
+    module nobody imported cannot exist, and importing torch.distributed's takes most of a second."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _sharding(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """Why ``optimizer`` holds its parameters or state sharded across ranks, or None."""
+    zero = _loaded_class("torch.distributed.optim.zero_redundancy_optimizer", "ZeroRedundancyOptimizer")
+    if zero is not None and isinstance(optimizer, zero):
+        return "ZeRO shards its state across ranks"
+    if isinstance(getattr(optimizer, "optim", None), torch.optim.Optimizer):
+        return "it steps an inner optimizer (`optim`, as ZeRO's per-rank shard) that keeps parameters and state of its own"
+    dtensor = _loaded_class("torch.distributed.tensor", "DTensor")
+    for param_group in optimizer.param_groups:
+        for param in param_group["params"]:
+            if getattr(param, "_is_flat_param", False):
+                return "its parameters are FSDP flat parameters (the layers' tensors flattened and sharded)"
+            if dtensor is not None and isinstance(param, dtensor):
+                return "its parameters are sharded DTensors (FSDP2)"
+    return None
+
+
 def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    sharded = _sharding(optimizer)
+    if sharded:
+        raise PruningRequestError(
+            f"hard pruning cannot carry the optimizer {type(optimizer).__name__}: {sharded}; "
+            "prune with an unsharded optimizer (SGD, Adam, AdamW)"
+        )
     owned = {id(p) for p in model.parameters()}
     for param_group in optimizer.param_groups:
         for param in param_group["params"]:
@@ -378,6 +408,24 @@ def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None
                 raise ValueError(
                     "the optimizer holds a parameter that is not in the model being pruned; "
                     "pass the optimizer built for this model (unwrapped, not a copy)"
+                )
+
+
+def _check_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, plan) -> None:
+    """Refuse per-parameter state of a parameter about to be sliced that is neither a scalar (such
+    as Adam's ``step``) nor shaped like the parameter: a factored second moment (Adafactor's row and
+    column factors) or a preconditioner has no axis to slice the removed channels from."""
+    for module_name, tensor_name in plan:
+        param = model.get_submodule(module_name)._parameters.get(tensor_name)
+        if param is None:
+            continue  # a buffer: no optimizer state
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor) and value.numel() != 1 and value.shape != param.shape:
+                raise PruningRequestError(
+                    f"hard pruning cannot carry the optimizer {type(optimizer).__name__}: its state {key!r} of "
+                    f"{module_name}.{tensor_name} is shaped {tuple(value.shape)}, unlike the parameter "
+                    f"{tuple(param.shape)} (a factored moment cannot be sliced by channel); use SGD, Adam or AdamW, "
+                    "or prune before the optimizer keeps state"
                 )
 
 
@@ -409,7 +457,9 @@ def hard_prune(
             To shrink a freshly built model to ``k`` channels, pass ``range(k, group.size)``.
         optimizer: edited in place, or None. Its param groups keep their positions and
             hyper-parameters; per-parameter state tensors shaped like the parameter are sliced
-            on the same axes.
+            on the same axes, scalar state (Adam's ``step``) is kept. Refused (before anything
+            changes) when sharded (ZeRO, FSDP) or when a pruned parameter has non-scalar state of
+            another shape (factored moments).
         allow_frozen: allow groups touching frozen (``requires_grad=False``) parameters.
         groups: the groups of ``model`` as it is now, if already derived (saves a walk);
             derived with ``allow_frozen`` when None.
@@ -419,7 +469,8 @@ def hard_prune(
         ``{old parameter: new parameter}`` for every replaced parameter.
 
     Raises:
-        PruningRequestError: see :func:`validate_removals`; nothing is changed then.
+        PruningRequestError: see :func:`validate_removals`, or an optimizer it cannot carry (see
+            ``optimizer``); nothing is changed then.
     """
     if groups is None:
         groups = derive_channel_groups(model, allow_frozen=allow_frozen)
@@ -428,9 +479,12 @@ def hard_prune(
         _check_optimizer(model, optimizer)
     if not checked:
         return {}
+    plan = _plan(model, groups, checked)
+    if optimizer is not None:
+        _check_optimizer_state(model, optimizer, plan)
+    # every check is done: from here on the model changes
     if fold:
         fold_zeroed_channels(model, groups, checked)
-    plan = _plan(model, groups, checked)
     replaced = _replace_tensors(model, plan)
     for name, removed in checked.items():
         group = groups[name]
@@ -441,22 +495,3 @@ def hard_prune(
         _update_optimizer(optimizer, replaced)
     logger.debug("hard-pruned %d groups, replaced %d parameters", len(checked), len(replaced))
     return {old: new for old, (new, _) in replaced.items()}
-
-
-def rebuild_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """A new optimizer of ``optimizer``'s class over the same param groups, in the same order,
-    with the same hyper-parameters (per-group overrides and keys such as ``initial_lr``
-    included) and a copy of every parameter's state.
-
-    :func:`hard_prune` edits its optimizer in place, which keeps LR schedulers (they hold the
-    optimizer object) working; use this when a fresh optimizer object is wanted after surgery,
-    and point schedulers at it.
-    """
-    param_groups = [dict(group, params=list(group["params"])) for group in optimizer.param_groups]
-    # `defaults` may hold keys the constructor does not take (AdamW: decoupled_weight_decay)
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    rebuilt = type(optimizer)(param_groups, **{k: v for k, v in optimizer.defaults.items() if k in accepted})
-    rebuilt.defaults = dict(optimizer.defaults)
-    for param, state in optimizer.state.items():
-        rebuilt.state[param] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-    return rebuilt

@@ -1,0 +1,130 @@
+"""The package's import structure, read from the source: no cycle between pgp_det modules, the
+pruning core and the utilities depend on nothing above them, the config module is a leaf, and
+importing it registers no dataset."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "pgp_det"
+TOOLS = {name[:-3] for name in os.listdir(os.path.join(ROOT, "tools")) if name.endswith(".py")}
+# what the pruning core and the utilities must not import: the layers built on top of them
+ABOVE_THE_CORE = ("pgp_det.benchmark", "pgp_det.engine", "pgp_det.export", "pgp_det.evaluation", "pgp_det.checkpoint")
+
+
+def package_modules() -> dict:
+    """``{module name: file path}`` of every module of the package."""
+    modules = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, PACKAGE)):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+                if parts[-1] == "__init__":
+                    parts = parts[:-1]
+                modules[".".join(parts)] = path
+    return modules
+
+
+def imports_of(name: str, path: str, modules) -> dict:
+    """``{imported module: line}`` for every import in the module ``name`` (those inside functions
+    included): pgp_det modules as the exact module named (``from .a import b`` is ``a.b`` when
+    that is a module, else ``a``), other imports by their top-level name."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.setdefault(alias.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                found.setdefault(target if target in modules else base, node.lineno)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph():
+    modules = package_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def _cycle(graph) -> list:
+    """One import cycle among pgp_det modules, as a list of modules, or []."""
+    edges = {m: [t for t in targets if t in graph and t != m] for m, targets in graph.items()}
+    state, stack = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for target in edges[module]:
+            if state.get(target) == "open":
+                return stack[stack.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[module] = "done"
+        return []
+
+    for module in sorted(edges):
+        if module not in state:
+            cycle = visit(module)
+            if cycle:
+                return cycle
+    return []
+
+
+def test_walker_reads_relative_and_lazy_imports(graph):
+    assert "pgp_det.errors" in graph["pgp_det.config"]
+    assert "pgp_det.pruning.settings" in graph["pgp_det.engine.preflight"]
+    assert "pgp_det.pruning.cost" in graph["pgp_det.pruning.hook"]  # imported inside a method
+    assert "pgp_det.utils.modules" in graph["pgp_det.utils.flops"]
+
+
+def test_no_import_cycle_between_package_modules(graph):
+    assert _cycle(graph) == []
+    assert _cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]  # the check itself
+
+
+@pytest.mark.parametrize("layer", ["pgp_det.pruning", "pgp_det.utils"])
+def test_core_imports_nothing_above_it(graph, layer):
+    offending = []
+    for module, targets in graph.items():
+        if module != layer and not module.startswith(layer + "."):
+            continue
+        for target, line in targets.items():
+            above = any(target == a or target.startswith(a + ".") for a in ABOVE_THE_CORE)
+            if above or target.split(".")[0] in TOOLS:
+                offending.append(f"{module} line {line} imports {target}")
+    assert offending == []
+
+
+def test_config_is_a_leaf(graph):
+    ours = {t for t in graph["pgp_det.config"] if t == PACKAGE or t.startswith(PACKAGE + ".")}
+    assert ours == {"pgp_det.errors"}
+
+
+def test_importing_the_config_registers_no_dataset():
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import pgp_det.config\n"
+        "from detectron2.data import DatasetCatalog\n"
+        "print(sorted(n for n in DatasetCatalog.list() if n.startswith('synth_')))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pgp_det')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    datasets, modules = proc.stdout.strip().splitlines()[-2:]
+    assert datasets == "[]"
+    assert modules == str(["pgp_det", "pgp_det.config", "pgp_det.errors"])
