@@ -45,7 +45,8 @@ def add_pruning_config(cfg: CN) -> CN:
             the gradient summed signed since the last step), ``pgp_pass`` (the same over an extra
             pass of ``EXTRA_PASS_BATCHES`` batches), ``rpgp`` (summed gradient L1 norms), ``l1``,
             ``l2``, ``taylor``, ``bn_gamma``, ``frs`` (see ``pgp_det.pruning.criteria``).
-        EXTRA_PASS_BATCHES [16]: batches of the extra pass of ``pgp_pass``.
+        EXTRA_PASS_BATCHES [16]: batches of the extra pass before each step, for the criteria
+            that need one (``pgp_pass``, ``frs``).
         SCHEDULE ["pgp_exponential"]: pruned fraction over steps, by name in
             ``SCHEDULE_REGISTRY``: ``pgp_exponential``, ``psfp``, ``linear``, ``cubic``.
         ALLOCATION ["uniform"]: how the step's budget is shared among groups, by name in

@@ -25,6 +25,7 @@ from pgp_det.errors import UserInputError
 from pgp_det.utils.io import atomic_write
 from pgp_det.utils.output_dir import claim_output_dir
 from pgp_det.utils.safe_load import read_checkpoint_file
+from test_synthetic_data import read_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
@@ -59,13 +60,7 @@ def assert_one_line_error(proc, message):
 
 def tree_digest(directory):
     """{relative path: sha256} of every file under ``directory``."""
-    digests = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return digests
+    return {path: hashlib.sha256(data).hexdigest() for path, data in read_tree(directory).items()}
 
 
 @pytest.fixture(scope="module", autouse=True)

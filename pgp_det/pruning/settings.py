@@ -58,8 +58,8 @@ def check_pruning_config(cfg) -> None:
         value = p.get(key)
         if value not in registry:
             fail(key, value, f"known: {', '.join(_registry_names(registry))}")
-    if p.CRITERION == "pgp_pass" and p.EXTRA_PASS_BATCHES < 1:
-        fail("EXTRA_PASS_BATCHES", p.EXTRA_PASS_BATCHES, "the pgp_pass criterion needs >= 1 batch")
+    if p.CRITERION in ("pgp_pass", "frs") and p.EXTRA_PASS_BATCHES < 1:
+        fail("EXTRA_PASS_BATCHES", p.EXTRA_PASS_BATCHES, f"the {p.CRITERION} criterion needs an extra pass of >= 1 batch")
     if not 0.0 <= p.PROTECT_QUANTILE < 1.0:
         fail("PROTECT_QUANTILE", p.PROTECT_QUANTILE, "use a quantile in [0, 1); 0 disables protection")
     if p.UNIT not in ("iter", "epoch"):
