@@ -29,7 +29,6 @@ kept/original channels per group; the settings). Bad input ends with one ``error
 stderr, exit code 2, and nothing written.
 """
 import argparse
-import logging
 import os
 import sys
 import time
@@ -42,8 +41,8 @@ import torch  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 from pgp_det.checkpoint import PrunedCheckpointer, load_model  # noqa: E402
-from pgp_det.config import load_config  # noqa: E402
 from pgp_det.config import resolve_config_path as find_config  # noqa: E402
+from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import SCOPES, derive_channel_groups, hard_prune  # noqa: E402
 from pgp_det.pruning.groups import removable_channels  # noqa: E402
@@ -96,13 +95,8 @@ def resolve_config_path(args) -> str:
 
 
 def build_config(args):
-    """The frozen config of this run (pruning needs no dataset: none is registered)."""
-    cfg = load_config(resolve_config_path(args), args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("pgp_det").warning("CUDA is not available: running on CPU")
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+    """The frozen config of this run (no side effects beyond reading files)."""
+    return build_run_config(args.config, args.config_file, CONFIGS_DIR, args.opts)
 
 
 def _one_shot_criteria():

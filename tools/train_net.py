@@ -19,11 +19,8 @@ locked while the run uses it, and a new training refuses a folder that holds ano
 ``--trust-weights`` is given (loading them runs code they hold).
 """
 import argparse
-import logging
 import os
 import sys
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
@@ -33,11 +30,10 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from pgp_det.checkpoint import PrunedCheckpointer  # noqa: E402
-from pgp_det.config import load_config  # noqa: E402
 from pgp_det.config import resolve_config_path as find_config  # noqa: E402
 from pgp_det.data import add_dataset_arguments, register_custom_datasets  # noqa: E402
 from pgp_det.engine import Trainer  # noqa: E402
-from pgp_det.engine.preflight import check_training_run  # noqa: E402
+from pgp_det.engine.preflight import build_run_config, check_training_run  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
 from pgp_det.utils.io import atomic_write_json  # noqa: E402
@@ -53,12 +49,7 @@ def resolve_config_path(args) -> str:
 
 def build_config(args):
     """The frozen config of this run (no side effects beyond reading files)."""
-    cfg = load_config(resolve_config_path(args), args.opts, args.register_voc, args.register_coco)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("pgp_det").warning("CUDA is not available: running on CPU")
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+    return build_run_config(args.config, args.config_file, CONFIGS_DIR, args.opts, args.register_voc, args.register_coco)
 
 
 def main(args):

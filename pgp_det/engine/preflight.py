@@ -12,7 +12,10 @@ from typing import List
 
 from detectron2.modeling import build_model
 
+import torch
+
 from ..checkpoint import PrunedCheckpointer
+from ..config import load_config, resolve_config_path
 from ..data import check_dataset_available, check_num_classes, register_custom_datasets, validate_dataset
 from ..data.custom import is_custom_dataset
 from ..errors import UserInputError
@@ -22,6 +25,7 @@ from ..pruning.settings import check_pruning_config
 from ..utils.weights import check_weights_available
 
 __all__ = [
+    "build_run_config",
     "RUN_FILES", "check_training_run", "check_weights_fit", "existing_run_files", "weights_to_load",
 ]
 
@@ -29,6 +33,22 @@ logger = logging.getLogger(__name__)
 
 # files whose presence means OUTPUT_DIR already holds a training run
 RUN_FILES = ("last_checkpoint", "model_final.pth", "metrics.json")
+
+
+def build_run_config(config: str, config_file: str, configs_dir: str, opts=(), register_voc=(), register_coco=()):
+    """The frozen config of a tool's run: ``--config NAME`` (looked up in ``configs_dir``) or
+    ``--config-file PATH``, the ``KEY VALUE`` overrides and dataset registrations applied, and
+    ``MODEL.DEVICE cuda`` falling back to the CPU (with a warning) where CUDA is not available.
+
+    Raises:
+        UserInputError: the config cannot be found or read, or an override is invalid.
+    """
+    cfg = load_config(resolve_config_path(config, config_file, configs_dir), opts, register_voc, register_coco)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("pgp_det").warning("CUDA is not available: running on CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
 
 
 def existing_run_files(output_dir: str) -> List[str]:
