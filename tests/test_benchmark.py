@@ -290,6 +290,47 @@ def test_eval_map_fps_end_to_end(tiny_voc, tiny_models, tmp_path, capsys):
     assert "| wide |" in (out / "results.md").read_text()
 
 
+def test_eval_map_fps_sweeps_test_time_knobs_and_marks_the_pareto_front(tiny_voc, tiny_models, tmp_path):
+    wide_cfg, wide_weights = tiny_models["wide"]
+    out = tmp_path / "knobs"
+    code = load_tool(EVAL_MAP_FPS).main([
+        "--model", f"wide={wide_cfg}:{wide_weights}", "--sweep", "MODEL.RPN.POST_NMS_TOPK_TEST=100,20",
+        "--sweep", "INPUT.MIN_SIZE_TEST=128,96", "--warmup", "1", "--runs", "3", "--dataset-images", "0",
+        "--output", str(out),
+    ])
+    assert code == 0
+    with open(out / "results.csv") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {f"wide[POST_NMS_TOPK_TEST={k},MIN_SIZE_TEST={s}]" for k in (100, 20) for s in (128, 96)}
+    for label, row in rows.items():
+        size = label.split("MIN_SIZE_TEST=")[1].rstrip("]")
+        assert row["input_size"] == f"{size}x{size}"  # the timed input follows the swept test size
+    # fewer proposals at the same size: the box head runs on fewer boxes
+    fewer, more = rows["wide[POST_NMS_TOPK_TEST=20,MIN_SIZE_TEST=128]"], rows["wide[POST_NMS_TOPK_TEST=100,MIN_SIZE_TEST=128]"]
+    assert fewer["sweep"] == "MODEL.RPN.POST_NMS_TOPK_TEST 20 INPUT.MIN_SIZE_TEST 128"
+    assert float(fewer["AP50"]) != float(more["AP50"]) or float(fewer["gflops"]) < float(more["gflops"])
+    front = [r for r in rows.values() if r["pareto"] == "yes"]
+    assert front
+    for r in rows.values():  # a point off the front is beaten in both mAP and FPS by one on it
+        if r["pareto"] != "yes":
+            assert any(float(f["mAP"]) >= float(r["mAP"]) and float(f["fps"]) >= float(r["fps"]) for f in front)
+    assert (out / "map_vs_fps.png").exists()
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("MODEL.RPN.POST_NMS_TOPK_TEST", "expected KEY=VALUE1,VALUE2"),
+    ("MODEL.NO_SUCH_KEY=1,2", "NO_SUCH_KEY"),
+])
+def test_bad_sweep_is_one_line(tiny_models, tmp_path, sweep, message):
+    config, weights = tiny_models["wide"]
+    proc = run_cli("--model", f"a={config}:{weights}", "--skip-eval", "--dataset-images", "0", "--sweep", sweep,
+                   "--output", str(tmp_path / "r"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "r").exists()
+
+
 def test_mismatching_checkpoint_is_refused(tiny_models):
     cfg = tiny_cfg("MODEL.FPN.OUT_CHANNELS", "32")
     with pytest.raises(UserInputError, match="differ in shape"):

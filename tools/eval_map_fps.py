@@ -10,16 +10,25 @@ Examples::
         --device cuda --fp16 --runs 50 --output output/map_fps_gpu
     python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN --skip-eval --input-size 512x512 \\
         --threads 1 --output output/speed_only
+    # the test-time knobs in the same trade-off: every combination is a point of the plots
+    python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN_pgp --output output/knobs \\
+        --sweep MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 --sweep INPUT.MIN_SIZE_TEST=256,192
 
 For each model: mAP (VOC: AP50 11-point headline and AP; COCO: AP headline and AP50), batch-1
 latency (median / p90 ms, FPS) on a fixed-size input and over the first N dataset images,
 per-stage latency, GFLOPs at the fixed size, parameters and checkpoint size. Writes
 results.csv, results.json, results.md, map_vs_fps.png and map_vs_gflops.png into --output.
+With ``--sweep KEY=V1,V2`` each model is measured at every point of the grid (label
+``model[KEY=V,...]``); the rows on the Pareto front of mAP against FPS are marked ``pareto``.
+Without ``--input-size`` the timing input is ``INPUT.MIN_SIZE_TEST`` square, so sweeping that key
+sweeps the timed size too.
 
 Bad input (missing config or weights, a checkpoint that does not fit its config, an unregistered
 dataset) ends with one line on stderr and exit code 2.
 """
 import argparse
+import dataclasses
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -39,7 +48,7 @@ from detectron2.evaluation import inference_on_dataset  # noqa: E402
 from pgp_det.benchmark import measure_detector_latency, time_dataset_images  # noqa: E402
 from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.benchmark.flops import FAMILIES, count_flops  # noqa: E402
-from pgp_det.benchmark.report import reproducibility_record, write_report  # noqa: E402
+from pgp_det.benchmark.report import pareto_front, reproducibility_record, write_report  # noqa: E402
 from pgp_det.benchmark.timing import STAGES, environment_info, precision_context, synthetic_image  # noqa: E402
 from pgp_det.config import load_config  # noqa: E402
 from pgp_det.data import add_dataset_arguments, check_dataset_available, check_num_classes, register_custom_datasets  # noqa: E402,E501
@@ -56,6 +65,33 @@ class ModelSpec:
     label: str
     config: str
     weights: Optional[str]  # None: the config's MODEL.WEIGHTS
+    overrides: Tuple[str, ...] = ()  # test-time KEY VALUE pairs of one --sweep point
+
+
+def parse_sweeps(texts: List[str]) -> List[Tuple[str, List[str]]]:
+    """``["KEY=v1,v2", ...]`` -> ``[(KEY, [v1, v2]), ...]``."""
+    sweeps = []
+    for text in texts:
+        key, sep, values = text.partition("=")
+        values = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not values:
+            raise UserInputError(f"--sweep '{text}': expected KEY=VALUE1,VALUE2,... e.g. MODEL.RPN.POST_NMS_TOPK_TEST=300,100")
+        if key in [k for k, _ in sweeps]:
+            raise UserInputError(f"--sweep: {key} is swept twice; give all its values in one --sweep")
+        sweeps.append((key, values))
+    return sweeps
+
+
+def expand_sweeps(spec: ModelSpec, sweeps: List[Tuple[str, List[str]]]) -> List[ModelSpec]:
+    """One spec per point of the grid of ``sweeps`` (all combinations), labelled by its values."""
+    if not sweeps:
+        return [spec]
+    points = []
+    for values in itertools.product(*(v for _, v in sweeps)):
+        overrides = tuple(x for key, value in zip((k for k, _ in sweeps), values) for x in (key, value))
+        tag = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for (key, _), value in zip(sweeps, values))
+        points.append(dataclasses.replace(spec, label=f"{spec.label}[{tag}]", overrides=overrides))
+    return points
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -77,7 +113,8 @@ def run_dir_spec(directory: str) -> ModelSpec:
 
 
 def build_cfg(spec: ModelSpec, args):
-    cfg = load_config(spec.config, args.opts, args.register_voc, args.register_coco, label=f"model '{spec.label}'")
+    cfg = load_config(spec.config, [*args.opts, *spec.overrides], args.register_voc, args.register_coco,
+                      label=f"model '{spec.label}'")
     cfg.MODEL.DEVICE = args.device
     cfg.freeze()
     return cfg
@@ -150,6 +187,8 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str) -> Tuple[dic
     dtype = "fp16" if args.fp16 else "fp32"
     weights = spec.weights if spec.weights is not None else cfg.MODEL.WEIGHTS
     row = {"label": spec.label, "config": spec.config, "weights": weights or "", "dataset": dataset or ""}
+    if spec.overrides:
+        row["sweep"] = " ".join(spec.overrides)
     details = {}
 
     if not args.skip_eval:
@@ -223,6 +262,10 @@ def argument_parser():
                         help="time the first N dataset images once each (0: skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-eval", action="store_true", help="only time and count; no mAP")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="measure every model at each value of a test-time config key (repeatable: all "
+                             "combinations), e.g. MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 or INPUT.MIN_SIZE_TEST=256,192; "
+                             "every point goes on the plots and the Pareto front")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for results.* and the plots")
     add_dataset_arguments(parser)
     add_trust_argument(parser)
@@ -255,12 +298,20 @@ def check_args(args) -> List[ModelSpec]:
     return specs
 
 
+def mark_pareto_front(rows: List[dict]) -> None:
+    """``row["pareto"] = "yes"`` for the rows no other row beats in both mAP and FPS (rows without
+    both figures are left out)."""
+    measured = [r for r in rows if r.get("mAP") is not None and r.get("fps") is not None]
+    for i in pareto_front([(r["mAP"], r["fps"]) for r in measured], maximize=(True, True)):
+        measured[i]["pareto"] = "yes"
+
+
 def main(argv=None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)
     try:
         check_overrides(parser, args.opts)
-        specs = check_args(args)
+        specs = [point for spec in check_args(args) for point in expand_sweeps(spec, parse_sweeps(args.sweep))]
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(SEED)
@@ -273,6 +324,7 @@ def main(argv=None) -> int:
                 row, extra = benchmark_model(model, args, args.output)
                 rows.append(row)
                 details[model.spec.label] = extra
+            mark_pareto_front(rows)
             settings = {k: v for k, v in vars(args).items() if k != "output"}
             command = ["python", "tools/eval_map_fps.py", *(sys.argv[1:] if argv is None else argv)]
             record = reproducibility_record(environment_info(args.device), SEED, settings, command)

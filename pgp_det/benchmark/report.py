@@ -39,6 +39,8 @@ __all__ = [
 # Known columns, in report order, with units. Rows may carry more (appended after these).
 COLUMN_DOCS = {
     "label": "model name",
+    "sweep": "test-time overrides of this point (eval_map_fps --sweep)",
+    "pareto": "yes: no other row has both higher mAP and higher FPS",
     "config": "config file",
     "weights": "checkpoint file",
     "dataset": "evaluation dataset",
@@ -76,6 +78,7 @@ COLUMN_DOCS = {
 
 _MARKDOWN_COLUMNS = (
     "label",
+    "pareto",
     "mAP",
     "AP",
     "AP50",
