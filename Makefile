@@ -23,7 +23,7 @@ $(STAMP): setup.py tools/install_detectron2.py Makefile $(LOCK)
 # the unpruned R18-FPN and the same model pruned by PGP to half its FLOPs, side by side
 demo: install
 	$(PY) tools/sweep.py --config synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml --baseline \
-		--flops-reductions 0.5 --output output/demo
+		--flops-reductions 0.5 --reuse --output output/demo
 
 test: install
 	$(PY) -m pytest -q tests
