@@ -128,3 +128,20 @@ def test_importing_the_config_registers_no_dataset():
     datasets, modules = proc.stdout.strip().splitlines()[-2:]
     assert datasets == "[]"
     assert modules == str(["pgp_det", "pgp_det.config", "pgp_det.errors"])
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    """A cycle that only bites in one import order shows when each module is the first one
+    imported; two interpreters at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": ROOT}
+
+    def import_alone(module):
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT,
+                              env=env)
+        return module, proc.returncode, proc.stderr.strip().splitlines()[-1:] if proc.returncode else []
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [r for r in pool.map(import_alone, sorted(package_modules())) if r[1]]
+    assert not failures, failures
