@@ -426,3 +426,15 @@ def test_settings_check_the_latency_keys(r18_table, tmp_path):
         assert message in one_line_error(check, *extra), extra
     cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "speed")
     assert "use 'ratio', 'flops' or 'latency'" in one_line_error(check_pruning_config, cfg)
+
+
+def test_training_preflight_refuses_a_table_of_another_architecture(r18_table):
+    """train_net's checks (before anything is written) build the config's model and refuse a
+    table made for another architecture; the matching one passes."""
+    from pgp_det.engine.preflight import _check_model_for_pruning
+
+    latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
+               "PRUNING.TARGET_FPS", "20.0"]
+    _check_model_for_pruning(synthetic_cfg(*latency))
+    message = one_line_error(_check_model_for_pruning, synthetic_cfg(*latency, "MODEL.ROI_BOX_HEAD.FC_DIM", "128"))
+    assert "was made for another architecture: channel group roi_heads.box_head.fc1 has 256 channels there" in message

@@ -48,7 +48,8 @@ How many channels each group keeps is the job of an allocation method, picked by
     predicted by the budget's own model with every other group at its current count (a layer's
     latency depends on both groups it reads and writes). The step with the least ``dI / dC`` is
     taken until the cost is within the budget (ratios are recomputed lazily: a step's saving only
-    shrinks as its neighbours shrink); then steps are given back, most importance per unit of
+    shrinks as its neighbours shrink), the last one being, of the steps that alone reach the
+    budget, the one that loses the least; then steps are given back, most importance per unit of
     cost first, while the budget still holds. Any budget works: latency, FLOPs, or channels.
 ``adaptive``
     PSAP-style layer-adaptive ratios (arXiv 2303.11881: "each layer's ratio is set from its weight
@@ -384,16 +385,18 @@ def knapsack(request: AllocationRequest) -> Dict[str, int]:
         )
 
     def step_down(n: str):
-        """``(importance lost / cost saved, importance lost, order, n)`` of group ``n``'s next
-        step down, or None at its smallest count; a step that saves nothing sorts last."""
+        """``(importance lost / cost saved, importance lost, order, n, cost after)`` of group
+        ``n``'s next step down, or None at its smallest count; a step that saves nothing sorts
+        last."""
         if position[n] == 0:
             return None
         lower = counts[n][position[n] - 1]
         trial = dict(kept)
         trial[n] = lower
-        saved = cost - request.cost(trial)
+        after = request.cost(trial)
+        saved = cost - after
         loss = lost_at[n](lower) - lost_at[n](kept[n])
-        return (loss / saved if saved > 0 else math.inf, loss, order[n], n)
+        return (loss / saved if saved > 0 else math.inf, loss, order[n], n, after)
 
     # lazy greedy: a popped ratio computed before the last accepted step is recomputed first
     accepted = 0
@@ -407,6 +410,11 @@ def knapsack(request: AllocationRequest) -> Dict[str, int]:
             if fresh is not None:
                 heapq.heappush(heap, (*fresh, accepted))
             continue
+        if key[4] <= limit:
+            # the last step: of the steps that alone meet the budget, the one losing the least
+            # (then saving the least), not necessarily the best ratio (greedy knapsack's fix-up)
+            finishing = [k for k in map(step_down, names) if k is not None and k[4] <= limit]
+            n = min(finishing, key=lambda k: (k[1], -k[4], k[2]))[3]
         position[n] -= 1
         kept[n] = counts[n][position[n]]
         cost = request.cost(kept)
