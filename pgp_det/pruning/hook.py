@@ -404,6 +404,9 @@ class PGPHook(HookBase):
             "pruning step %d/%d at iteration %d: removed %d, zeroed %d channels; kept %s; %.2f GFLOPs; %.2fs",
             step, num_steps, entry["iteration"], entry["removed"], entry["zeroed"], kept, entry["gflops"], seconds,
         )
+        if latency:
+            logger.info("pruning step %d/%d: %.3f ms predicted (%.3f ms for the kept channels; budget %.3f ms)",
+                        step, num_steps, latency["latency_ms"], latency["latency_kept_ms"], latency["latency_budget_ms"])
         if comm.is_main_process():
             log = {"steps": self.log, "architecture": sizes, "original_sizes": self.original_sizes}
             if self._latency is not None:
