@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch.utils.flop_counter import FlopCounterMode
 
-from pgp_det.benchmark.latency_profile import grid_widths, profile_latency, time_whole_model
+from pgp_det.benchmark.latency_profile import grid_widths, time_whole_model
 from pgp_det.checkpoint import load_model
 from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
