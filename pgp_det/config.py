@@ -35,10 +35,21 @@ def add_pruning_config(cfg: CN) -> CN:
         TARGET ["ratio"]: ``"ratio"``: prune ``RATIO`` of every pruned group's channels;
             ``"flops"``: every step's allocation meets the schedule's share of a
             ``FLOPS_REDUCTION`` cut of the unpruned model's FLOPs at ``COST_INPUT_SIZE``
-            (predicted; within a fraction of a point, never less), reached at the last step.
+            (predicted; within a fraction of a point, never less), reached at the last step;
+            ``"latency"``: the same with the latency ``LATENCY_TABLE`` predicts, down to
+            ``TARGET_LATENCY_MS`` (or ``1000 / TARGET_FPS``) at the last step.
         RATIO [0.5]: final fraction of channels pruned per group, in [0, 1).
         FLOPS_REDUCTION [0.5]: final fraction of FLOPs removed, in (0, 1), for ``TARGET "flops"``.
-        COST_INPUT_SIZE [(800, 1333)]: (height, width) at which FLOPs are counted.
+        COST_INPUT_SIZE [(800, 1333)]: (height, width) at which FLOPs are counted; with
+            ``TARGET "latency"`` it must be the latency table's input size.
+        LATENCY_TABLE [""]: for ``TARGET "latency"``: a table made by ``tools/profile_latency.py``
+            on the device the model will run on (``pgp_det.pruning.latency.LatencyTable``).
+        TARGET_LATENCY_MS [0.0], TARGET_FPS [0.0]: for ``TARGET "latency"``, exactly one > 0:
+            the final predicted batch-1 latency in ms, or a frame rate (``1000 / TARGET_FPS`` ms).
+            The latency is predicted at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals, so fewer
+            proposals leave more channels.
+        LATENCY_DEVICE [""]: ``"cpu"`` or ``"cuda"``: the kind of device the model will run on;
+            a table measured on another kind is refused. ``""`` accepts the table's.
         SCOPES: which parts are pruned, among ``backbone``, ``fpn``, ``rpn``, ``roi_heads``.
         SCOPE_RATIOS [()]: per-scope overrides of ``RATIO`` as ``(("roi_heads", 0.3), ...)``.
         CRITERION ["pgp"]: channel score, by name in ``CRITERION_REGISTRY``: ``pgp`` (L1 norm of
@@ -51,7 +62,9 @@ def add_pruning_config(cfg: CN) -> CN:
             ``SCHEDULE_REGISTRY``: ``pgp_exponential``, ``psfp``, ``linear``, ``cubic``.
         ALLOCATION ["uniform"]: how the step's budget is shared among groups, by name in
             ``ALLOCATION_REGISTRY``: ``uniform``, ``global`` (one normalised ranking),
-            ``adaptive`` (PSAP-style, from the live channels' weight sparsity).
+            ``knapsack`` (the most normalised importance within the budget, greedy by importance
+            per unit of cost: HALP-style with ``TARGET "latency"``), ``adaptive`` (PSAP-style,
+            from the live channels' weight sparsity).
         PROTECT_QUANTILE [0.0]: when > 0, channels whose recent gradient (L1 with a half-life of
             a quarter of the pruning interval, an accumulator of its own whatever ``CRITERION``)
             is above this quantile of their group are not pruned at that step (PSAP-style
@@ -85,6 +98,10 @@ def add_pruning_config(cfg: CN) -> CN:
     cfg.PRUNING.RATIO = 0.5
     cfg.PRUNING.FLOPS_REDUCTION = 0.5
     cfg.PRUNING.COST_INPUT_SIZE = (800, 1333)
+    cfg.PRUNING.LATENCY_TABLE = ""
+    cfg.PRUNING.TARGET_LATENCY_MS = 0.0
+    cfg.PRUNING.TARGET_FPS = 0.0
+    cfg.PRUNING.LATENCY_DEVICE = ""
     cfg.PRUNING.SCOPES = ("backbone", "fpn", "rpn", "roi_heads")
     cfg.PRUNING.SCOPE_RATIOS = ()
     cfg.PRUNING.CRITERION = "pgp"

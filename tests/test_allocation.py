@@ -165,7 +165,7 @@ def test_protect_by_gradient_marks_the_top_quantile():
         protect_by_gradient({"g": torch.arange(3.0)}, quantile=1.0)
 
 
-@pytest.mark.parametrize("method", ["uniform", "global"])
+@pytest.mark.parametrize("method", ["uniform", "global", "knapsack"])
 def test_protected_channels_are_never_chosen(method):
     scores = {"g": torch.arange(32.0) + 1}
     protected = {"g": torch.zeros(32, dtype=torch.bool)}
@@ -260,7 +260,7 @@ def prunable_groups(model, names=None):
 
 
 @pytest.mark.parametrize("target", ["ratio", "flops"])
-@pytest.mark.parametrize("method", ["uniform", "global", "adaptive"])
+@pytest.mark.parametrize("method", ["uniform", "global", "knapsack", "adaptive"])
 def test_every_allocation_meets_each_steps_target(method, target):
     cfg, model = synthetic_r18("PRUNING.ALLOCATION", method, "PRUNING.TARGET", target, "PRUNING.RATIO", 0.5,
                                "PRUNING.FLOPS_REDUCTION", 0.5, "PRUNING.SCHEDULE", "pgp_exponential")

@@ -142,8 +142,11 @@ def test_malicious_checkpoint_is_refused_by_the_loader(files, kind):
         ("prune_net.py", ["--config-file", CONFIG, "--ratio", "0.5", "--output", "{out}", "MODEL.WEIGHTS", "{w}"]),
         ("sweep.py", ["--config-file", CONFIG, "--oneshot", "--ratios", "0.5", "--output", "{out}",
                       "MODEL.WEIGHTS", "{w}"]),
+        ("profile_latency.py", ["--config-file", CONFIG, "--weights", "{w}", "--input-size", "64x64",
+                                "--output", "{out}/table.json"]),
     ],
-    ids=["train_net-eval", "train_net-train", "eval_map_fps", "export_model", "prune_net", "sweep-oneshot"],
+    ids=["train_net-eval", "train_net-train", "eval_map_fps", "export_model", "prune_net", "sweep-oneshot",
+         "profile_latency"],
 )
 @pytest.mark.parametrize("kind", ["evil_pth", "evil_pkl"])
 def test_no_tool_runs_a_checkpoints_payload(files, tmp_path, tool, args, kind):

@@ -143,7 +143,7 @@ def test_every_allocation_meets_the_target(tool, target):
         (["--ratio", "1.0"], "--ratio 1.0 is outside [0, 1)"),
         (["--ratio", "-0.1"], "--ratio -0.1 is outside [0, 1)"),
         (["--flops-reduction", "0"], "--flops-reduction 0.0 is outside (0, 1)"),
-        ([], "one of the arguments --ratio --flops-reduction --list-groups is required"),
+        ([], "one of the arguments --ratio --flops-reduction --target-latency-ms --target-fps --list-groups is required"),
         (["--ratio", "0.5", "--flops-reduction", "0.5"], "not allowed with argument"),
         (["--ratio", "0.5", "--scopes", "backbone,neck"], "--scopes: unknown scope 'neck'"),
         (["--ratio", "0.5", "--criterion", "l3"], "--criterion 'l3' is unknown; one-shot pruning takes bn_gamma, l1, l2"),

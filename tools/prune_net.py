@@ -9,6 +9,8 @@ Examples::
         --scopes backbone,fpn --output output/r50_half MODEL.WEIGHTS /path/to/model_final.pth
     python tools/train_net.py --config-file configs/faster_rcnn_R_50_FPN_voc.yaml --eval-only \\
         MODEL.WEIGHTS output/r50_half/model_pruned.pth
+    python tools/prune_net.py --config synthetic/faster_rcnn_R_18_FPN_synth.yaml --latency-table r18_cpu.json \\
+        --target-fps 40 --allocation knapsack --output output/synth_40fps MODEL.WEIGHTS output/synth_R_18_FPN/model_final.pth
 
 The prunable channel groups (see ``pgp_det.pruning.derive_channel_groups``) in ``--scopes`` are
 pruned in one step by the library's ``--allocation`` (``pgp_det.pruning.allocation``, as the
@@ -17,7 +19,12 @@ training hook's last step would: ``uniform`` prunes every group by ``--ratio``, 
 the highest ``--criterion`` score (``l1``/``l2``: norm of each filter, normalised per producing
 layer and averaged over the group's producing layers; ``bn_gamma``: |gamma| of their norms). With
 ``--flops-reduction F`` every allocation removes F of the FLOPs at ``--input-size`` (predicted by
-``pgp_det.pruning.cost.CostModel``; within a fraction of a point, never less). Kept counts are
+``pgp_det.pruning.cost.CostModel``; within a fraction of a point, never less). With
+``--latency-table T`` (made by ``tools/profile_latency.py`` on the device the model will run on)
+and ``--target-latency-ms X`` or ``--target-fps F``, every allocation brings the latency the table
+predicts (at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals) to at most the target, ``knapsack``
+keeping the most importance; the table must fit the model, and ``--input-size`` (default: the
+table's) must be the table's. Kept counts are
 multiples of ``--multiple`` and at least ``--floor``. Groups touching frozen layers
 (``MODEL.BACKBONE.FREEZE_AT``) are pruned only with ``--allow-frozen`` (or
 ``PRUNING.ALLOW_FROZEN True``). No dataset is needed.
@@ -29,6 +36,7 @@ kept/original channels per group; the settings). Bad input ends with one ``error
 stderr, exit code 2, and nothing written.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -50,6 +58,7 @@ from pgp_det.pruning.allocation import ALLOCATION_REGISTRY  # noqa: E402
 from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_reduction  # noqa: E402
 from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
 from pgp_det.pruning.hook import plan_pruning_step  # noqa: E402
+from pgp_det.pruning.latency import LatencyTable, latency_reduction, target_latency_ms  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir, claim_output_dir  # noqa: E402
@@ -68,6 +77,10 @@ def argument_parser() -> argparse.ArgumentParser:
     target.add_argument("--ratio", type=float, help="fraction of each pruned group's channels to remove, in [0, 1)")
     target.add_argument("--flops-reduction", type=float, metavar="F",
                         help="fraction of the FLOPs at --input-size to remove, in (0, 1)")
+    target.add_argument("--target-latency-ms", type=float, metavar="X",
+                        help="latency the --latency-table must predict at most, in ms")
+    target.add_argument("--target-fps", type=float, metavar="F",
+                        help="frame rate the --latency-table must predict at least (1000 / F ms)")
     target.add_argument("--list-groups", action="store_true",
                         help="print the model's channel groups with their FLOPs share at --input-size, and exit")
     parser.add_argument("--criterion", default="l1", help="channel score: l1, l2 (filter norms) or bn_gamma")
@@ -81,7 +94,10 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="no group keeps fewer channels (default: PRUNING.MIN_CHANNELS, 8)")
     parser.add_argument("--allow-frozen", action="store_true",
                         help="also prune groups touching frozen layers (default: PRUNING.ALLOW_FROZEN)")
-    parser.add_argument("--input-size", default="800x1333", metavar="HxW", help="input size FLOPs are counted at")
+    parser.add_argument("--latency-table", default="", metavar="T",
+                        help="latency table of the device (tools/profile_latency.py), for --target-latency-ms/--target-fps")
+    parser.add_argument("--input-size", default=None, metavar="HxW",
+                        help="input size FLOPs are counted at (default: the latency table's, else 800x1333)")
     parser.add_argument("--output", default="", metavar="DIR", help="folder for model_pruned.pth and the report")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model_pruned.pth")
     add_trust_argument(parser)
@@ -115,6 +131,16 @@ def check_args(args) -> None:
         raise UserInputError(f"--ratio {args.ratio} is outside [0, 1): give the fraction of channels to remove")
     if args.flops_reduction is not None and not 0.0 < args.flops_reduction < 1.0:
         raise UserInputError(f"--flops-reduction {args.flops_reduction} is outside (0, 1): give the fraction of FLOPs to remove")
+    latency_target = args.target_latency_ms is not None or args.target_fps is not None
+    if latency_target:
+        for flag, value in (("--target-latency-ms", args.target_latency_ms), ("--target-fps", args.target_fps)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise UserInputError(f"{flag} {value}: give a number > 0")
+        if not args.latency_table:
+            raise UserInputError("a latency target needs --latency-table T, made by tools/profile_latency.py on the "
+                                 "device the model will run on")
+    elif args.latency_table:
+        raise UserInputError("--latency-table is used with --target-latency-ms or --target-fps; give one of them")
     usable = _one_shot_criteria()
     if args.criterion not in usable:
         why = "needs training (gradients or activations)" if args.criterion in CRITERION_REGISTRY else "is unknown"
@@ -127,7 +153,8 @@ def check_args(args) -> None:
     for flag, value in (("--multiple", args.multiple), ("--floor", args.floor)):
         if value is not None and value < 1:
             raise UserInputError(f"{flag} {value}: use an integer >= 1")
-    parse_input_size(args.input_size)
+    if args.input_size is not None:
+        parse_input_size(args.input_size)
     if args.list_groups:
         return
     if not args.output:
@@ -159,9 +186,18 @@ def prune(cfg, args) -> dict:
     scopes = _scopes(args.scopes) if args.scopes else tuple(cfg.PRUNING.SCOPES)
     multiple = args.multiple if args.multiple is not None else int(cfg.PRUNING.CHANNEL_MULTIPLE)
     floor = args.floor if args.floor is not None else int(cfg.PRUNING.MIN_CHANNELS)
-    height, width = parse_input_size(args.input_size)
+    table = LatencyTable.load(args.latency_table) if args.latency_table else None
+    if args.input_size is not None:
+        height, width = parse_input_size(args.input_size)
+    else:
+        height, width = table.input_size if table is not None else (800, 1333)
 
     groups = derive_channel_groups(model, allow_frozen=allow_frozen)
+    target_ms = None
+    if table is not None:
+        table.check_compatible(groups, (height, width), cfg.PRUNING.LATENCY_DEVICE or None)
+        table = table.with_proposals(int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST))
+        target_ms = target_latency_ms(args.target_latency_ms or 0.0, args.target_fps or 0.0)
     if removable_channels(groups, scopes, floor) == 0:
         print(f"warning: --floor / PRUNING.MIN_CHANNELS {floor} is at least the width of every prunable group in "
               f"{','.join(scopes)}: nothing will be pruned; lower it", file=sys.stderr)
@@ -169,6 +205,8 @@ def prune(cfg, args) -> dict:
     before = costs.predict({})  # the measurement itself: nothing pruned yet
     if args.flops_reduction is not None:
         ratio = ratio_for_flops_reduction(costs, groups, args.flops_reduction, multiple, floor, scopes)
+    elif table is not None:
+        ratio = latency_reduction(table, target_ms)  # only checked: the latency budget decides
     else:
         ratio = args.ratio
     allocation = args.allocation or cfg.PRUNING.ALLOCATION
@@ -180,12 +218,14 @@ def prune(cfg, args) -> dict:
     step = cfg.clone()
     step.defrost()
     step.PRUNING.ALLOCATION = allocation
-    step.PRUNING.TARGET = "ratio" if args.flops_reduction is None else "flops"
+    step.PRUNING.TARGET = "flops" if args.flops_reduction is not None else "latency" if table is not None else "ratio"
     step.PRUNING.FLOPS_REDUCTION = args.flops_reduction or 0.0
+    step.PRUNING.TARGET_LATENCY_MS = args.target_latency_ms or 0.0
+    step.PRUNING.TARGET_FPS = args.target_fps or 0.0
     step.PRUNING.CHANNEL_MULTIPLE, step.PRUNING.MIN_CHANNELS = multiple, floor
     pruned = {name: g for name, g in groups.items() if g.prunable and g.scope in scopes}
     weak = plan_pruning_step(step, model, pruned, scores, 1, 1, {name: g.size for name, g in pruned.items()},
-                             {name: ratio for name in pruned}, cost_model=costs)
+                             {name: ratio for name in pruned}, cost_model=costs, latency_table=table)
     removals = {name: channels for name, channels in weak.items() if channels}
     sizes = {name: group.size - len(removals.get(name, ())) for name, group in groups.items()}
     hard_prune(model, removals, allow_frozen=allow_frozen, groups=groups)
@@ -198,6 +238,12 @@ def prune(cfg, args) -> dict:
     def reduction(old: float, new: float) -> float:
         return 100.0 * (1.0 - new / old) if old else 0.0
 
+    if args.flops_reduction is not None:
+        requested = {"flops_reduction": args.flops_reduction}
+    elif table is not None:
+        requested = {"target_latency_ms": args.target_latency_ms} if args.target_latency_ms else {"target_fps": args.target_fps}
+    else:
+        requested = {"ratio": args.ratio}
     flops_before = per_family(before["flops_per_family"], 1e9)
     flops_after = per_family(after["flops_per_family"], 1e9)
     report = {
@@ -206,8 +252,8 @@ def prune(cfg, args) -> dict:
         "settings": {
             "criterion": args.criterion,
             "allocation": allocation,
-            "ratio": ratio,
-            "requested": {"ratio": args.ratio} if args.flops_reduction is None else {"flops_reduction": args.flops_reduction},
+            "ratio": None if table is not None else ratio,
+            "requested": requested,
             "scopes": list(scopes),
             "multiple": multiple,
             "floor": floor,
@@ -243,6 +289,17 @@ def prune(cfg, args) -> dict:
             for name, group in groups.items()
         },
     }
+    if table is not None:
+        report["latency"] = {
+            "table": args.latency_table,
+            "device": table.describe(),
+            "device_kind": table.device_kind,
+            "input_size": list(table.input_size),
+            "proposals": table.proposals,
+            "before_ms": table.predict(),
+            "target_ms": target_ms,
+            "predicted_after_ms": table.predict(sizes),
+        }
     return {"model": model, "report": report}
 
 
@@ -252,7 +309,7 @@ def group_table(cfg, args) -> str:
     weights = check_weights_available(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
     model = load_model(cfg, weights, strict=False, trusted=args.trust_weights)
     groups = derive_channel_groups(model, allow_frozen=bool(args.allow_frozen or cfg.PRUNING.ALLOW_FROZEN))
-    costs = CostModel(model, *parse_input_size(args.input_size)).group_costs()
+    costs = CostModel(model, *parse_input_size(args.input_size or "800x1333")).group_costs()
     table = format_group_costs(groups, costs).splitlines()
     fixed = {name: f"fixed: {g.reason}" for name, g in groups.items() if not g.prunable}
     return "\n".join([table[0]] + [f"{line}  {fixed.get(name, '')}".rstrip() for name, line in zip(costs, table[1:])])
@@ -283,15 +340,22 @@ def summary(report: dict) -> str:
         for family in flops["before_gflops_per_family"]
     )
     height, width = flops["input_size"]
-    return "\n".join([
+    ratio = "" if settings["ratio"] is None else f"ratio {settings['ratio']:.3f}, "
+    lines = [
         f"pruned {pruned} of {len(report['groups'])} channel groups ({settings['criterion']}, "
-        f"{settings['allocation']} allocation, ratio "
-        f"{settings['ratio']:.3f}, scopes {','.join(settings['scopes'])}, multiple {settings['multiple']}, "
-        f"floor {settings['floor']})",
+        f"{settings['allocation']} allocation, {ratio}scopes {','.join(settings['scopes'])}, "
+        f"multiple {settings['multiple']}, floor {settings['floor']})",
         f"GFLOPs at {height}x{width}: {flops['before_gflops']:.2f} -> {flops['after_gflops']:.2f} "
         f"(-{flops['reduction_percent']:.1f}%; {families})",
         f"parameters: {params['before'] / 1e6:.2f} M -> {params['after'] / 1e6:.2f} M (-{params['reduction_percent']:.1f}%)",
-    ])
+    ]
+    latency = report.get("latency")
+    if latency:
+        lines.append(
+            f"latency predicted on {latency['device']}, {latency['proposals']} proposals: {latency['before_ms']:.3f} ms -> "
+            f"{latency['predicted_after_ms']:.3f} ms (target {latency['target_ms']:.3f} ms)"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

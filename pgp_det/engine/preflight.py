@@ -21,7 +21,7 @@ from ..data.custom import is_custom_dataset
 from ..errors import UserInputError
 from ..pruning.dependency import derive_channel_groups
 from ..pruning.groups import removable_channels
-from ..pruning.settings import check_pruning_config
+from ..pruning.settings import check_latency_settings, check_pruning_config
 from ..utils.weights import check_weights_available
 
 __all__ = [
@@ -103,12 +103,17 @@ def check_weights_fit(cfg, path: str, strict: bool, trusted: bool = False) -> No
     PrunedCheckpointer(build_model(cpu), strict=strict, trusted=trusted).load(path)
 
 
-def _warn_if_nothing_to_prune(cfg) -> None:
+def _check_model_for_pruning(cfg) -> None:
+    """Warn when nothing would be pruned; with ``TARGET "latency"``, refuse a latency table made
+    for another architecture (the config builds the model at its original widths)."""
     p = cfg.PRUNING
     cpu = cfg.clone()
     cpu.defrost()
     cpu.MODEL.DEVICE = "cpu"
     groups = derive_channel_groups(build_model(cpu), allow_frozen=p.ALLOW_FROZEN)
+    if p.TARGET == "latency":
+        table, _ = check_latency_settings(cfg)
+        table.check_compatible(groups, tuple(p.COST_INPUT_SIZE), p.LATENCY_DEVICE or None)
     if removable_channels(groups, p.SCOPES, p.MIN_CHANNELS) == 0:
         logger.warning(
             "PRUNING.MIN_CHANNELS %d is at least the width of every prunable channel group in PRUNING.SCOPES %s: "
@@ -144,5 +149,5 @@ def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = Fa
     # evaluation needs the whole detector; training may start from a partial (backbone) checkpoint
     check_weights_fit(cfg, path, strict=eval_only, trusted=trusted)
     if cfg.PRUNING.ENABLED and not eval_only:
-        _warn_if_nothing_to_prune(cfg)
+        _check_model_for_pruning(cfg)
     return path

@@ -12,8 +12,10 @@
 * :mod:`.schedules`: pruned fraction per step (``SCHEDULE_REGISTRY``), and the iterations the steps
   happen at.
 * :mod:`.allocation`: which channels a step prunes (``ALLOCATION_REGISTRY``: uniform, global,
-  adaptive), and the hard/soft split.
+  knapsack, adaptive), and the hard/soft split.
 * :mod:`.cost`: FLOPs and parameters per group and family, predicted for any pruned widths.
+* :mod:`.latency`: :class:`~.latency.LatencyTable`, a device's latency predicted for any pruned
+  widths (measured by :mod:`pgp_det.benchmark.latency_profile`).
 * :mod:`.settings`: the ``PRUNING`` config checked at start-up (:func:`~.settings.check_pruning_config`).
 * :mod:`.hook`: :class:`~.hook.PGPHook`, pruning while detectron2 trains.
 """

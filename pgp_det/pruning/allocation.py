@@ -15,6 +15,11 @@ What a step must reach (its *budget*):
   :class:`~pgp_det.pruning.cost.CostModel`) to at most the budget. The pruning hook sets the
   budget of step ``k`` to ``(1 - p_k)`` times the unpruned model's FLOPs, ``p_k`` the schedule
   applied to the final FLOPs reduction, so the last step reaches the target itself.
+* ``TARGET latency``: a latency budget (``latency_budget``, milliseconds): the kept counts must
+  bring the latency a device's table predicts (``latency_model.predict(kept)``, see
+  :class:`~pgp_det.pruning.latency.LatencyTable`) to at most the budget, set by the hook as for
+  FLOPs: ``(1 - p_k)`` times the unpruned model's predicted latency, ``p_k`` the schedule applied
+  to the final reduction ``1 - target / unpruned``.
 
 How many channels each group keeps is the job of an allocation method, picked by name from
 :data:`ALLOCATION_REGISTRY` (``PRUNING.ALLOCATION``):
@@ -34,6 +39,18 @@ How many channels each group keeps is the job of an allocation method, picked by
     count). How far down the ranking to go is searched against the budget, channels or FLOPs.
     The One-step paper's own per-layer formula (arXiv 1906.07488) was not available: the
     ranking is what is implemented.
+``knapsack``
+    Keep the most importance within the budget (HALP's "maximise kept importance subject to
+    latency <= budget", arXiv 2110.10811, solved greedily; HALP's own solver is not used). A
+    group's importance is the sum of its kept channels' scores, normalised as ``global``
+    normalises them; removing the next step of a group (down to its next allowed count, lowest
+    scores first, protected channels never) loses importance ``dI`` and saves cost ``dC``,
+    predicted by the budget's own model with every other group at its current count (a layer's
+    latency depends on both groups it reads and writes). The step with the least ``dI / dC`` is
+    taken until the cost is within the budget (ratios are recomputed lazily: a step's saving only
+    shrinks as its neighbours shrink), the last one being, of the steps that alone reach the
+    budget, the one that loses the least; then steps are given back, most importance per unit of
+    cost first, while the budget still holds. Any budget works: latency, FLOPs, or channels.
 ``adaptive``
     PSAP-style layer-adaptive ratios (arXiv 2303.11881: "each layer's ratio is set from its weight
     sparsity"; the paper's formula was not available). Implemented: group ``g`` prunes the
@@ -42,7 +59,7 @@ How many channels each group keeps is the job of an allocation method, picked by
     factor ``s`` is searched against the budget, channels or FLOPs (every group alike when no
     group has any sparsity).
 
-Meeting a budget (``global``, ``adaptive``, and ``uniform`` with a FLOPs budget): the method
+Meeting a budget (``global``, ``adaptive``, and ``uniform`` with a FLOPs or latency budget): the method
 gives a raw kept count per group as a function of one parameter ``t`` (the fraction, the depth
 in the ranking, the factor ``s``), never more than the group has now. Rounding every raw count
 down to an allowed count, the smallest ``t`` whose cost is within the budget is found by
@@ -64,6 +81,7 @@ instead; when too few are left, the group prunes fewer (it never keeps fewer tha
 count requires), and the step may then stay above its budget.
 """
 import dataclasses
+import heapq
 import math
 import numbers
 from collections import OrderedDict
@@ -132,9 +150,13 @@ class AllocationRequest:
             :class:`~pgp_det.pruning.cost.CostModel` measured on a model at least as wide as
             the groups are now), or None.
         flops_budget: FLOPs (at the cost model's input size) the model may have after this step,
-            or None: the step's budget is then the channels of ``fractions``.
-        normalisation: how ``global`` puts groups on one scale: ``"mean"`` (divide by the
-            group's mean) or ``"none"`` (the scores already are).
+            or None.
+        normalisation: how ``global`` and ``knapsack`` put groups on one scale: ``"mean"``
+            (divide by the group's mean) or ``"none"`` (the scores already are).
+        latency_model: what predicts the latency of kept counts (``predict(sizes)`` in ms, a
+            :class:`~pgp_det.pruning.latency.LatencyTable`), or None.
+        latency_budget: milliseconds the model may take after this step, or None. With neither
+            budget, the step's budget is the channels of ``fractions``.
     """
 
     scores: Mapping[str, torch.Tensor]
@@ -148,6 +170,13 @@ class AllocationRequest:
     cost_model: Optional[Any] = None
     flops_budget: Optional[float] = None
     normalisation: str = "mean"
+    latency_model: Optional[Any] = None
+    latency_budget: Optional[float] = None
+
+    @property
+    def cost_budget(self) -> bool:
+        """True when the budget is FLOPs or latency (predicted by a model), not channels."""
+        return self.flops_budget is not None or self.latency_budget is not None
 
     def target_kept(self, name: str, fraction: Optional[float] = None) -> int:
         """Channels group ``name`` keeps when ``fraction`` (default: its scheduled one) of its
@@ -167,21 +196,29 @@ class AllocationRequest:
 
     @property
     def budget(self) -> float:
-        """The most :meth:`cost` may be after this step: ``flops_budget`` when given, else the
-        scheduled kept channels ``sum C0 * (1 - fraction)``."""
+        """The most :meth:`cost` may be after this step: ``latency_budget`` or ``flops_budget``
+        when given, else the scheduled kept channels ``sum C0 * (1 - fraction)``."""
+        if self.latency_budget is not None:
+            return self.latency_budget
         if self.flops_budget is not None:
             return self.flops_budget
         return sum(self.original_sizes[n] * (1.0 - self.fractions[n]) for n in self.groups)
 
     def cost(self, kept: Mapping[str, int]) -> float:
-        """What the budget limits, for ``kept[group]`` channels kept: predicted FLOPs with a
-        FLOPs budget, else the kept channels summed over the groups."""
+        """What the budget limits, for ``kept[group]`` channels kept: predicted milliseconds
+        with a latency budget, predicted FLOPs with a FLOPs budget, else the kept channels summed
+        over the groups."""
+        if self.latency_budget is not None:
+            return self.latency_model.predict(kept)
         if self.flops_budget is not None:
             return self.cost_model.predict(kept)["flops"]
         return float(sum(kept.values()))
 
     def describe(self, cost: float) -> str:
         """``cost`` in words, for messages."""
+        if self.latency_budget is not None:
+            describe = getattr(self.latency_model, "describe", None)
+            return f"{cost:.4g} ms on {describe()}" if describe else f"{cost:.4g} ms"
         if self.flops_budget is not None:
             size = getattr(self.cost_model, "height", "?"), getattr(self.cost_model, "width", "?")
             return f"{cost / 1e9:.4g} GFLOPs at {size[0]}x{size[1]}"
@@ -267,12 +304,22 @@ def _meet_budget(
 
 @ALLOCATION_REGISTRY.register()
 def uniform(request: AllocationRequest) -> Dict[str, int]:
-    """Each group keeps its own rounded target ``C0 * (1 - fraction)``; with a FLOPs budget, one
-    fraction for all groups, searched with FLOPs-aware rounding."""
-    if request.flops_budget is None:
+    """Each group keeps its own rounded target ``C0 * (1 - fraction)``; with a FLOPs or latency
+    budget, one fraction for all groups, searched with cost-aware rounding."""
+    if not request.cost_budget:
         return {name: request.target_kept(name) for name in request.groups}
     original = request.original_sizes
     return _meet_budget(request, "uniform", lambda r: {n: original[n] * (1.0 - r) for n in request.groups}, 1.0)
+
+
+def _normalised_scores(request: AllocationRequest, name: str) -> torch.Tensor:
+    """Group ``name``'s scores on the scale groups are compared on: divided by their mean
+    (``normalisation "mean"``; all zero when the mean is not positive) or as they are."""
+    scores = request.scores[name]
+    if request.normalisation == "none":
+        return scores.clone()
+    mean = scores.mean()
+    return scores / mean if mean > 0 else torch.zeros_like(scores)
 
 
 def _global_ranking(request: AllocationRequest) -> Dict[str, int]:
@@ -282,15 +329,7 @@ def _global_ranking(request: AllocationRequest) -> Dict[str, int]:
     current = [request.groups[n].size for n in names]
 
     # ranking: normalised score, protected channels last (never taken)
-    normalised = []
-    for n in names:
-        scores = request.scores[n]
-        if request.normalisation == "none":
-            scaled = scores.clone()
-        else:
-            mean = scores.mean()
-            scaled = scores / mean if mean > 0 else torch.zeros_like(scores)
-        normalised.append(scaled.masked_fill(request.protected[n], math.inf))
+    normalised = [_normalised_scores(request, n).masked_fill(request.protected[n], math.inf) for n in names]
     flat = torch.cat(normalised)
     owner = torch.cat([torch.full((size,), i, dtype=torch.long) for i, size in enumerate(current)])
     order = torch.sort(flat, stable=True).indices
@@ -315,6 +354,99 @@ def _global_ranking(request: AllocationRequest) -> Dict[str, int]:
 
 _global_ranking.__name__ = "global"  # the config name; `global` is a Python keyword
 ALLOCATION_REGISTRY.register(_global_ranking)
+
+
+@ALLOCATION_REGISTRY.register()
+def knapsack(request: AllocationRequest) -> Dict[str, int]:
+    """The most importance kept within the budget: greedy by importance lost per unit of cost
+    saved, with the budget checked on the exact predicted cost (see the module docstring)."""
+    names = list(request.groups)
+    order = {n: i for i, n in enumerate(names)}
+    current = {n: request.groups[n].size for n in names}
+    counts, lost_at = {}, {}
+    for n in names:
+        free = torch.sort(_normalised_scores(request, n)[~request.protected[n]]).values  # removal order
+        # importance lost when keeping k: the (C - k) lowest unprotected normalised scores
+        cumulative = [0.0] + torch.cumsum(free.double(), 0).tolist()
+        lost_at[n] = lambda k, c=cumulative, size=current[n]: c[size - k]
+        counts[n] = [a for a in request.allowed(n) if a >= current[n] - len(free)]  # ascending, ends at C
+    position = {n: len(counts[n]) - 1 for n in names}  # index of the kept count in counts[n]
+    kept = dict(current)
+    limit = request.budget * (1.0 + _BUDGET_SLACK)
+    cost = request.cost(kept)
+    if cost <= limit:
+        return kept
+    smallest = request.cost({n: counts[n][0] for n in names})
+    if smallest > limit:
+        raise PruningRequestError(
+            f"knapsack allocation cannot meet the budget of {request.describe(request.budget)}: pruning as much as it "
+            f"can leaves {request.describe(smallest)}; lower the target, the floor or the protection, or prune more "
+            "scopes"
+        )
+
+    def step_down(n: str):
+        """``(importance lost / cost saved, importance lost, order, n, cost after)`` of group
+        ``n``'s next step down, or None at its smallest count; a step that saves nothing sorts
+        last."""
+        if position[n] == 0:
+            return None
+        lower = counts[n][position[n] - 1]
+        trial = dict(kept)
+        trial[n] = lower
+        after = request.cost(trial)
+        saved = cost - after
+        loss = lost_at[n](lower) - lost_at[n](kept[n])
+        return (loss / saved if saved > 0 else math.inf, loss, order[n], n, after)
+
+    # lazy greedy: a popped ratio computed before the last accepted step is recomputed first
+    accepted = 0
+    heap = [(*key, accepted) for key in map(step_down, names) if key is not None]
+    heapq.heapify(heap)
+    while cost > limit and heap:
+        *key, stamp = heapq.heappop(heap)
+        n = key[3]
+        if stamp != accepted:
+            fresh = step_down(n)
+            if fresh is not None:
+                heapq.heappush(heap, (*fresh, accepted))
+            continue
+        if key[4] <= limit:
+            # the last step: of the steps that alone meet the budget, the one losing the least
+            # (then saving the least), not necessarily the best ratio (greedy knapsack's fix-up)
+            finishing = [k for k in map(step_down, names) if k is not None and k[4] <= limit]
+            n = min(finishing, key=lambda k: (k[1], -k[4], k[2]))[3]
+        position[n] -= 1
+        kept[n] = counts[n][position[n]]
+        cost = request.cost(kept)
+        accepted += 1
+        fresh = step_down(n)
+        if fresh is not None:
+            heapq.heappush(heap, (*fresh, accepted))
+    if cost > limit:  # every group at its smallest count, which fits: cannot happen
+        raise AssertionError(f"knapsack allocation left {request.describe(cost)} above its budget")
+
+    # give steps back, most importance regained per unit of cost first, while the budget holds
+    while True:
+        best = None
+        for n in names:
+            if position[n] + 1 == len(counts[n]):
+                continue
+            upper = counts[n][position[n] + 1]
+            trial = dict(kept)
+            trial[n] = upper
+            trial_cost = request.cost(trial)
+            if trial_cost > limit:
+                continue
+            gain = lost_at[n](kept[n]) - lost_at[n](upper)
+            added = trial_cost - cost
+            value = (gain / added if added > 0 else math.inf, gain, -order[n])
+            if best is None or value > best[0]:
+                best = (value, n, trial_cost)
+        if best is None:
+            return kept
+        _, n, cost = best
+        position[n] += 1
+        kept[n] = counts[n][position[n]]
 
 
 @ALLOCATION_REGISTRY.register()
@@ -433,7 +565,8 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def _build_request(
-    scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget
+    scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget,
+    latency_model=None, latency_budget=None,
 ) -> AllocationRequest:
     _check_positive_int("multiple", multiple)
     _check_positive_int("floor", floor)
@@ -442,6 +575,13 @@ def _build_request(
             raise PruningRequestError(f"flops_budget must be a number of FLOPs > 0, got {flops_budget!r}")
         if cost_model is None:
             raise PruningRequestError("a FLOPs budget needs the cost model that predicts FLOPs (cost_model)")
+    if latency_budget is not None:
+        if flops_budget is not None:
+            raise PruningRequestError("give a FLOPs budget or a latency budget, not both")
+        if isinstance(latency_budget, bool) or not isinstance(latency_budget, numbers.Real) or not latency_budget > 0:
+            raise PruningRequestError(f"latency_budget must be a number of milliseconds > 0, got {latency_budget!r}")
+        if latency_model is None:
+            raise PruningRequestError("a latency budget needs the table that predicts latency (latency_model)")
     groups = _group_dict(groups)
     checked_scores, fractions, sizes, masks = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
     for name, group in groups.items():
@@ -477,6 +617,8 @@ def _build_request(
     return AllocationRequest(
         checked_scores, groups, fractions, sizes, multiple, floor, weight_sparsity, masks, cost_model,
         None if flops_budget is None else float(flops_budget),
+        latency_model=latency_model if latency_budget is not None else None,
+        latency_budget=None if latency_budget is None else float(latency_budget),
     )
 
 
@@ -506,16 +648,19 @@ def allocate(
     cost_model: Optional[Any] = None,
     flops_budget: Optional[float] = None,
     normalisation: str = "mean",
+    latency_model: Optional[Any] = None,
+    latency_budget: Optional[float] = None,
 ) -> Dict[str, List[int]]:
     """The weak set of every group at one pruning step.
 
     Args:
-        method: a name in :data:`ALLOCATION_REGISTRY`: ``uniform``, ``global``, ``adaptive``.
+        method: a name in :data:`ALLOCATION_REGISTRY`: ``uniform``, ``global``, ``knapsack``,
+            ``adaptive``.
         scores: ``{group: (C,) float scores}`` from a criterion (higher = keep).
         groups: the groups being pruned (prunable), with their current sizes ``C``.
         fraction: the schedule's pruned fraction of each group's *original* size after this step,
             in ``[0, 1)``; one float, or ``{group: fraction}`` for per-scope schedules. With
-            ``flops_budget`` the budget decides and the fractions are only checked.
+            a FLOPs or latency budget the budget decides and the fractions are only checked.
         original_sizes: ``{group: C0}``, sizes before any pruning.
         multiple, floor: rounding of kept counts (see :func:`~pgp_det.pruning.groups.kept_count`).
         weight_sparsity: ``{group: sparsity}`` for ``adaptive`` (:func:`weight_sparsity`).
@@ -524,9 +669,14 @@ def allocate(
             measured on a model at least as wide as the groups are now); needed with
             ``flops_budget``.
         flops_budget: FLOPs at the cost model's input size the model may have after this step
-            (``TARGET flops``); None: the budget is the channels of ``fraction``.
-        normalisation: ``global`` only: ``"mean"`` divides each group's scores by their mean,
-            ``"none"`` ranks them as given (a criterion's ``global_normalisation``).
+            (``TARGET flops``).
+        normalisation: ``global`` and ``knapsack``: ``"mean"`` divides each group's scores by
+            their mean, ``"none"`` takes them as given (a criterion's ``global_normalisation``).
+        latency_model: predicts milliseconds of kept counts
+            (:class:`~pgp_det.pruning.latency.LatencyTable`, made for the unpruned model);
+            needed with ``latency_budget``.
+        latency_budget: milliseconds the model may take after this step (``TARGET latency``).
+            With neither budget, the budget is the channels of ``fraction``.
 
     Returns:
         ``{group: sorted current indices of the channels that should not survive this step}``,
@@ -542,7 +692,8 @@ def allocate(
     if normalisation not in ("mean", "none"):
         raise PruningRequestError(f"unknown score normalisation {normalisation!r}; use 'mean' or 'none'")
     request = _build_request(
-        scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget
+        scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget,
+        latency_model, latency_budget,
     )
     request = dataclasses.replace(request, normalisation=normalisation)
     kept = ALLOCATION_REGISTRY.get(method)(request)

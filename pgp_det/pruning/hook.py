@@ -5,9 +5,10 @@ At each pruning step ``k`` of ``K`` (iterations set by ``PRUNING.START/END/INTER
 1. the criterion's scores (accumulated since the previous step from what training already
    computed) rank each group's current channels;
 2. the schedule gives the fraction ``p_k`` of each group's *original* channels to be gone (with
-   ``TARGET flops``: of the original FLOPs, which every allocation meets at ``COST_INPUT_SIZE``),
-   and the allocation picks the weak set: the channels that must not survive this step
-   (:func:`plan_pruning_step`);
+   ``TARGET flops``: of the original FLOPs, which every allocation meets at ``COST_INPUT_SIZE``;
+   with ``TARGET latency``: of the way from the unpruned model's latency, predicted by the
+   device's :class:`~pgp_det.pruning.latency.LatencyTable`, to the target), and the allocation
+   picks the weak set: the channels that must not survive this step (:func:`plan_pruning_step`);
 3. the lowest ``REMOVE_RATIO`` share of the weak set is removed physically (surgery: smaller
    tensors, optimizer momentum sliced; removed channels that are still zeroed have their constant
    output folded into their consumers), the rest is zeroed: its filter weights are set to 0 (and
@@ -36,18 +37,36 @@ from ..utils.modules import rewrap_model, unwrap_model
 from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity
 from .criteria import RecentGradientCriterion, build_criterion
 from .dependency import derive_channel_groups
+from .groups import PruningRequestError
+from .latency import latency_reduction, target_latency_ms
 from .schedules import pruned_fraction, resolve_pruning_iterations
-from .settings import pruning_scope_ratios
+from .settings import check_latency_settings, pruning_scope_ratios
 from .surgery import ChannelMasks, hard_prune, zeroed_channels
 
-__all__ = ["PGPHook", "iterations_per_epoch", "plan_pruning_step"]
+__all__ = ["PGPHook", "iterations_per_epoch", "latency_budget", "plan_pruning_step"]
 
 logger = logging.getLogger(__name__)
 
 
+def latency_budget(cfg, latency_table, step: int, num_steps: int) -> float:
+    """Milliseconds the model may take after pruning step ``step`` of ``num_steps`` with
+    ``PRUNING.TARGET "latency"``: ``full * (1 - p_k(r))``, ``full`` the unpruned model's latency
+    ``latency_table`` predicts at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals, ``r = 1 - target /
+    full`` and ``p_k`` the schedule (``PRUNING.SCHEDULE``); that is ``full - (p_k(r) / r) (full -
+    target)``, the target itself at the last step.
+
+    Raises:
+        UserInputError: no single target, or a target not below ``full``.
+    """
+    p = cfg.PRUNING
+    table = latency_table.with_proposals(int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST))
+    reduction = latency_reduction(table, target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS)))
+    return table.predict() * (1.0 - pruned_fraction(p.SCHEDULE, step, num_steps, reduction))
+
+
 def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, original_sizes: Dict[str, int],
                       ratios: Dict[str, float], cost_model=None, protected=None, zeroed=None,
-                      normalisation: str = "mean") -> Dict[str, List[int]]:
+                      normalisation: str = "mean", latency_table=None) -> Dict[str, List[int]]:
     """The weak set of every pruned group at pruning step ``step`` of ``num_steps``, as the hook
     decides it (one-shot pruning is step 1 of 1: the final target at once).
 
@@ -55,12 +74,14 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
     "ratio"``, group ``g`` is scheduled to have lost ``p_k(ratios[g])`` of its original channels
     (``p_k`` = :func:`~pgp_det.pruning.schedules.pruned_fraction` of ``PRUNING.SCHEDULE``); with
     ``"flops"``, the model may keep at most ``(1 - p_k(FLOPS_REDUCTION))`` of the FLOPs
-    ``cost_model`` measured, whatever the allocation. ``adaptive`` measures weight sparsity over
-    live channels only (``zeroed`` left out).
+    ``cost_model`` measured, whatever the allocation; with ``"latency"``, it may take at most
+    :func:`latency_budget` milliseconds as ``latency_table`` predicts them. ``adaptive``
+    measures weight sparsity over live channels only (``zeroed`` left out).
 
     Args:
-        cfg: reads ``PRUNING.TARGET``, ``FLOPS_REDUCTION``, ``SCHEDULE``, ``ALLOCATION``,
-            ``CHANNEL_MULTIPLE`` and ``MIN_CHANNELS``.
+        cfg: reads ``PRUNING.TARGET``, ``FLOPS_REDUCTION``, ``TARGET_LATENCY_MS``,
+            ``TARGET_FPS``, ``SCHEDULE``, ``ALLOCATION``, ``CHANNEL_MULTIPLE``, ``MIN_CHANNELS``
+            and ``MODEL.RPN.POST_NMS_TOPK_TEST`` (the proposal count latency is predicted at).
         model: the model being pruned (its weights, for ``adaptive``).
         groups: ``{name: ChannelGroup}``, the pruned groups at their current sizes.
         scores: ``{group: (C,) scores}`` of the criterion.
@@ -72,20 +93,27 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
         zeroed: ``{group: channel indices}`` zeroed by the previous step.
         normalisation: the criterion's ``global_normalisation`` (``global`` ranks FRS's
             per-layer L2-normalised scores as they are).
+        latency_table: a :class:`~pgp_det.pruning.latency.LatencyTable` made for the unpruned
+            model (required for ``TARGET "latency"``; check it with ``check_compatible``).
 
     Returns:
         ``{group: sorted weak channel indices}`` (see :func:`~pgp_det.pruning.allocation.allocate`).
     """
     p = cfg.PRUNING
     fractions = {name: pruned_fraction(p.SCHEDULE, step, num_steps, ratios[name]) for name in groups}
-    budget = None
+    budget = milliseconds = table = None
     if p.TARGET == "flops":
         budget = cost_model.flops * (1.0 - pruned_fraction(p.SCHEDULE, step, num_steps, float(p.FLOPS_REDUCTION)))
+    elif p.TARGET == "latency":
+        if latency_table is None:
+            raise PruningRequestError("PRUNING.TARGET 'latency' needs the latency table (latency_table)")
+        table = latency_table.with_proposals(int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST))
+        milliseconds = latency_budget(cfg, table, step, num_steps)
     sparsity = weight_sparsity(model, groups, excluded=zeroed) if p.ALLOCATION == "adaptive" else None
     return allocate(
         p.ALLOCATION, scores, groups, fractions, original_sizes, multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS,
         weight_sparsity=sparsity, protected=protected, cost_model=cost_model if budget is not None else None,
-        flops_budget=budget, normalisation=normalisation,
+        flops_budget=budget, normalisation=normalisation, latency_model=table, latency_budget=milliseconds,
     )
 
 
@@ -99,8 +127,12 @@ class PGPHook(HookBase):
     Logs to detectron2's event storage at each step: ``pruning/step``, ``pruning/kept_<scope>``
     (channels kept in each scope), ``pruning/gflops`` (at ``PRUNING.COST_INPUT_SIZE``),
     ``pruning/params_m``, ``pruning/regrown`` (channels zeroed by the previous step whose filters
-    are no longer all zero) and ``pruning/step_seconds``; and keeps ``pruning_log.json`` in
-    ``OUTPUT_DIR`` (per step also ``previously_zeroed``, ``regrown`` and ``regrown_per_group``).
+    are no longer all zero), ``pruning/step_seconds`` and, with ``TARGET "latency"``,
+    ``pruning/latency_ms`` (the table's prediction for the model's widths after the step, zeroed
+    channels included: they still compute until removed) and ``pruning/latency_kept_ms`` (for
+    the kept channels only: what the step's budget limits); and keeps ``pruning_log.json`` in
+    ``OUTPUT_DIR`` (per step also ``previously_zeroed``, ``regrown``, ``regrown_per_group``, and
+    ``latency_ms``, ``latency_kept_ms``, ``latency_budget_ms``).
     Its state (schedule position, original sizes, masks, criterion accumulators) goes into the
     trainer's checkpoints, so ``--resume`` continues the schedule.
     """
@@ -128,6 +160,7 @@ class PGPHook(HookBase):
         self._restored: Optional[dict] = None
         self._groups = None
         self._cost_model = None
+        self._latency = None  # the LatencyTable of TARGET latency, at the config's proposal count
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -149,10 +182,41 @@ class PGPHook(HookBase):
         for criterion in dict.fromkeys(self._criteria()):
             criterion.attach(self.model, self.pruned_groups)
 
+    def _load_latency_table(self):
+        """TARGET latency: load the table, check that it fits this model (at its original widths),
+        the input size and the device kind, and bind it to the config's proposal count."""
+        p = self.cfg.PRUNING
+        table, _ = check_latency_settings(self.cfg)
+        original = {name: self.original_sizes.get(name, g.size) for name, g in self._groups.items()}
+        table.check_compatible(original, tuple(p.COST_INPUT_SIZE), p.LATENCY_DEVICE or None)
+        proposals = int(self.cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
+        if not table.proposal_counts[0] <= proposals <= table.proposal_counts[-1]:
+            logger.warning("MODEL.RPN.POST_NMS_TOPK_TEST %d is outside the proposal counts %s of latency table %s: "
+                           "its proposal-dependent parts are extrapolated", proposals, list(table.proposal_counts),
+                           p.LATENCY_TABLE)
+        self._latency = table.with_proposals(proposals)
+
     def _resolve_ratios(self):
-        from .cost import ratio_for_flops_reduction
+        from .cost import ratio_for_flops_reduction, uniform_sizes
 
         p = self.cfg.PRUNING
+        if p.TARGET == "latency":
+            table = self._latency
+            target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
+            reduction = latency_reduction(table, target)
+            floor = table.predict(uniform_sizes(self._groups, 1.0, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, p.SCOPES))
+            if floor > target:
+                raise PruningRequestError(
+                    f"a latency of {target:.4g} ms on {table.describe()} is unreachable: pruning every prunable group "
+                    f"in scopes {', '.join(p.SCOPES)} down to its floor of {p.MIN_CHANNELS} channels leaves "
+                    f"{floor:.4g} ms; raise the target, lower the floor, prune more scopes, or lower "
+                    "MODEL.RPN.POST_NMS_TOPK_TEST"
+                )
+            logger.info("PRUNING.TARGET latency: each step's %s allocation meets the schedule's share of the way from "
+                        "%.3g ms to %.3g ms (-%.1f%%) predicted on %s", p.ALLOCATION, table.predict(), target,
+                        100 * reduction, table.describe())
+            # only checked by the allocations: the budget decides
+            return {name: reduction for name in self.pruned_groups}
         if p.TARGET == "flops":
             height, width = p.COST_INPUT_SIZE
             ratio = ratio_for_flops_reduction(
@@ -195,8 +259,12 @@ class PGPHook(HookBase):
                 self.protector.load_state_dict(state["protector"])
             self.masks.load(self._groups, state["masked"])
             self.zeroed = dict(state["zeroed"])
+            if self.cfg.PRUNING.TARGET == "latency":
+                self._load_latency_table()
         else:
             self.original_sizes = {name: g.size for name, g in self.pruned_groups.items()}
+            if self.cfg.PRUNING.TARGET == "latency":
+                self._load_latency_table()
             self.ratios = self._resolve_ratios()
             self._attach()
         logger.info("pruning %d channel groups at iterations %s (%d done)", len(self.pruned_groups),
@@ -249,7 +317,7 @@ class PGPHook(HookBase):
         weak = plan_pruning_step(
             self.cfg, model, self.pruned_groups, scores, step, num_steps, self.original_sizes, self.ratios,
             cost_model=self._cost(), protected=protected, zeroed=self.zeroed,
-            normalisation=self.criterion.global_normalisation,
+            normalisation=self.criterion.global_normalisation, latency_table=self._latency,
         )
         remove, zero = split_hard_soft(
             weak, scores, 1.0 if step == num_steps else p.REMOVE_RATIO, multiple=p.CHANNEL_MULTIPLE,
@@ -303,6 +371,17 @@ class PGPHook(HookBase):
         previously_zeroed, regrown = recovery
         storage.put_scalar("pruning/regrown", sum(regrown.values()), smoothing_hint=False)
         storage.put_scalar("pruning/step_seconds", seconds, smoothing_hint=False)
+        latency = {}
+        if self._latency is not None:
+            # the model as it runs now (zeroed channels still compute) and as the allocation chose it
+            kept_sizes = {name: size - len(self.zeroed.get(name, ())) for name, size in sizes.items()}
+            latency = {
+                "latency_ms": self._latency.predict(sizes),
+                "latency_kept_ms": self._latency.predict(kept_sizes),
+                "latency_budget_ms": latency_budget(self.cfg, self._latency, step, num_steps),
+            }
+            storage.put_scalar("pruning/latency_ms", latency["latency_ms"], smoothing_hint=False)
+            storage.put_scalar("pruning/latency_kept_ms", latency["latency_kept_ms"], smoothing_hint=False)
         entry = {
             "step": step,
             "of": num_steps,
@@ -316,6 +395,7 @@ class PGPHook(HookBase):
             "kept_per_scope": kept,
             "gflops": cost["flops"] / 1e9,
             "params": cost["params"],
+            **latency,
             "seconds": seconds,
             "rank_digests": digests,
         }
@@ -324,11 +404,21 @@ class PGPHook(HookBase):
             "pruning step %d/%d at iteration %d: removed %d, zeroed %d channels; kept %s; %.2f GFLOPs; %.2fs",
             step, num_steps, entry["iteration"], entry["removed"], entry["zeroed"], kept, entry["gflops"], seconds,
         )
+        if latency:
+            logger.info("pruning step %d/%d: %.3f ms predicted (%.3f ms for the kept channels; budget %.3f ms)",
+                        step, num_steps, latency["latency_ms"], latency["latency_kept_ms"], latency["latency_budget_ms"])
         if comm.is_main_process():
-            atomic_write_json(
-                {"steps": self.log, "architecture": sizes, "original_sizes": self.original_sizes},
-                os.path.join(self.cfg.OUTPUT_DIR, "pruning_log.json"),
-            )
+            log = {"steps": self.log, "architecture": sizes, "original_sizes": self.original_sizes}
+            if self._latency is not None:
+                p = self.cfg.PRUNING
+                log["latency"] = {
+                    "table": p.LATENCY_TABLE,
+                    "device": self._latency.describe(),
+                    "proposals": self._latency.proposals,
+                    "unpruned_ms": self._latency.predict(),
+                    "target_ms": target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS)),
+                }
+            atomic_write_json(log, os.path.join(self.cfg.OUTPUT_DIR, "pruning_log.json"))
 
     # -- checkpoints ------------------------------------------------------------------------------
 

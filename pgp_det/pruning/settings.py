@@ -4,9 +4,10 @@ from ..errors import UserInputError
 from .allocation import ALLOCATION_REGISTRY
 from .criteria import CRITERION_REGISTRY
 from .groups import SCOPES
+from .latency import DEVICE_KINDS, LatencyTable, target_latency_ms
 from .schedules import SCHEDULE_REGISTRY, resolve_pruning_iterations
 
-__all__ = ["check_pruning_config", "pruning_scope_ratios"]
+__all__ = ["check_latency_settings", "check_pruning_config", "pruning_scope_ratios"]
 
 
 def pruning_scope_ratios(cfg) -> dict:
@@ -14,6 +15,48 @@ def pruning_scope_ratios(cfg) -> dict:
     ratios = {scope: float(cfg.PRUNING.RATIO) for scope in cfg.PRUNING.SCOPES}
     ratios.update({scope: float(ratio) for scope, ratio in cfg.PRUNING.SCOPE_RATIOS})
     return ratios
+
+
+def check_latency_settings(cfg):
+    """Check ``TARGET "latency"``'s keys and load the table: ``LATENCY_TABLE`` names a readable
+    table measured at ``COST_INPUT_SIZE`` on a ``LATENCY_DEVICE`` device (when set), and exactly
+    one of ``TARGET_LATENCY_MS`` and ``TARGET_FPS`` is > 0. Whether the table fits the model is
+    checked where the model is built (the hook's ``before_train``, ``tools/prune_net.py``).
+
+    Returns:
+        ``(table, target milliseconds)``.
+
+    Raises:
+        UserInputError: one line naming the bad key.
+    """
+    p = cfg.PRUNING
+    if p.LATENCY_DEVICE not in ("",) + DEVICE_KINDS:
+        raise UserInputError(f"PRUNING.LATENCY_DEVICE = {p.LATENCY_DEVICE!r} is invalid: use 'cpu', 'cuda' or '' (any)")
+    if not p.LATENCY_TABLE:
+        raise UserInputError(
+            "PRUNING.LATENCY_TABLE is empty: TARGET 'latency' needs a table made by tools/profile_latency.py on the "
+            "device the model will run on"
+        )
+    try:
+        target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
+    except UserInputError as e:
+        raise UserInputError(f"PRUNING.TARGET_LATENCY_MS = {p.TARGET_LATENCY_MS!r}, PRUNING.TARGET_FPS = "
+                             f"{p.TARGET_FPS!r} are invalid: {e}") from None
+    table = LatencyTable.load(p.LATENCY_TABLE)
+    if tuple(p.COST_INPUT_SIZE) != table.input_size:
+        height, width = table.input_size
+        raise UserInputError(
+            f"PRUNING.COST_INPUT_SIZE = {tuple(p.COST_INPUT_SIZE)} is invalid: the latency table {p.LATENCY_TABLE} "
+            f"was measured at {height}x{width}; set PRUNING.COST_INPUT_SIZE ({height}, {width}) or profile at the "
+            "size you want"
+        )
+    if p.LATENCY_DEVICE and p.LATENCY_DEVICE != table.device_kind:
+        raise UserInputError(
+            f"PRUNING.LATENCY_DEVICE = {p.LATENCY_DEVICE!r} is invalid: the latency table {p.LATENCY_TABLE} was "
+            f"measured on {table.device_kind} ({table.metadata.get('device_name', '?')}); profile on the device the "
+            "model will run on"
+        )
+    return table, target
 
 
 def _registry_names(registry) -> list:
@@ -33,8 +76,8 @@ def check_pruning_config(cfg) -> None:
     def fail(key, value, accepted):
         raise UserInputError(f"PRUNING.{key} = {value!r} is invalid: {accepted}")
 
-    if p.TARGET not in ("ratio", "flops"):
-        fail("TARGET", p.TARGET, "use 'ratio' or 'flops'")
+    if p.TARGET not in ("ratio", "flops", "latency"):
+        fail("TARGET", p.TARGET, "use 'ratio', 'flops' or 'latency'")
     if not 0.0 <= p.RATIO < 1.0:
         fail("RATIO", p.RATIO, "use a fraction in [0, 1)")
     if not 0.0 < p.FLOPS_REDUCTION < 1.0:
@@ -51,8 +94,10 @@ def check_pruning_config(cfg) -> None:
             fail("SCOPE_RATIOS", entry, f"use (scope, ratio) pairs with a scope in PRUNING.SCOPES {tuple(p.SCOPES)}")
         if not 0.0 <= float(entry[1]) < 1.0:
             fail("SCOPE_RATIOS", entry, "ratios are fractions in [0, 1)")
-    if p.TARGET == "flops" and p.SCOPE_RATIOS:
+    if p.TARGET != "ratio" and p.SCOPE_RATIOS:
         fail("SCOPE_RATIOS", p.SCOPE_RATIOS, "per-scope ratios apply to TARGET 'ratio' only")
+    if p.TARGET == "latency":
+        check_latency_settings(cfg)
     for key, registry in (("CRITERION", CRITERION_REGISTRY), ("SCHEDULE", SCHEDULE_REGISTRY),
                           ("ALLOCATION", ALLOCATION_REGISTRY)):
         value = p.get(key)

@@ -1,0 +1,394 @@
+"""Measure a :class:`~pgp_det.pruning.latency.LatencyTable` on the device a detector will run on,
+and check its predictions against whole-model timings of pruned copies.
+
+:func:`profile_latency` runs the model once per proposal count on a noise image of the input
+size, recording every layer's input shapes (forward pre-hooks); then times, for every conv and
+linear layer with a prunable channel group on an axis (and the ROI pooler), a copy of the layer
+sliced to each ``(in, out)`` width of a sampled grid, called on random inputs of the recorded
+shapes (every call one inference makes: all FPN levels of a shared head); then the whole model
+at each proposal count; the rest of the model is the difference at full width (see
+:mod:`pgp_det.pruning.latency`). Layers with identical settings and shapes (repeated blocks) are
+timed once. Every inference runs at the full proposal budget
+(:func:`~pgp_det.utils.flops.full_proposal_budget`: every ``POST_NMS_TOPK_TEST`` proposal reaches
+the ROI heads, the worst case; on real images NMS may leave fewer).
+
+Times come from a *timer*: ``timer(fn) -> milliseconds`` of one ``fn()`` call (warm-up and
+repetitions are the timer's business). :func:`default_timer` is the median of
+:func:`~pgp_det.benchmark.timing.time_callable`; tests inject a fake one (e.g. counting FLOPs)
+so that no real timing runs.
+"""
+import copy
+import math
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from detectron2.modeling.poolers import ROIPooler
+from torch import nn
+
+from ..pruning.allocation import allowed_kept_counts
+from ..pruning.dependency import derive_channel_groups
+from ..pruning.latency import LatencyEntry, LatencyTable
+from ..pruning.surgery import hard_prune
+from ..utils.flops import full_proposal_budget
+from ..utils.modules import unwrap_model
+from .timing import _check_dtype, _sync_for, environment_info, image_to_input, precision_context, synthetic_image, time_callable
+
+__all__ = ["Timer", "check_latency", "default_timer", "grid_widths", "profile_latency", "time_whole_model"]
+
+Timer = Callable[[Callable[[], object]], float]
+_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def default_timer(device="cpu", warmup: int = 2, runs: int = 7) -> Timer:
+    """Median milliseconds of ``runs`` timed calls after ``warmup`` untimed ones (synchronising
+    CUDA around each)."""
+    sync = _sync_for(torch.device(device))
+    return lambda fn: time_callable(fn, warmup=warmup, runs=runs, sync=sync).median
+
+
+def grid_widths(size: int, points: int = 5, multiple: int = 8, floor: int = 8, channel_multiple: int = 1) -> List[int]:
+    """At most ``points`` widths of a group of ``size`` channels to time: allowed kept counts
+    (:func:`~pgp_det.pruning.allocation.allowed_kept_counts`) nearest to evenly spaced widths
+    from the smallest allowed to ``size`` (both included), ascending."""
+    allowed = allowed_kept_counts(size, multiple, floor, channel_multiple)
+    if len(allowed) <= points:
+        return allowed
+    low, high = allowed[0], allowed[-1]
+    targets = [low + (high - low) * i / (points - 1) for i in range(points)]
+    return sorted({min(allowed, key=lambda a: (abs(a - t), a)) for t in targets})
+
+
+@contextmanager
+def _proposal_count(model: nn.Module, proposals: Optional[int]):
+    """The RPN keeps ``proposals`` proposals at test time (``POST_NMS_TOPK_TEST``) inside the block."""
+    rpn = getattr(model, "proposal_generator", None)
+    if proposals is None or rpn is None or not hasattr(rpn, "post_nms_topk"):
+        yield
+        return
+    saved = rpn.post_nms_topk[False]
+    rpn.post_nms_topk[False] = int(proposals)
+    try:
+        yield
+    finally:
+        rpn.post_nms_topk[False] = saved
+
+
+def _inputs(model: nn.Module, input_size: Sequence[int], device: torch.device) -> List[dict]:
+    image = synthetic_image(int(input_size[0]), int(input_size[1]))
+    return [image_to_input(image, getattr(model, "input_format", "BGR"), device)]
+
+
+def _record_calls(model: nn.Module, inputs: List[dict], proposals: int, device, dtype) -> Dict[str, list]:
+    """``{module name: [positional inputs of each call]}`` of every conv, linear and ROI pooler
+    in one inference at ``proposals`` proposals (conv/linear: the input tensor's shape; pooler:
+    its ``(features, boxes)``)."""
+    calls: Dict[str, list] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _LAYERS):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: calls.setdefault(name, []).append(tuple(args[0].shape))))
+        elif isinstance(module, ROIPooler):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: calls.setdefault(name, []).append((list(args[0]), list(args[1])))))
+    try:
+        with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
+                _proposal_count(model, proposals):
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def time_whole_model(model: nn.Module, input_size: Sequence[int], timer: Timer, device="cpu", dtype: str = "fp32",
+                     proposals: Optional[int] = None) -> float:
+    """Milliseconds of one batch-1 inference of ``model`` (eval mode, on ``device``) on a noise
+    image of ``input_size`` at the full proposal budget of ``proposals`` (default: the model's)."""
+    device = torch.device(device)
+    inputs = _inputs(model, input_size, device)
+    with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
+            _proposal_count(model, proposals):
+        return float(timer(lambda: model(inputs)))
+
+
+def _slice_norm(norm: nn.Module, full: int, width: int) -> None:
+    """Keep the first ``width`` of the ``full`` channels of a norm's tensors, in place."""
+    for name, tensor in list(norm.named_parameters(recurse=False)):
+        if tensor.dim() >= 1 and tensor.shape[0] == full:
+            setattr(norm, name, nn.Parameter(tensor.detach()[:width].clone(), requires_grad=False))
+    for name, tensor in list(norm.named_buffers(recurse=False)):
+        if tensor is not None and tensor.dim() >= 1 and tensor.shape[0] == full:
+            setattr(norm, name, tensor[:width].clone())
+    for attribute in ("num_features", "num_channels"):
+        if getattr(norm, attribute, None) == full:
+            setattr(norm, attribute, width)
+    if isinstance(norm, nn.GroupNorm) and width % norm.num_groups:
+        norm.num_groups = math.gcd(norm.num_groups, width)
+
+
+def _sliced_layer(module: nn.Module, in_width: int, out_width: int, expand: int) -> nn.Module:
+    """A copy of a conv/linear layer (with the norm detectron2's ``Conv2d`` holds) keeping its
+    first ``in_width`` input channels (``expand`` columns each for a linear reading a flattened
+    map) and ``out_width`` output channels."""
+    layer = copy.deepcopy(module)
+    weight = layer.weight.detach()
+    if isinstance(layer, nn.Conv2d):
+        full_out = layer.out_channels
+        layer.weight = nn.Parameter(weight[:out_width, :in_width].clone(), requires_grad=False)
+        layer.in_channels, layer.out_channels = in_width, out_width
+    else:
+        full_out = layer.out_features
+        layer.weight = nn.Parameter(weight[:out_width, : in_width * expand].clone(), requires_grad=False)
+        layer.in_features, layer.out_features = in_width * expand, out_width
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.detach()[:out_width].clone(), requires_grad=False)
+    norm = getattr(layer, "norm", None)
+    if isinstance(norm, nn.Module):
+        _slice_norm(norm, full_out, out_width)
+    return layer.eval()
+
+
+class _LayerTimer:
+    """Times layers and poolers at given widths, once per distinct (settings, shapes, widths)."""
+
+    def __init__(self, timer: Timer, device: torch.device, dtype: str, repeat: int):
+        self.timer, self.device, self.dtype, self.repeat = timer, device, dtype, repeat
+        self.cache: Dict[tuple, float] = {}
+        self.timed = 0
+
+    def _time(self, fn: Callable[[], object]) -> float:
+        def run():
+            for _ in range(self.repeat):
+                fn()
+
+        with torch.no_grad(), precision_context(self.dtype, self.device):
+            self.timed += 1
+            return float(self.timer(run)) / self.repeat
+
+    def layer(self, module: nn.Module, shapes: Sequence[tuple], in_width: int, out_width: int, expand: int) -> float:
+        activation = type(getattr(module, "activation", None)).__name__
+        key = ("layer", repr(module), activation, tuple(shapes), in_width, out_width, expand)
+        if key not in self.cache:
+            layer = _sliced_layer(module, in_width, out_width, expand)
+            generator = torch.Generator().manual_seed(0)
+            inputs = []
+            for shape in shapes:
+                shape = (shape[0], in_width * expand) + tuple(shape[2:])
+                inputs.append(torch.randn(shape, generator=generator).to(self.device))
+            self.cache[key] = self._time(lambda: [layer(x) for x in inputs])
+        return self.cache[key]
+
+    def pooler(self, module: nn.Module, calls: Sequence[tuple], width: int) -> float:
+        boxes = tuple(len(b) for features, box_lists in calls for b in box_lists)
+        shapes = tuple(tuple(f.shape) for features, _ in calls for f in features)
+        key = ("pooler", repr(module), shapes, boxes, width)
+        if key not in self.cache:
+            sliced = [([f[:, :width].contiguous() for f in features], box_lists) for features, box_lists in calls]
+            self.cache[key] = self._time(lambda: [module(features, box_lists) for features, box_lists in sliced])
+        return self.cache[key]
+
+
+def _axis_groups(groups) -> Dict[Tuple[str, int], Tuple[str, int]]:
+    """``{(layer, weight dim): (group name, expand)}`` for every prunable group's weight slices."""
+    axes = {}
+    for group in groups.values():
+        if not group.prunable:
+            continue
+        for s in group.slices:
+            if s.tensor == "weight" and s.dim in (0, 1) and s.role in ("filter", "input"):
+                axes[(s.module, s.dim)] = (group.name, s.expand)
+    return axes
+
+
+def _pooled_group(groups) -> Optional[str]:
+    """The prunable group the ROI pooler samples (read through ROIAlign), if exactly one."""
+    pooled = [
+        g.name for g in groups.values()
+        if g.prunable and any(s.path == "roi_align" for sources in g.sources.values() for s in sources)
+    ]
+    return pooled[0] if len(pooled) == 1 else None
+
+
+def default_proposal_counts(reference: int) -> List[int]:
+    """A quarter, a half and all of the reference proposal count."""
+    return sorted({max(1, round(reference * f)) for f in (0.25, 0.5, 1.0)})
+
+
+def profile_latency(
+    model: nn.Module,
+    input_size: Sequence[int],
+    *,
+    device="cpu",
+    dtype: str = "fp32",
+    timer: Optional[Timer] = None,
+    points: int = 5,
+    multiple: int = 8,
+    floor: int = 8,
+    proposal_counts: Optional[Sequence[int]] = None,
+    layer_repeat: int = 1,
+    metadata: Optional[Mapping] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> LatencyTable:
+    """Measure ``model``'s latency table on ``device`` (see the module docstring).
+
+    Args:
+        model: an unpruned detectron2 ``GeneralizedRCNN``; moved to ``device``, eval mode.
+        input_size: (height, width) of the image fed without resizing, pixels.
+        dtype: ``"fp32"``, or ``"fp16"`` (CUDA autocast, CUDA only).
+        timer: ``fn -> ms``; default :func:`default_timer`.
+        points: grid widths per axis (at most; :func:`grid_widths`), >= 2.
+        multiple, floor: the widths pruning may produce (``PRUNING.CHANNEL_MULTIPLE``,
+            ``MIN_CHANNELS``): the grid is sampled from them.
+        proposal_counts: RPN ``POST_NMS_TOPK_TEST`` values to time the proposal-dependent parts
+            at; the model's own is always added (the grid's reference). Default:
+            :func:`default_proposal_counts`.
+        layer_repeat: a layer's calls are repeated this many times per timed sample (and the
+            time divided): more than 1 on a GPU hides the per-sample synchronisation.
+        metadata: recorded in the table besides the environment (config, weights, ...).
+        progress: called with a line of progress now and then.
+
+    Returns:
+        the :class:`LatencyTable`; ``metadata["profile_seconds"]`` says how long it took.
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    _check_dtype(dtype, device)
+    if points < 2:
+        raise ValueError(f"points must be >= 2, got {points}")
+    say = progress or (lambda line: None)
+    timer = timer or default_timer(device)
+    model = unwrap_model(model).to(device).eval()
+    groups = derive_channel_groups(model, allow_frozen=True)
+    axes = _axis_groups(groups)
+    pooled = _pooled_group(groups)
+    reference = int(model.proposal_generator.post_nms_topk[False])
+    counts = sorted(set(int(n) for n in (proposal_counts or default_proposal_counts(reference))) | {reference})
+    inputs = _inputs(model, input_size, device)
+
+    calls = {n: _record_calls(model, inputs, n, device, dtype) for n in counts}
+    grids = {name: grid_widths(g.size, points, multiple, floor, g.channel_multiple)
+             for name, g in groups.items() if g.prunable}
+    layers = _LayerTimer(timer, device, dtype, layer_repeat)
+    modules = dict(model.named_modules())
+    entries: List[LatencyEntry] = []
+    for name in calls[reference]:
+        module = modules[name]
+        if isinstance(module, ROIPooler):
+            if pooled is None:
+                continue
+            in_group, out_group, expand = pooled, None, 1
+            in_widths, out_widths = grids[pooled], [groups[pooled].size]
+
+            def measure(w_in, w_out, n, module=module, name=name):
+                return layers.pooler(module, calls[n][name], w_in)
+            kind = "roi_pooler"
+        else:
+            in_group, expand = axes.get((name, 1), (None, 1))
+            out_group, _ = axes.get((name, 0), (None, 1))
+            if in_group is None and out_group is None:
+                continue  # nothing pruning changes: part of the fixed rest
+            conv = isinstance(module, nn.Conv2d)
+            full_in = (module.in_channels if conv else module.in_features // expand)
+            full_out = module.out_channels if conv else module.out_features
+            in_widths = grids[in_group] if in_group else [full_in]
+            out_widths = grids[out_group] if out_group else [full_out]
+
+            def measure(w_in, w_out, n, module=module, name=name, expand=expand):
+                return layers.layer(module, calls[n][name], w_in, w_out, expand)
+            kind = "conv" if conv else "linear"
+        ms = [[measure(w_in, w_out, reference) for w_out in out_widths] for w_in in in_widths]
+        signature = [_signature(calls[n].get(name)) for n in counts]
+        proposal_ms = None
+        if len(set(signature)) > 1:  # the layer's input changes with the proposal count
+            proposal_ms = [measure(in_widths[-1], out_widths[-1], n) for n in counts]
+        entries.append(LatencyEntry(name, kind, in_group, out_group, tuple(in_widths), tuple(out_widths),
+                                    tuple(tuple(row) for row in ms), None if proposal_ms is None else tuple(proposal_ms)))
+        say(f"{name}: {len(in_widths)} x {len(out_widths)} widths, {ms[-1][-1]:.3f} ms at full width")
+
+    fixed = []
+    for j, n in enumerate(counts):
+        whole = time_whole_model(model, input_size, timer, device, dtype, n)
+        layers_ms = sum(e.ms[-1][-1] if e.proposal_ms is None else e.proposal_ms[j] for e in entries)
+        fixed.append(whole - layers_ms)
+        say(f"whole model at {n} proposals: {whole:.3f} ms ({layers_ms:.3f} ms in the measured layers)")
+    environment = environment_info(device)
+    info = {
+        "device_name": environment["device_name"],
+        "device_kind": device.type,
+        "num_threads": environment["num_threads"],
+        "precision": dtype,
+        "torch": environment["torch"],
+        "torchvision": environment["torchvision"],
+        "detectron2": environment["detectron2"],
+        "cuda": environment["cuda"],
+        "environment": environment,
+        "grid_points": points,
+        "channel_multiple": multiple,
+        "min_channels": floor,
+        "layer_repeat": layer_repeat,
+        "distinct_layer_timings": layers.timed,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    info.update(metadata or {})
+    info["profile_seconds"] = time.perf_counter() - started
+    return LatencyTable({name: g.size for name, g in groups.items()}, input_size, entries, counts, fixed, reference, info)
+
+
+def _signature(calls) -> tuple:
+    """What of a module's recorded calls the proposal count can change: shapes, box counts."""
+    if not calls:
+        return ()
+    if isinstance(calls[0][0], list):  # a pooler: (features, boxes)
+        return tuple(len(b) for _, box_lists in calls for b in box_lists)
+    return tuple(calls)
+
+
+def check_latency(
+    model: nn.Module,
+    table: LatencyTable,
+    ratios: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
+    *,
+    device="cpu",
+    dtype: str = "fp32",
+    timer: Optional[Timer] = None,
+    multiple: int = 8,
+    floor: int = 8,
+) -> List[dict]:
+    """Predicted against measured latency of ``model`` pruned uniformly: every prunable group
+    (frozen ones too) keeps ``kept_count(size, ratio, multiple, floor)`` channels (its first
+    ones; latency does not depend on which), the copy is pruned with
+    :func:`~pgp_det.pruning.surgery.hard_prune` and timed whole at the table's input size and
+    reference proposal count.
+
+    Returns:
+        one row per ratio: ``{"ratio", "widths", "predicted_ms", "measured_ms", "error_percent"}``
+        (``error_percent = 100 (predicted - measured) / measured``).
+    """
+    from ..pruning.cost import uniform_sizes
+
+    device = torch.device(device)
+    timer = timer or default_timer(device)
+    model = unwrap_model(model)
+    groups = derive_channel_groups(model, allow_frozen=True)
+    rows = []
+    for ratio in ratios:
+        sizes = dict(uniform_sizes(groups, float(ratio), multiple, floor))
+        pruned = copy.deepcopy(model)
+        removals = {name: list(range(kept, groups[name].size)) for name, kept in sizes.items() if kept < groups[name].size}
+        if removals:
+            hard_prune(pruned, removals, allow_frozen=True, groups=derive_channel_groups(pruned, allow_frozen=True))
+        pruned = pruned.to(device).eval()
+        measured = time_whole_model(pruned, table.input_size, timer, device, dtype, table.reference_proposals)
+        predicted = table.predict(sizes, proposals=table.reference_proposals)
+        rows.append({
+            "ratio": float(ratio),
+            "widths": sizes,
+            "predicted_ms": predicted,
+            "measured_ms": measured,
+            "error_percent": 100.0 * (predicted - measured) / measured if measured else float("nan"),
+        })
+        del pruned
+    return rows

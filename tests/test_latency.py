@@ -1,0 +1,440 @@
+"""Latency lookup tables and TARGET latency: the table's JSON round trip, bilinear interpolation
+and refusal of tables made for something else; the knapsack allocation on a toy table (the budget
+exactly, more importance than a uniform cut); and, on the synthetic R18-FPN with a table made by
+the profiler with a fake timer (milliseconds = MFLOPs counted by torch, so no real timing runs),
+each pruning step's budget, the hook's log, one-shot pruning with tools/prune_net.py and the
+PRUNING settings."""
+import importlib.util
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from torch.utils.flop_counter import FlopCounterMode
+
+from pgp_det.benchmark.latency_profile import grid_widths, time_whole_model
+from pgp_det.checkpoint import load_model
+from pgp_det.config import get_pgp_cfg
+from pgp_det.errors import UserInputError
+from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_groups, hard_prune
+from pgp_det.pruning.allocation import allocate
+from pgp_det.pruning.criteria import build_criterion
+from pgp_det.pruning.hook import PGPHook, latency_budget, plan_pruning_step
+from pgp_det.pruning.latency import LatencyEntry, LatencyTable, target_latency_ms
+from pgp_det.pruning.settings import check_pruning_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "synthetic/faster_rcnn_R_18_FPN_synth.yaml"
+SIZE = (128, 160)
+# random init, few proposals: short CPU forwards
+OVERRIDES = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.RPN.PRE_NMS_TOPK_TEST", "200",
+             "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "TEST.DETECTIONS_PER_IMAGE", "50"]
+
+
+def flop_timer(fn):
+    """The fake timer: 'milliseconds' = MFLOPs of one call, as torch counts them (convs and
+    matrix products; deterministic, bilinear in a layer's widths)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e6
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_cfg(*extra):
+    cfg = get_pgp_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", CONFIG))
+    cfg.merge_from_list(OVERRIDES + ["PRUNING.COST_INPUT_SIZE", SIZE, *extra])
+    return cfg
+
+
+def synthetic_model(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def one_line_error(call, *args, **kwargs) -> str:
+    with pytest.raises(UserInputError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# a toy table: a chain input -> a -> b -> c -> output, milliseconds known by construction
+
+
+def toy_table(**metadata) -> LatencyTable:
+    grid64, grid32 = (8, 24, 40, 64), (8, 16, 32)
+    entries = [
+        # cheap per channel of a, b; expensive per channel of c (a wide feature map)
+        LatencyEntry("l1", "conv", None, "a", (3,), grid64, ((0.8, 2.4, 4.0, 6.4),)),
+        LatencyEntry("l2", "conv", "a", "b", grid64, grid64,
+                     tuple(tuple(1e-3 * i * o for o in grid64) for i in grid64)),
+        LatencyEntry("l3", "conv", "b", "c", grid64, grid32,
+                     tuple(tuple(1e-2 * i * o for o in grid32) for i in grid64)),
+        LatencyEntry("l4", "linear", "c", None, grid32, (10,), tuple((0.05 * i,) for i in grid32),
+                     proposal_ms=(0.5, 1.6)),
+    ]
+    meta = {"device_kind": "cpu", "device_name": "toy CPU", "num_threads": 2, "precision": "fp32",
+            "torch": torch.__version__}
+    meta.update(metadata)
+    return LatencyTable({"a": 64, "b": 64, "c": 32, "fixed_group": 16}, (128, 160), entries, (50, 100), (2.0, 3.0),
+                        100, meta)
+
+
+def toy_group(name, size):
+    return ChannelGroup(name=name, scope="backbone", size=size, producers=(), consumers=(), counts=(),
+                        producer_layers=(), consumer_layers=())
+
+
+def test_table_json_round_trip(tmp_path):
+    table = toy_table()
+    path = str(tmp_path / "table.json")
+    assert table.save(path) == path
+    assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # atomic: no temporary left
+    loaded = LatencyTable.load(path)
+    assert loaded.source == path
+    assert loaded.to_dict() == table.to_dict()
+    for widths, proposals in [({}, None), ({"a": 24, "b": 40, "c": 16}, None), ({"a": 8}, 50), ({"c": 20}, 75)]:
+        assert loaded.predict(widths, proposals) == pytest.approx(table.predict(widths, proposals), rel=1e-12)
+    assert loaded.metadata["device_name"] == "toy CPU" and loaded.input_size == (128, 160)
+
+
+def test_bilinear_interpolation_is_exact_at_grid_points_and_linear_between():
+    values = ((1.0, 5.0, 2.0), (4.0, 3.0, 9.0), (0.5, 7.0, 8.0))
+    entry = LatencyEntry("x", "conv", "a", "b", (8, 16, 32), (8, 24, 64), values)
+    for i, w_in in enumerate(entry.in_widths):
+        for j, w_out in enumerate(entry.out_widths):
+            assert entry.at(w_in, w_out) == pytest.approx(values[i][j])
+    # linear along each axis between neighbouring points
+    assert entry.at(12, 8) == pytest.approx(0.5 * 1.0 + 0.5 * 4.0)
+    assert entry.at(16, 34) == pytest.approx(0.75 * 3.0 + 0.25 * 9.0)
+    for t in (0.1, 0.3, 0.9):
+        assert entry.at(16 + 16 * t, 24) == pytest.approx((1 - t) * 3.0 + t * 7.0)
+    # bilinear inside a cell: at its centre, the mean of its corners
+    assert entry.at(24, 44) == pytest.approx((3.0 + 9.0 + 7.0 + 8.0) / 4)
+    # the table sums entries and the fixed part; proposal-dependent entries scale with the count
+    table = toy_table()
+    parts = table.breakdown({"a": 24, "b": 40, "c": 16})
+    assert parts["fixed"] == 3.0
+    assert parts["l2"] == pytest.approx(1e-3 * 24 * 40) and parts["l3"] == pytest.approx(1e-2 * 40 * 16)
+    assert table.predict({"a": 24, "b": 40, "c": 16}) == pytest.approx(sum(parts.values()))
+    at_50 = table.breakdown({}, proposals=50)
+    assert at_50["fixed"] == 2.0 and at_50["l4"] == pytest.approx(0.05 * 32 * 0.5 / 1.6)
+    assert table.breakdown({}, proposals=75)["fixed"] == pytest.approx(2.5)
+    assert table.with_proposals(50).predict() == pytest.approx(table.predict(proposals=50))
+    with pytest.raises(PruningRequestError, match="1..64"):
+        table.predict({"a": 65})
+    with pytest.raises(PruningRequestError, match="unknown channel group"):
+        table.predict({"nope": 8})
+
+
+def test_tables_made_for_something_else_are_refused_in_one_line(tmp_path):
+    table = toy_table()
+    widths = {"a": 64, "b": 64, "c": 32, "fixed_group": 16}
+    table.check_compatible(widths, (128, 160), "cpu")
+    table.check_compatible(widths, (128, 160))  # any device kind
+    assert "another architecture: channel group b has 64 channels there and 48" in one_line_error(
+        table.check_compatible, dict(widths, b=48), (128, 160), "cpu")
+    assert "it has channel group fixed_group, which this model lacks" in one_line_error(
+        table.check_compatible, {"a": 64, "b": 64, "c": 32}, (128, 160))
+    assert "this model has channel group d, which the table lacks" in one_line_error(
+        table.check_compatible, dict(widths, d=8), (128, 160))
+    assert "was measured at 128x160, not at the 800x1333 asked for" in one_line_error(
+        table.check_compatible, widths, (800, 1333), "cpu")
+    assert "was measured on a cpu device (toy CPU), not on cuda" in one_line_error(
+        table.check_compatible, widths, (128, 160), "cuda")
+    # files that are not tables
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert "is not valid JSON" in one_line_error(LatencyTable.load, str(bad))
+    bad.write_text(json.dumps({"format": "something else"}))
+    assert "is not a pgp_det latency table" in one_line_error(LatencyTable.load, str(bad))
+    data = table.to_dict()
+    data["entries"][1]["ms"] = data["entries"][1]["ms"][:2]
+    bad.write_text(json.dumps(data))
+    assert "layer l2: ms must be a 4 x 4 grid" in one_line_error(LatencyTable.load, str(bad))
+    assert "does not exist" in one_line_error(LatencyTable.load, str(tmp_path / "missing.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the knapsack on the toy table
+
+
+def toy_scores():
+    """Skewed scores in a (many weak channels), flat ones in b and c."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.cat([torch.rand(48, generator=generator) * 0.05, 1.0 + torch.rand(16, generator=generator)])
+    b = 1.0 + 0.1 * torch.rand(64, generator=generator)
+    c = 1.0 + 0.1 * torch.rand(32, generator=generator)
+    return {"a": a[torch.randperm(64, generator=generator)], "b": b, "c": c}
+
+
+def kept_importance(scores, kept):
+    """Sum of the mean-normalised scores of the channels a group keeps (its highest)."""
+    total = 0.0
+    for name, count in kept.items():
+        normalised = scores[name] / scores[name].mean()
+        total += float(torch.sort(normalised, descending=True).values[:count].sum())
+    return total
+
+
+def toy_allocation(method, budget):
+    table = toy_table()
+    groups = {name: toy_group(name, size) for name, size in (("a", 64), ("b", 64), ("c", 32))}
+    weak = allocate(method, toy_scores(), groups, 0.0, {n: g.size for n, g in groups.items()}, multiple=8, floor=8,
+                    latency_model=table, latency_budget=budget)
+    return {name: groups[name].size - len(channels) for name, channels in weak.items()}
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.45, 0.6, 0.75, 0.9, 0.97])
+def test_knapsack_respects_the_budget_exactly_and_leaves_no_step_that_fits(fraction):
+    table = toy_table()
+    budget = fraction * table.predict()
+    kept = toy_allocation("knapsack", budget)
+    assert table.predict(kept) <= budget
+    # nothing could be given back: one more step of any group would break the budget
+    for name, count in kept.items():
+        if count < table.groups[name]:
+            larger = min(w for w in range(count + 1, table.groups[name] + 1) if w % 8 == 0)
+            assert table.predict(dict(kept, **{name: larger})) > budget, (name, kept)
+
+
+def test_knapsack_keeps_more_importance_than_a_uniform_cut_at_equal_latency():
+    table = toy_table()
+    scores = toy_scores()
+    for fraction in (0.5, 0.7):
+        uniform = toy_allocation("uniform", fraction * table.predict())
+        latency = table.predict(uniform)
+        knapsack = toy_allocation("knapsack", latency)
+        assert table.predict(knapsack) <= latency
+        assert kept_importance(scores, knapsack) > kept_importance(scores, uniform) + 1.0, (uniform, knapsack)
+    # a's weak channels go (cheap importance); of b and c, with equally flat scores, the one whose
+    # channels cost more (c: l3 reads a wide map) is cut more
+    kept = toy_allocation("knapsack", 0.6 * table.predict())
+    assert 16 <= kept["a"] < 64 and kept["c"] / 32 < kept["b"] / 64, kept
+
+
+def test_unreachable_latency_budget_fails_clearly():
+    with pytest.raises(PruningRequestError, match=r"knapsack allocation cannot meet the budget of 1 ms on toy CPU"):
+        toy_allocation("knapsack", 1.0)
+
+
+def test_targets_in_ms_or_fps():
+    assert target_latency_ms(25.0, 0.0) == 25.0 and target_latency_ms(0.0, 40.0) == 25.0
+    assert "not both" in one_line_error(target_latency_ms, 25.0, 40.0)
+    assert "not neither" in one_line_error(target_latency_ms, 0.0, 0.0)
+    assert grid_widths(64, 5) == [8, 24, 32, 48, 64] and grid_widths(24, 5) == [8, 16, 24]
+    assert grid_widths(256, 4, 8, 8, 32) == [32, 96, 192, 256]  # GroupNorm multiple honoured
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic R18-FPN, with a table measured by the profiler and the fake timer
+
+
+@pytest.fixture(scope="module")
+def r18_table(tmp_path_factory):
+    """A table made by tools/profile_latency.py (fake timer, --check), and the tool's output."""
+    path = tmp_path_factory.mktemp("table") / "r18.json"
+    tool = load_tool("profile_latency")
+    assert tool.main(["--config", CONFIG, "--device", "cpu", "--input-size", "128x160", "--points", "4",
+                      "--output", str(path), "--check", *OVERRIDES], timer=flop_timer) == 0
+    return str(path)
+
+
+def test_profiler_table_predicts_what_the_fake_timer_measures(r18_table, capsys):
+    table = LatencyTable.load(r18_table)
+    meta = table.metadata
+    assert meta["device_kind"] == "cpu" and meta["precision"] == "fp32" and meta["num_threads"] >= 1
+    for key in ("device_name", "torch", "torchvision", "detectron2", "profile_seconds"):
+        assert meta[key] not in (None, ""), key
+    assert table.input_size == SIZE and table.reference_proposals == 100 and table.proposal_counts == (25, 50, 100)
+    model = synthetic_model(synthetic_cfg())
+    table.check_compatible(derive_channel_groups(model), SIZE, "cpu")
+    kinds = {e.kind for e in table.entries}
+    assert kinds == {"conv", "linear", "roi_pooler"}
+    assert {e.name for e in table.entries if e.proposal_ms is not None} == {
+        "roi_heads.box_pooler", "roi_heads.box_head.fc1", "roi_heads.box_head.fc2",
+        "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"}
+    # FLOPs are bilinear in a layer's widths: predictions of uniformly pruned models are exact
+    assert [row["ratio"] for row in meta["check"]] == [0.0, 0.25, 0.5, 0.75]
+    for row in meta["check"]:
+        assert abs(row["error_percent"]) < 1e-6, row
+    assert table.predict(proposals=25) < table.predict()  # fewer proposals, less ROI-head work
+    assert time_whole_model(model, SIZE, flop_timer, proposals=25) == pytest.approx(table.predict(proposals=25))
+
+
+@pytest.mark.parametrize("method", ["knapsack", "uniform"])
+def test_each_pruning_step_meets_its_latency_budget(r18_table, method):
+    table = LatencyTable.load(r18_table)
+    cfg = synthetic_cfg("PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table, "PRUNING.TARGET_FPS",
+                        str(1000.0 / (0.5 * table.predict())), "PRUNING.ALLOCATION", method,
+                        "PRUNING.SCHEDULE", "pgp_exponential")
+    check_pruning_config(cfg)
+    model = synthetic_model(cfg)
+    groups = {n: g for n, g in derive_channel_groups(model).items() if g.prunable}
+    original = {n: g.size for n, g in groups.items()}
+    criterion = build_criterion("l1")
+    budgets = [latency_budget(cfg, table, step, 3) for step in (1, 2, 3)]
+    assert budgets[0] > budgets[1] > budgets[2] == pytest.approx(0.5 * table.predict())
+    for step, budget in zip((1, 2, 3), budgets):
+        criterion.attach(model, groups)
+        weak = plan_pruning_step(cfg, model, groups, criterion.scores(model), step, 3, original,
+                                 {n: 0.5 for n in groups}, latency_table=table)
+        hard_prune(model, {n: w for n, w in weak.items() if w}, groups=groups)
+        groups = {n: g for n, g in derive_channel_groups(model).items() if n in original}
+        predicted = table.predict({n: g.size for n, g in groups.items()})
+        assert predicted <= budget, (step, predicted, budget)
+        if method == "knapsack":
+            assert predicted >= 0.98 * budget, (step, predicted, budget)
+    # the fake timer measures the pruned model itself: what the table predicted
+    assert time_whole_model(model, SIZE, flop_timer) == pytest.approx(predicted, rel=1e-6)
+
+
+def test_hook_logs_predicted_latency_at_each_step(r18_table, tmp_path):
+    table = LatencyTable.load(r18_table)
+    target = 0.6 * table.predict()
+    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
+                        "PRUNING.TARGET_LATENCY_MS", str(target), "PRUNING.ALLOCATION", "knapsack",
+                        "PRUNING.CRITERION", "l1", "PRUNING.REMOVE_RATIO", "0.5", "SOLVER.MAX_ITER", "20",
+                        "PRUNING.START", "0", "PRUNING.INTERVAL", "5", "PRUNING.END", "10", "OUTPUT_DIR", str(tmp_path))
+    check_pruning_config(cfg)
+    model = synthetic_model(cfg)
+    hook = PGPHook(cfg)
+    assert hook.step_iters == [5, 10]
+    with EventStorage(0) as storage:
+        hook.trainer = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                       storage=storage, iter=0)
+        hook.before_train()
+        for iteration in hook.step_iters:
+            hook.trainer.iter = iteration - 1
+            hook._prune_step()
+        logged = [value for value, _ in storage.history("pruning/latency_ms").values()]
+        kept = [value for value, _ in storage.history("pruning/latency_kept_ms").values()]
+    log = json.loads((tmp_path / "pruning_log.json").read_text())
+    assert [step["latency_ms"] for step in log["steps"]] == pytest.approx(logged)
+    assert [step["latency_kept_ms"] for step in log["steps"]] == pytest.approx(kept)
+    assert log["latency"]["target_ms"] == pytest.approx(target) and log["latency"]["table"] == r18_table
+    first, last = log["steps"]
+    # step 1 zeroes half its weak channels: the kept ones meet the budget, the model still runs them
+    assert first["zeroed"] > 0 and first["latency_kept_ms"] <= first["latency_budget_ms"] < first["latency_ms"]
+    assert last["zeroed"] == 0 and last["latency_ms"] == pytest.approx(last["latency_kept_ms"])
+    assert last["latency_budget_ms"] == pytest.approx(target)
+    sizes = {n: g.size for n, g in derive_channel_groups(model).items()}
+    assert table.predict(sizes) == pytest.approx(logged[-1]) and logged[-1] <= target
+
+
+def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys):
+    tool = load_tool("prune_net")
+    table = LatencyTable.load(r18_table)
+    target = 0.55 * table.predict()
+    out = tmp_path / "pruned"
+    code = tool.main(["--config", CONFIG, "--latency-table", r18_table, "--target-latency-ms", str(target),
+                      "--allocation", "knapsack", "--output", str(out), *OVERRIDES])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "latency predicted on" in printed.out and f"(target {target:.3f} ms)" in printed.out
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["settings"]["requested"] == {"target_latency_ms": pytest.approx(target)}
+    assert report["latency"]["predicted_after_ms"] <= target
+    assert report["flops"]["input_size"] == list(SIZE)  # the table's input size by default
+    cfg = synthetic_cfg()
+    cfg.MODEL.WEIGHTS = str(out / "model_pruned.pth")
+    model = load_model(cfg, str(out / "model_pruned.pth"))
+    sizes = {n: g.size for n, g in derive_channel_groups(model).items()}
+    assert sizes == {n: g["kept"] for n, g in report["groups"].items()}
+    assert table.predict(sizes) <= target
+    assert time_whole_model(model, SIZE, flop_timer) <= target * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("options, overrides, message", [
+    (["--target-fps", "30"], [], "a latency target needs --latency-table"),
+    (["--latency-table", "{table}", "--target-fps", "-3"], [], "--target-fps -3.0: give a number > 0"),
+    (["--latency-table", "{table}", "--ratio", "0.5"], [], "--latency-table is used with --target-latency-ms"),
+    (["--latency-table", "{table}", "--target-latency-ms", "1e9"], [], "is not below the unpruned model's"),
+    (["--latency-table", "{table}", "--target-latency-ms", "0.001"], [], "cannot meet the budget"),
+    (["--latency-table", "{table}", "--target-fps", "30", "--input-size", "256x256"], [],
+     "was measured at 128x160, not at the 256x256 asked for"),
+    (["--latency-table", "{table}", "--target-fps", "30"], ["MODEL.FPN.OUT_CHANNELS", "32"],
+     "was made for another architecture: channel group backbone.fpn.inner has 64 channels there and 32"),
+    (["--latency-table", "{table}", "--target-fps", "30"], ["PRUNING.LATENCY_DEVICE", "cuda"], "not on cuda"),
+])
+def test_prune_net_refuses_bad_latency_requests_in_one_line(r18_table, tmp_path, capsys, options, overrides, message):
+    tool = load_tool("prune_net")
+    out = tmp_path / "out"
+    options = [o.replace("{table}", r18_table) for o in options]
+    assert tool.main(["--config", CONFIG, *options, "--allocation", "knapsack", "--output", str(out),
+                      *OVERRIDES, *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_profile_tool_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
+    tool = load_tool("profile_latency")
+    out = tmp_path / "t.json"
+    base = ["--config", CONFIG, "--output", str(out)]
+    cases = [
+        (["--device", "cpu", "--fp16", "--input-size", "128x160"], "--fp16 needs --device cuda"),
+        (["--input-size", "12x160"], "must each be >= 32"),
+        (["--input-size", "128x160", "--points", "1"], "--points 1"),
+        (["--input-size", "128x160", "--proposals", "0,10"], "proposal counts are >= 1"),
+        (["--input-size", "128x160", "--check-ratios", "0.5,1.0"], "ratios are fractions in [0, 1)"),
+    ]
+    for extra, message in cases:
+        assert tool.main(base + extra + OVERRIDES, timer=flop_timer) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+    out.write_text("{}")
+    assert tool.main(base + ["--input-size", "128x160"] + OVERRIDES, timer=flop_timer) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
+def test_settings_check_the_latency_keys(r18_table, tmp_path):
+    def check(*extra):
+        cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", *extra)
+        return check_pruning_config(cfg)
+
+    good = ["PRUNING.LATENCY_TABLE", r18_table]
+    check(*good, "PRUNING.TARGET_LATENCY_MS", "100.0")
+    check(*good, "PRUNING.TARGET_FPS", "20.0", "PRUNING.LATENCY_DEVICE", "cpu")
+    cases = [
+        (["PRUNING.TARGET_FPS", "20.0"], "PRUNING.LATENCY_TABLE is empty"),
+        (good, "are invalid: give exactly one latency target: a latency in ms or a frame rate, not neither"),
+        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.TARGET_LATENCY_MS", "5.0"], "not both"),
+        (good + ["PRUNING.TARGET_FPS", "-2.0"], "must be a number >= 0"),
+        (["PRUNING.LATENCY_TABLE", str(tmp_path / "none.json"), "PRUNING.TARGET_FPS", "20.0"], "does not exist"),
+        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.COST_INPUT_SIZE", "(256, 256)"],
+         "PRUNING.COST_INPUT_SIZE = (256, 256) is invalid: the latency table"),
+        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.LATENCY_DEVICE", "cuda"], "was measured on cpu"),
+        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.LATENCY_DEVICE", "tpu"], "PRUNING.LATENCY_DEVICE = 'tpu'"),
+        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.SCOPE_RATIOS", "(('fpn', 0.3),)"], "TARGET 'ratio' only"),
+        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.ALLOCATION", "magic"], "PRUNING.ALLOCATION = 'magic'"),
+    ]
+    for extra, message in cases:
+        assert message in one_line_error(check, *extra), extra
+    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "speed")
+    assert "use 'ratio', 'flops' or 'latency'" in one_line_error(check_pruning_config, cfg)
+
+
+def test_training_preflight_refuses_a_table_of_another_architecture(r18_table):
+    """train_net's checks (before anything is written) build the config's model and refuse a
+    table made for another architecture; the matching one passes."""
+    from pgp_det.engine.preflight import _check_model_for_pruning
+
+    latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
+               "PRUNING.TARGET_FPS", "20.0"]
+    _check_model_for_pruning(synthetic_cfg(*latency))
+    message = one_line_error(_check_model_for_pruning, synthetic_cfg(*latency, "MODEL.ROI_BOX_HEAD.FC_DIM", "128"))
+    assert "was made for another architecture: channel group roi_heads.box_head.fc1 has 256 channels there" in message

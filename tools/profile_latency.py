@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Measure a detector's latency lookup table on the device it will run on.
+
+Examples::
+
+    python tools/profile_latency.py --config synthetic/faster_rcnn_R_18_FPN_synth.yaml --device cpu \\
+        --input-size 256x256 --output output/latency/r18_cpu_256.json --check
+    python tools/profile_latency.py --config-file configs/faster_rcnn_R_50_FPN_voc.yaml --device cuda --fp16 \\
+        --input-size 800x1333 --output jetson_r50_fp16.json --check
+
+Run it where the detector will run (a Jetson, a server GPU, a CPU), with the threads and precision
+it will use; copy the table anywhere and train with ``PRUNING.TARGET latency
+PRUNING.LATENCY_TABLE table.json`` or prune once with ``tools/prune_net.py --latency-table``.
+
+Every conv and linear layer whose channels pruning can change (and the ROI pooler) is timed alone
+over a grid of (input, output) widths (``--points`` per axis, multiples of
+``PRUNING.CHANNEL_MULTIPLE`` from ``PRUNING.MIN_CHANNELS`` to the full width), at its own feature
+size; the whole model at a few proposal counts (``--proposals``; the config's
+``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest of the model is the difference (see
+``pgp_det.pruning.latency``). Inputs are noise images of ``--input-size`` fed without resizing,
+with every proposal kept (the worst case of the proposal count). ``--check`` then times the whole
+model pruned uniformly at a few ratios and prints predicted against measured latency; the rows
+are stored in the table's metadata. The weights (``--weights``, default ``MODEL.WEIGHTS``) matter
+little (detections left for post-processing); a pruned checkpoint gives a table for its pruned
+architecture, which a config's unpruned model will refuse.
+
+Bad input ends with one ``error:`` line on stderr, exit code 2, and nothing written.
+"""
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout
+import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
+
+import torch  # noqa: E402
+
+from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency  # noqa: E402
+from pgp_det.checkpoint import load_model  # noqa: E402
+from pgp_det.engine.preflight import build_run_config  # noqa: E402
+from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
+from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
+from pgp_det.utils.weights import check_weights_available  # noqa: E402
+
+CONFIGS_DIR = os.path.join(ROOT, "configs")
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    parser.add_argument("--config", metavar="NAME.yaml", default="", help="config file inside configs/")
+    parser.add_argument("--weights", default=None, metavar="W", help="weights to load (default: MODEL.WEIGHTS)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure (default cpu)")
+    parser.add_argument("--fp16", action="store_true", help="half precision (CUDA autocast); CUDA only")
+    parser.add_argument("--input-size", required=True, metavar="HxW", help="input size the model will run at")
+    parser.add_argument("--output", required=True, metavar="TABLE.json", help="the table to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing TABLE.json")
+    parser.add_argument("--points", type=int, default=5, help="widths timed per axis of a layer's grid (>= 2)")
+    parser.add_argument("--proposals", default="", metavar="N1,N2",
+                        help="proposal counts to time (default: 1/4, 1/2 and all of MODEL.RPN.POST_NMS_TOPK_TEST)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing")
+    parser.add_argument("--runs", type=int, default=7, help="timed calls per timing (the median is kept)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--check", action="store_true",
+                        help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
+    parser.add_argument("--check-ratios", default="0,0.25,0.5,0.75", metavar="R1,R2",
+                        help="uniform pruning ratios of --check")
+    add_trust_argument(parser)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser
+
+
+def _numbers(text: str, option: str, kind=int) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserInputError(f"{option} '{text}': expected comma-separated numbers") from None
+    if not values:
+        raise UserInputError(f"{option} '{text}' names no value")
+    return values
+
+
+def check_args(args) -> None:
+    """Reject bad arguments before anything is loaded (the config is checked by build_run_config)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: CUDA is not available on this machine")
+    if args.fp16 and args.device != "cuda":
+        raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
+    parse_input_size(args.input_size)
+    if args.points < 2:
+        raise UserInputError(f"--points {args.points}: time at least 2 widths per axis")
+    if args.runs < 1 or args.warmup < 0 or args.threads < 0:
+        raise UserInputError("--runs must be >= 1; --warmup and --threads >= 0")
+    if args.proposals and min(_numbers(args.proposals, "--proposals")) < 1:
+        raise UserInputError(f"--proposals '{args.proposals}': proposal counts are >= 1")
+    if any(not 0.0 <= r < 1.0 for r in _numbers(args.check_ratios, "--check-ratios", float)):
+        raise UserInputError(f"--check-ratios '{args.check_ratios}': ratios are fractions in [0, 1)")
+    if os.path.isdir(args.output):
+        raise UserInputError(f"--output '{args.output}' is a folder: give the table's file name, e.g. table.json")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UserInputError(f"'{args.output}' already exists: pass --overwrite to replace it, or choose another --output")
+
+
+def build_config(args):
+    """The frozen config of this run (no side effects beyond reading files)."""
+    return build_run_config(args.config, args.config_file, CONFIGS_DIR, args.opts)
+
+
+def profile(cfg, args, timer=None):
+    """Build the model and measure its table (and the check rows); nothing is written."""
+    weights = cfg.MODEL.WEIGHTS if args.weights is None else args.weights
+    if weights:
+        weights = check_weights_available(weights)
+    cpu = cfg.clone()
+    cpu.defrost()
+    cpu.MODEL.DEVICE = "cpu"  # built on the CPU, measured on --device
+    model = load_model(cpu, weights, strict=False, trusted=args.trust_weights)
+    dtype = "fp16" if args.fp16 else "fp32"
+    timer = timer or default_timer(args.device, warmup=args.warmup, runs=args.runs)
+    multiple, floor = int(cfg.PRUNING.CHANNEL_MULTIPLE), int(cfg.PRUNING.MIN_CHANNELS)
+    table = profile_latency(
+        model, parse_input_size(args.input_size), device=args.device, dtype=dtype, timer=timer, points=args.points,
+        multiple=multiple, floor=floor,
+        proposal_counts=_numbers(args.proposals, "--proposals") if args.proposals else None,
+        layer_repeat=10 if args.device == "cuda" else 1,
+        metadata={
+            "config": args.config or args.config_file, "weights": weights, "overrides": list(args.opts),
+            "warmup": args.warmup, "runs": args.runs,
+            "pre_nms_topk_test": int(cfg.MODEL.RPN.PRE_NMS_TOPK_TEST),
+            "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
+        },
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    if args.check:
+        started = time.perf_counter()
+        rows = check_latency(model, table, _numbers(args.check_ratios, "--check-ratios", float), device=args.device,
+                             dtype=dtype, timer=timer, multiple=multiple, floor=floor)
+        table.metadata["check"] = [{k: v for k, v in row.items() if k != "widths"} for row in rows]
+        table.metadata["check_seconds"] = time.perf_counter() - started
+    return table
+
+
+def check_report(table) -> str:
+    """The ``--check`` rows as a fixed-width table."""
+    lines = [f"check: whole model pruned uniformly, {table.reference_proposals} proposals, on {table.describe()}",
+             "ratio  predicted ms  measured ms   error"]
+    for row in table.metadata.get("check", []):
+        lines.append(f"{row['ratio']:5.2f}  {row['predicted_ms']:12.3f}  {row['measured_ms']:11.3f}  "
+                     f"{row['error_percent']:+6.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None, timer=None) -> int:
+    """``timer``: ``fn -> ms`` replacing real timing (tests)."""
+    try:
+        args = argument_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        check_overrides(argument_parser(), args.opts)
+        check_args(args)
+        cfg = build_config(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        folder = os.path.dirname(os.path.abspath(args.output))
+        with claim_output_dir(folder, "--output") as output:
+            table = profile(cfg, args, timer)
+            output.start_writing()
+            table.save(args.output)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = table.metadata
+    print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings) on "
+          f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms predicted "
+          f"at {table.reference_proposals} proposals")
+    if args.check:
+        print(check_report(table))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
