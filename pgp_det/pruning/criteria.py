@@ -707,21 +707,13 @@ class FeatureRelevanceCriterion(_AccumulatingCriterion):
         batches (the passes themselves communicate nothing).
         """
         self._require_attached()
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise PruningRequestError(f"run_extra_pass needs num_batches >= 1, got {num_batches!r}")
+        batches = _extra_pass_batches(data_iter, num_batches)
         inner = unwrap_model(model)
         saved_buffers = [(b, b.detach().clone()) for b in inner.buffers()]
         modes = [(m, m.training) for m in inner.modules()]
-        batches = iter(data_iter)
         try:
             inner.train()
-            for done in range(num_batches):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    raise PruningRequestError(
-                        f"run_extra_pass: the data ran out after {done} of {num_batches} batches"
-                    ) from None
+            for batch in batches:
                 lrp = AlphaBetaLRP(inner, self.alpha, self.beta, on_relevance=self._record, report=self._layer_keys)
                 with torch.enable_grad(), lrp:
                     self._explain_batch(inner, batch, lrp)
@@ -808,23 +800,15 @@ class ExtraPassGradientCriterion(_SignedGradientSums, _AccumulatingCriterion):
         DDP-wrapped ``model`` every process must run the same number of batches.
         """
         self._require_attached()
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise PruningRequestError(f"run_extra_pass needs num_batches >= 1, got {num_batches!r}")
+        batches = _extra_pass_batches(data_iter, num_batches)
         inner = unwrap_model(model)
         params = [p for p in inner.parameters() if p.requires_grad]
         saved_grads = [p.grad for p in params]
         saved_buffers = [(b, b.detach().clone()) for b in inner.buffers()]
         was_training = model.training
-        batches = iter(data_iter)
         try:
             model.train()
-            for done in range(num_batches):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    raise PruningRequestError(
-                        f"run_extra_pass: the data ran out after {done} of {num_batches} batches"
-                    ) from None
+            for batch in batches:
                 for p in params:
                     p.grad = None
                 with EventStorage(0):
@@ -843,6 +827,27 @@ class ExtraPassGradientCriterion(_SignedGradientSums, _AccumulatingCriterion):
                 for buffer, value in saved_buffers:
                     buffer.copy_(value)
             model.train(was_training)
+
+
+def _extra_pass_batches(data_iter: Iterable, num_batches: int):
+    """The first ``num_batches`` batches of ``data_iter`` (a generator: the checks run at once).
+
+    Raises:
+        PruningRequestError: ``num_batches`` is not an integer >= 1, or the data runs out first.
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise PruningRequestError(f"run_extra_pass needs num_batches >= 1, got {num_batches!r}")
+
+    def take():
+        batches = iter(data_iter)
+        for done in range(num_batches):
+            try:
+                yield next(batches)
+            except StopIteration:
+                raise PruningRequestError(
+                    f"run_extra_pass: the data ran out after {done} of {num_batches} batches") from None
+
+    return take()
 
 
 # ---------------------------------------------------------------------------------------------
