@@ -27,221 +27,32 @@ Bad input (missing config or weights, a checkpoint that does not fit its config,
 dataset) ends with one line on stderr and exit code 2.
 """
 import argparse
-import dataclasses
-import itertools
 import os
 import sys
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
-from detectron2.data import build_detection_test_loader  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.evaluation import inference_on_dataset  # noqa: E402
-
-from pgp_det.benchmark import measure_detector_latency, time_dataset_images  # noqa: E402
-from pgp_det.checkpoint import load_model  # noqa: E402
-from pgp_det.benchmark.flops import FAMILIES, count_flops  # noqa: E402
-from pgp_det.benchmark.report import pareto_front, reproducibility_record, write_report  # noqa: E402
-from pgp_det.benchmark.timing import STAGES, environment_info, precision_context, synthetic_image  # noqa: E402
-from pgp_det.config import load_config  # noqa: E402
-from pgp_det.data import add_dataset_arguments, check_dataset_available, check_num_classes, register_custom_datasets  # noqa: E402,E501
+from pgp_det.benchmark.measure import (  # noqa: E402
+    SEED,
+    ModelSpec,
+    benchmark_model,
+    expand_sweeps,
+    mark_pareto_front,
+    parse_model_spec,
+    parse_sweeps,
+    prepare_model,
+    run_dir_spec,
+)
+from pgp_det.benchmark.report import reproducibility_record, write_report  # noqa: E402
+from pgp_det.benchmark.timing import environment_info  # noqa: E402
+from pgp_det.data import add_dataset_arguments  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
-from pgp_det.evaluation import build_evaluator  # noqa: E402
-
-SEED = 0  # of the noise image used when no dataset image is at hand, and of torch
-
-
-@dataclass
-class ModelSpec:
-    label: str
-    config: str
-    weights: Optional[str]  # None: the config's MODEL.WEIGHTS
-    overrides: Tuple[str, ...] = ()  # test-time KEY VALUE pairs of one --sweep point
-
-
-def parse_sweeps(texts: List[str]) -> List[Tuple[str, List[str]]]:
-    """``["KEY=v1,v2", ...]`` -> ``[(KEY, [v1, v2]), ...]``."""
-    sweeps = []
-    for text in texts:
-        key, sep, values = text.partition("=")
-        values = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key or not values:
-            raise UserInputError(f"--sweep '{text}': expected KEY=VALUE1,VALUE2,... e.g. MODEL.RPN.POST_NMS_TOPK_TEST=300,100")
-        if key in [k for k, _ in sweeps]:
-            raise UserInputError(f"--sweep: {key} is swept twice; give all its values in one --sweep")
-        sweeps.append((key, values))
-    return sweeps
-
-
-def expand_sweeps(spec: ModelSpec, sweeps: List[Tuple[str, List[str]]]) -> List[ModelSpec]:
-    """One spec per point of the grid of ``sweeps`` (all combinations), labelled by its values."""
-    if not sweeps:
-        return [spec]
-    points = []
-    for values in itertools.product(*(v for _, v in sweeps)):
-        overrides = tuple(x for key, value in zip((k for k, _ in sweeps), values) for x in (key, value))
-        tag = ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for (key, _), value in zip(sweeps, values))
-        points.append(dataclasses.replace(spec, label=f"{spec.label}[{tag}]", overrides=overrides))
-    return points
-
-
-def parse_model_spec(text: str) -> ModelSpec:
-    """``LABEL=CONFIG_FILE[:WEIGHTS]`` -> ModelSpec."""
-    label, sep, rest = text.partition("=")
-    if not sep or not label or not rest:
-        raise UserInputError(f"--model '{text}': expected LABEL=CONFIG_FILE[:WEIGHTS]")
-    config, _, weights = rest.partition(":")
-    return ModelSpec(label, config, weights or None)
-
-
-def run_dir_spec(directory: str) -> ModelSpec:
-    """A training output folder: its config.yaml and model_final.pth, labelled by the folder name."""
-    config, weights = os.path.join(directory, "config.yaml"), os.path.join(directory, "model_final.pth")
-    for path in (config, weights):
-        if not os.path.isfile(path):
-            raise UserInputError(f"--run-dir '{directory}': '{path}' does not exist (is it a finished training run?)")
-    return ModelSpec(os.path.basename(os.path.normpath(directory)), config, weights)
-
-
-def build_cfg(spec: ModelSpec, args):
-    cfg = load_config(spec.config, [*args.opts, *spec.overrides], args.register_voc, args.register_coco,
-                      label=f"model '{spec.label}'")
-    cfg.MODEL.DEVICE = args.device
-    cfg.freeze()
-    return cfg
-
-
-def headline_metrics(bbox: dict, evaluator_type: str) -> dict:
-    """Columns from detectron2's ``results["bbox"]``: the headline ``mAP`` and the APs."""
-    row = {k: bbox.get(k) for k in ("AP", "AP50", "AP75") if k in bbox}
-    if evaluator_type == "pascal_voc":
-        row.update(map_metric="AP50 (VOC07 11-point)", mAP=bbox.get("AP50"))
-    else:
-        row.update(map_metric="AP (COCO, IoU .50:.95)", mAP=bbox.get("AP"))
-    return row
-
-
-def evaluate(cfg, model, dataset: str, dtype: str, output_dir: str) -> dict:
-    evaluator = build_evaluator(cfg, dataset, output_folder=output_dir)
-    with precision_context(dtype, cfg.MODEL.DEVICE):
-        results = inference_on_dataset(model, build_detection_test_loader(cfg, dataset), evaluator)
-    return results.get("bbox", {}) if results else {}
-
-
-def fixed_size_image(dataset: Optional[str], size: Tuple[int, int]) -> np.ndarray:
-    """The dataset's first image stretched to ``size`` (realistic detections), else noise."""
-    if dataset:
-        dicts = DatasetCatalog.get(dataset)
-        if dicts:
-            from PIL import Image
-
-            image = read_image(dicts[0]["file_name"], format="BGR")
-            return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    return synthetic_image(*size, seed=SEED)
-
-
-@dataclass
-class PreparedModel:
-    """A model whose config, dataset and weights passed every check."""
-
-    spec: ModelSpec
-    cfg: object
-    model: torch.nn.Module
-    dataset: Optional[str]
-
-
-def prepare_model(spec: ModelSpec, args) -> PreparedModel:
-    """Check one model's config, dataset (and its class count) and weights, and load it; writes nothing."""
-    cfg = build_cfg(spec, args)
-    register_custom_datasets(cfg)
-    dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
-    if not args.skip_eval or args.dataset_images > 0:
-        if not dataset:
-            raise UserInputError(f"model '{spec.label}': no --dataset given and its config has no DATASETS.TEST")
-        check_dataset_available(dataset)
-        if not args.skip_eval:
-            check_num_classes(cfg, [dataset])
-    print(f"[{spec.label}] loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}",
-          flush=True)
-    return PreparedModel(spec, cfg, load_model(cfg, spec.weights, trusted=args.trust_weights), dataset)
-
-
-def benchmark_model(prepared: PreparedModel, args, output_dir: str) -> Tuple[dict, dict]:
-    """All figures of one model: (flat row for the tables, details for the JSON)."""
-    spec, cfg, model, dataset = prepared.spec, prepared.cfg, prepared.model, prepared.dataset
-
-    def progress(message):
-        print(f"[{spec.label}] {message}", flush=True)
-
-    needs_dataset = not args.skip_eval or args.dataset_images > 0
-    size = parse_input_size(args.input_size) if args.input_size else (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
-    dtype = "fp16" if args.fp16 else "fp32"
-    weights = spec.weights if spec.weights is not None else cfg.MODEL.WEIGHTS
-    row = {"label": spec.label, "config": spec.config, "weights": weights or "", "dataset": dataset or ""}
-    if spec.overrides:
-        row["sweep"] = " ".join(spec.overrides)
-    details = {}
-
-    if not args.skip_eval:
-        progress(f"evaluating on {dataset}")
-        bbox = evaluate(cfg, model, dataset, dtype, os.path.join(output_dir, "inference", spec.label))
-        row.update(headline_metrics(bbox, MetadataCatalog.get(dataset).get("evaluator_type", "")))
-        details["metrics"] = bbox
-        progress(f"{row['map_metric']} = {row['mAP']:.2f}")
-
-    progress(f"timing at {size[0]}x{size[1]} ({dtype}, {args.warmup} warm-up + {args.runs} runs)")
-    latency = measure_detector_latency(
-        model, fixed_size_image(dataset if needs_dataset else None, size), args.device, dtype, args.warmup, args.runs
-    )
-    row.update(
-        input_size=f"{size[0]}x{size[1]}",
-        dtype=dtype,
-        latency_median_ms=latency.whole.median,
-        latency_p90_ms=latency.whole.p90,
-        fps=latency.whole.fps,
-    )
-    details["latency"] = latency.to_dict()
-    progress(
-        f"median {latency.whole.median:.1f} ms, p90 {latency.whole.p90:.1f} ms, {latency.whole.fps:.1f} FPS; stages: "
-        + ", ".join(f"{k} {latency.stages[k].median:.1f}" for k in STAGES)
-    )
-
-    if args.dataset_images > 0:
-        dicts = DatasetCatalog.get(dataset)[: args.dataset_images]
-        progress(f"timing {len(dicts)} images of {dataset}")
-        mapper = DatasetMapper(cfg, is_train=False)
-        stats = time_dataset_images(model, [mapper(d) for d in dicts], args.device, dtype, args.warmup)
-        row.update(
-            dataset_latency_median_ms=stats.median,
-            dataset_latency_p90_ms=stats.p90,
-            dataset_fps=stats.fps,
-            dataset_images=len(dicts),
-        )
-        details["dataset_latency"] = stats.to_dict()
-        progress(f"dataset images: median {stats.median:.1f} ms, p90 {stats.p90:.1f} ms, {stats.fps:.1f} FPS")
-
-    for name in STAGES:
-        row[f"stage_{name}_ms"] = latency.stages[name].median
-
-    progress("counting FLOPs")
-    flops = count_flops(model, *size)
-    row["gflops"] = flops["gflops"]
-    row.update({f"gflops_{k}": flops["gflops_per_family"].get(k, 0.0) for k in FAMILIES})
-    row["params_M"] = flops["params"] / 1e6
-    row.update({f"params_{k}_M": flops["params_per_family"].get(k, 0) / 1e6 for k in FAMILIES})
-    row["checkpoint_mb"] = os.path.getsize(weights) / 1e6 if weights and os.path.isfile(weights) else None
-    details["flops"] = flops
-    progress(f"{flops['gflops']:.2f} GFLOPs, {flops['params'] / 1e6:.2f} M parameters")
-    return row, details
 
 
 def argument_parser():
@@ -296,14 +107,6 @@ def check_args(args) -> List[ModelSpec]:
     if args.runs < 1 or args.warmup < 0 or args.dataset_images < 0 or args.threads < 0:
         raise UserInputError("--runs must be >= 1; --warmup, --dataset-images and --threads >= 0")
     return specs
-
-
-def mark_pareto_front(rows: List[dict]) -> None:
-    """``row["pareto"] = "yes"`` for the rows no other row beats in both mAP and FPS (rows without
-    both figures are left out)."""
-    measured = [r for r in rows if r.get("mAP") is not None and r.get("fps") is not None]
-    for i in pareto_front([(r["mAP"], r["fps"]) for r in measured], maximize=(True, True)):
-        measured[i]["pareto"] = "yes"
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,10 @@
 Every measurement loads its model with :func:`pgp_det.checkpoint.load_model` (strict by default):
 detectron2 only warns when a checkpoint's tensors do not fit the model, and a benchmark of
 half-random weights is worse than no benchmark.
+
+Modules: :mod:`.timing` (latency), :mod:`.flops` (fvcore counts), :mod:`.report` (tables, plots,
+seed summaries), :mod:`.measure` (one model's figures, for ``tools/eval_map_fps.py``),
+:mod:`.sweep` (training sweeps, for ``tools/sweep.py``), :mod:`.latency_profile` (latency tables).
 """
 from .timing import (
     STAGES,
