@@ -31,6 +31,7 @@ How, and what holds on torch 2.x + detectron2 v0.6 (pure Python):
 * Batch size 1 only; float32 only.
 """
 import contextlib
+import os
 import warnings
 from typing import Dict, Sequence
 
@@ -38,10 +39,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from detectron2.data import DatasetCatalog
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
+
+from .benchmark.timing import time_callable
+from .data import check_dataset_available, register_custom_datasets
+from .errors import UserInputError
 from .utils.io import atomic_write
 from .utils.modules import TensorDetector
 
 __all__ = [
+    "check_images",
+    "export_and_compare",
+    "to_model_input",
     "OUTPUT_NAMES",
     "TensorDetector",
     "traceable_len",
@@ -206,3 +217,65 @@ def compare_detections(
         and result["max_abs_diff_scores"] <= score_atol
     )
     return result
+
+
+def check_images(cfg, sample_image: str = "", dataset: str = "", num_images: int = 4) -> list:
+    """``[(name, (H, W, 3) uint8 BGR image)]`` to trace with (the first) and to check: the file
+    ``sample_image``, else the first ``num_images`` images of ``dataset``.
+
+    Raises:
+        UserInputError: the file is missing or not an image; the dataset is unavailable or empty.
+    """
+    if sample_image:
+        if not os.path.isfile(sample_image):
+            raise UserInputError(f"--sample-image '{sample_image}' does not exist")
+        try:
+            image = read_image(sample_image, format="BGR")
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+            raise UserInputError(
+                f"--sample-image '{sample_image}' is not an image PIL can read ({type(e).__name__}); "
+                "give a JPEG or PNG file") from None
+        return [(sample_image, image)]
+    register_custom_datasets(cfg)
+    check_dataset_available(dataset)
+    dicts = DatasetCatalog.get(dataset)[:num_images]
+    if not dicts:
+        raise UserInputError(f"dataset '{dataset}' has no images")
+    return [(d["file_name"], read_image(d["file_name"], format="BGR")) for d in dicts]
+
+
+def to_model_input(cfg, image, size=None) -> torch.Tensor:
+    """(H, W, 3) uint8 BGR -> (3, h, w) float32 in INPUT.FORMAT order: letterboxed to ``size``,
+    else resized as detectron2 does at test time."""
+    if size is not None:
+        return letterbox(image, *size, cfg.MODEL.PIXEL_MEAN, cfg.INPUT.FORMAT)[0]
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    resized = resize.get_transform(image).apply_image(image)
+    if cfg.INPUT.FORMAT == "RGB":
+        resized = resized[:, :, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
+
+
+def export_and_compare(fmt: str, model: nn.Module, tensors, reference, path: str, opset: int = 17,
+                       box_atol: float = 1e-2, score_atol: float = 1e-3, warmup: int = 3, runs: int = 10) -> dict:
+    """Export ``model`` to ``fmt`` (``"torchscript"`` or ``"onnx"``) at ``path``, reload it, compare
+    it on every (3, H, W) tensor of ``tensors`` with ``reference`` (:func:`run_pytorch` outputs)
+    and time it on the first (ms)."""
+    if fmt == "torchscript":
+        export_torchscript(model, tensors[0], path)
+        module = load_torchscript(path)
+        run = lambda t: run_torchscript(module, t)  # noqa: E731
+    else:
+        export_onnx(model, tensors[0], path, opset=opset)
+        session = load_onnx(path)
+        run = lambda t: run_onnx(session, t)  # noqa: E731
+    checks = [compare_detections(ref, run(t), box_atol, score_atol) for ref, t in zip(reference, tensors)]
+    latency = time_callable(lambda: run(tensors[0]), warmup=warmup, runs=runs)
+    return {
+        "path": path,
+        "ok": all(c["ok"] for c in checks),
+        "max_abs_diff_boxes": max(c["max_abs_diff_boxes"] for c in checks),
+        "max_abs_diff_scores": max(c["max_abs_diff_scores"] for c in checks),
+        "checks": checks,
+        "latency_ms": latency.to_dict(),
+    }

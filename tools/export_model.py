@@ -23,15 +23,11 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
-from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
 
 from pgp_det import export  # noqa: E402
 from pgp_det.benchmark import time_callable  # noqa: E402
@@ -39,7 +35,7 @@ from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.benchmark.report import write_json  # noqa: E402
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
 from pgp_det.config import load_config  # noqa: E402
-from pgp_det.data import add_dataset_arguments, check_dataset_available, register_custom_datasets  # noqa: E402
+from pgp_det.data import add_dataset_arguments  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
@@ -52,62 +48,6 @@ def build_cfg(args):
     cfg.MODEL.DEVICE = "cpu"  # exports are traced and checked on the CPU (onnxruntime CPU)
     cfg.freeze()
     return cfg
-
-
-def check_images(cfg, args) -> list:
-    """(name, HWC uint8 BGR image) pairs to trace with (the first) and to check."""
-    if args.sample_image:
-        if not os.path.isfile(args.sample_image):
-            raise UserInputError(f"--sample-image '{args.sample_image}' does not exist")
-        try:
-            image = read_image(args.sample_image, format="BGR")
-        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
-            raise UserInputError(
-                f"--sample-image '{args.sample_image}' is not an image PIL can read ({type(e).__name__}); "
-                "give a JPEG or PNG file") from None
-        return [(args.sample_image, image)]
-    register_custom_datasets(cfg)
-    check_dataset_available(args.dataset)
-    dicts = DatasetCatalog.get(args.dataset)[: args.num_images]
-    if not dicts:
-        raise UserInputError(f"dataset '{args.dataset}' has no images")
-    return [(d["file_name"], read_image(d["file_name"], format="BGR")) for d in dicts]
-
-
-def to_model_input(cfg, image, size=None) -> torch.Tensor:
-    """(H, W, 3) uint8 BGR -> (3, h, w) float32 in INPUT.FORMAT order: letterboxed to ``size``,
-    else resized as detectron2 does at test time."""
-    if size is not None:
-        return export.letterbox(image, *size, cfg.MODEL.PIXEL_MEAN, cfg.INPUT.FORMAT)[0]
-    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    resized = resize.get_transform(image).apply_image(image)
-    if cfg.INPUT.FORMAT == "RGB":
-        resized = resized[:, :, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
-
-
-def export_one(fmt: str, model, tensors, reference, path: str, args) -> dict:
-    """Export to ``fmt``, reload, compare on every tensor and time the export."""
-    if fmt == "torchscript":
-        export.export_torchscript(model, tensors[0], path)
-        module = export.load_torchscript(path)
-        run = lambda t: export.run_torchscript(module, t)  # noqa: E731
-    else:
-        export.export_onnx(model, tensors[0], path, opset=args.opset)
-        session = export.load_onnx(path)
-        run = lambda t: export.run_onnx(session, t)  # noqa: E731
-    checks = [
-        export.compare_detections(ref, run(t), args.box_atol, args.score_atol) for ref, t in zip(reference, tensors)
-    ]
-    latency = time_callable(lambda: run(tensors[0]), warmup=args.warmup, runs=args.runs)
-    return {
-        "path": path,
-        "ok": all(c["ok"] for c in checks),
-        "max_abs_diff_boxes": max(c["max_abs_diff_boxes"] for c in checks),
-        "max_abs_diff_scores": max(c["max_abs_diff_scores"] for c in checks),
-        "checks": checks,
-        "latency_ms": latency.to_dict(),
-    }
 
 
 def argument_parser():
@@ -146,7 +86,7 @@ def main(argv=None) -> int:
         size = parse_input_size(args.input_size) if args.input_size else None
         output = claim_output_dir(args.output, "--output")
         cfg = build_cfg(args)
-        images = check_images(cfg, args)
+        images = export.check_images(cfg, args.sample_image, args.dataset, args.num_images)
         model = load_model(cfg, args.weights, trusted=args.trust_weights)
         output.start_writing()
     except UserInputError as e:
@@ -160,7 +100,7 @@ def main(argv=None) -> int:
 
 def export_and_check(cfg, args, argv, model, images, size) -> int:
     """Export ``model`` in every requested format, compare with PyTorch, write the report; exit code."""
-    tensors = [to_model_input(cfg, img, size) for _, img in images]
+    tensors = [export.to_model_input(cfg, img, size) for _, img in images]
     sizes = [list(t.shape[1:]) for t in tensors]
     reference = [export.run_pytorch(model, t) for t in tensors]
     adapter = export.TensorDetector(model).eval()
@@ -174,7 +114,9 @@ def export_and_check(cfg, args, argv, model, images, size) -> int:
         path = os.path.join(args.output, FILE_NAMES[fmt])
         print(f"[{fmt}] exporting to {path}", flush=True)
         try:
-            result = export_one(fmt, model, tensors, reference, path, args)
+            result = export.export_and_compare(fmt, model, tensors, reference, path, opset=args.opset,
+                                               box_atol=args.box_atol, score_atol=args.score_atol,
+                                               warmup=args.warmup, runs=args.runs)
         except Exception as e:  # report the failing path and carry on with the other format
             result = {"path": path, "ok": False, "error": f"{type(e).__name__}: {e}"}
             print(f"[{fmt}] FAILED: {result['error'].splitlines()[0]}", flush=True)
