@@ -474,22 +474,29 @@ class _GradientCriterion(_AccumulatingCriterion):
         largest = max((module.weight.numel() for module in self._modules.values()), default=0)
         self._scratch = torch.empty(largest, dtype=torch.float32, device=self._sums.flat.device)
 
+    def _gradient(self, key: _Key, module: nn.Module) -> Optional[torch.Tensor]:
+        """``module.weight.grad`` (None: no gradient this iteration), checked against the filter
+        count the criterion was attached with."""
+        grad = module.weight.grad
+        size = self._sums.shapes[key][0]
+        if grad is not None and grad.shape[0] != size:
+            raise PruningRequestError(
+                f"criterion {self.name}: {key[1]} has {grad.shape[0]} filters but {size} when attached; "
+                "call after_hard_prune(groups, removals) after pruning"
+            )
+        return grad
+
     def update(self, model: nn.Module) -> None:
         contributions = []
         for key, module in self._modules.items():
-            weight = module.weight
-            grad = weight.grad
+            grad = self._gradient(key, module)
             if grad is None:
                 contributions.append(self._zeros[key])
                 continue
-            size = self._sums.shapes[key][0]
-            if grad.shape[0] != size:
-                raise PruningRequestError(
-                    f"criterion {self.name}: {key[1]} has {grad.shape[0]} filters but {size} when attached; "
-                    "call after_hard_prune(groups, removals) after pruning"
-                )
+            size = grad.shape[0]
             scratch = self._scratch[: grad.numel()].view(size, -1)
-            contributions.append(self._contribution(weight.detach().reshape(size, -1), grad.reshape(size, -1), scratch))
+            contributions.append(
+                self._contribution(module.weight.detach().reshape(size, -1), grad.reshape(size, -1), scratch))
         self._sums.add(contributions)
         self.num_updates += 1
 
@@ -553,9 +560,22 @@ class AccumulatedGradientCriterion(_SignedGradientSums, _GradientCriterion):
 
     name = "pgp"
 
-    def _contribution(self, weight, grad, scratch):
-        # a copy of its own: the shared scratch buffer is overwritten by the next layer
-        return grad.to(torch.float32, copy=True)
+    def _on_attach(self) -> None:
+        # the sums are weight-sized and gradients are added into them in place: no per-layer zero
+        # tensors and no scratch buffer (each would be another copy of the weights)
+        _AccumulatingCriterion._on_attach(self)
+
+    def update(self, model: nn.Module) -> None:
+        """Add every producer's gradient into its sum in place (on the training step's hot path:
+        no gradient-sized temporaries). An iteration whose gradients are not all finite (a step
+        the AMP grad scaler skips) adds nothing; checking that costs one host synchronisation."""
+        grads = [(key, self._gradient(key, module)) for key, module in self._modules.items()]
+        present = [grad for _, grad in grads if grad is not None]
+        if present and bool(torch.stack([torch.isfinite(grad).all() for grad in present]).all()):
+            for key, grad in grads:
+                if grad is not None:
+                    self._sums.views[key].add_(grad)
+        self.num_updates += 1
 
 
 class TaylorCriterion(_GradientCriterion):
