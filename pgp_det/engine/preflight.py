@@ -26,7 +26,7 @@ from ..utils.weights import check_weights_available
 
 __all__ = [
     "build_run_config",
-    "RUN_FILES", "check_training_run", "check_weights_fit", "existing_run_files", "weights_to_load",
+    "RUN_FILES", "check_training_run", "check_weights_fit", "cpu_model", "existing_run_files", "weights_to_load",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,29 +88,32 @@ def weights_to_load(cfg, resume: bool) -> str:
     return ""
 
 
-def check_weights_fit(cfg, path: str, strict: bool, trusted: bool = False) -> None:
-    """Read ``path`` safely and load it into ``cfg``'s model built on the CPU, as the run will.
+def cpu_model(cfg):
+    """``cfg``'s model built on the CPU at the config's widths (for checks; the run builds its own)."""
+    cpu = cfg.clone()
+    cpu.defrost()
+    cpu.MODEL.DEVICE = "cpu"
+    return build_model(cpu)
+
+
+def check_weights_fit(model, path: str, strict: bool, trusted: bool = False) -> None:
+    """Read ``path`` safely and load it into ``model`` (:func:`cpu_model`), as the run will; a
+    pruned checkpoint shrinks ``model``.
 
     Raises:
         UserInputError: the file is not a safe checkpoint, or does not fit the model (see
             :class:`~pgp_det.checkpoint.PrunedCheckpointer`).
     """
-    if not path:
-        return
-    cpu = cfg.clone()
-    cpu.defrost()
-    cpu.MODEL.DEVICE = "cpu"
-    PrunedCheckpointer(build_model(cpu), strict=strict, trusted=trusted).load(path)
+    if path:
+        PrunedCheckpointer(model, strict=strict, trusted=trusted).load(path)
 
 
-def _check_model_for_pruning(cfg) -> None:
+def _check_model_for_pruning(cfg, model=None) -> None:
     """Warn when nothing would be pruned; with ``TARGET "latency"``, refuse a latency table made
-    for another architecture (the config builds the model at its original widths)."""
+    for another architecture. ``model``: built from the config, at its original widths (default:
+    :func:`cpu_model`)."""
     p = cfg.PRUNING
-    cpu = cfg.clone()
-    cpu.defrost()
-    cpu.MODEL.DEVICE = "cpu"
-    groups = derive_channel_groups(build_model(cpu), allow_frozen=p.ALLOW_FROZEN)
+    groups = derive_channel_groups(model if model is not None else cpu_model(cfg), allow_frozen=p.ALLOW_FROZEN)
     if p.TARGET == "latency":
         table, _ = check_latency_settings(cfg)
         table.check_compatible(groups, tuple(p.COST_INPUT_SIZE), p.LATENCY_DEVICE or None)
@@ -146,8 +149,9 @@ def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = Fa
             validate_dataset(name)
     check_num_classes(cfg, names)
     path = weights_to_load(cfg, resume)
-    # evaluation needs the whole detector; training may start from a partial (backbone) checkpoint
-    check_weights_fit(cfg, path, strict=eval_only, trusted=trusted)
+    model = cpu_model(cfg)  # one model for every check below
     if cfg.PRUNING.ENABLED and not eval_only:
-        _check_model_for_pruning(cfg)
+        _check_model_for_pruning(cfg, model)  # before loading: a pruned checkpoint shrinks the model
+    # evaluation needs the whole detector; training may start from a partial (backbone) checkpoint
+    check_weights_fit(model, path, strict=eval_only, trusted=trusted)
     return path
