@@ -41,7 +41,7 @@ from pgp_det.benchmark.latency_profile import check_latency, default_timer, prof
 from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_arguments, parse_input_size  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
 
@@ -155,12 +155,12 @@ def check_report(table) -> str:
 
 def main(argv=None, timer=None) -> int:
     """``timer``: ``fn -> ms`` replacing real timing (tests)."""
+    parser = argument_parser()
+    args, code = parse_arguments(parser, argv)
+    if args is None:
+        return code
     try:
-        args = argument_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a bad argument (already printed as one line)
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        check_overrides(argument_parser(), args.opts)
+        check_overrides(parser, args.opts)
         check_args(args)
         cfg = build_config(args)
         if args.threads:

@@ -45,7 +45,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
-import torch  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 from pgp_det.checkpoint import PrunedCheckpointer, load_model  # noqa: E402
@@ -59,7 +58,7 @@ from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_
 from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
 from pgp_det.pruning.hook import plan_pruning_step  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable, latency_reduction, target_latency_ms  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_arguments, parse_input_size  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir, claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
@@ -359,12 +358,12 @@ def summary(report: dict) -> str:
 
 
 def main(argv=None) -> int:
+    parser = argument_parser()
+    args, code = parse_arguments(parser, argv)
+    if args is None:
+        return code
     try:
-        args = argument_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a bad argument (already printed as one line)
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        check_overrides(argument_parser(), args.opts)
+        check_overrides(parser, args.opts)
         check_args(args)
         cfg = build_config(args)
         if args.list_groups:

@@ -1,10 +1,10 @@
 """Argument handling the command-line tools share: one-line errors, input sizes, overrides, trust."""
 import argparse
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ..errors import UserInputError
 
-__all__ = ["OneLineArgumentParser", "add_trust_argument", "check_overrides", "parse_input_size"]
+__all__ = ["OneLineArgumentParser", "add_trust_argument", "check_overrides", "parse_arguments", "parse_input_size"]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -63,3 +63,13 @@ def parse_input_size(text: str, option: str = "--input-size", minimum: int = 32)
     if min(size) < minimum:
         raise UserInputError(f"{option} '{text}': height and width must each be >= {minimum} pixels")
     return size
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None):
+    """``(parser.parse_args(argv), None)``, or ``(None, exit code)`` when argparse exits (``--help``,
+    or a bad argument it has already reported as one line): for tools whose ``main`` returns its
+    exit code instead of exiting."""
+    try:
+        return parser.parse_args(argv), None
+    except SystemExit as e:
+        return None, e.code if isinstance(e.code, int) else 2
