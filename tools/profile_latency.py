@@ -16,13 +16,18 @@ Every conv and linear layer whose channels pruning can change (and the ROI poole
 over a grid of (input, output) widths (``--points`` per axis, multiples of
 ``PRUNING.CHANNEL_MULTIPLE`` from ``PRUNING.MIN_CHANNELS`` to the full width), at its own feature
 size; the whole model at a few proposal counts (``--proposals``; the config's
-``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest of the model is the difference (see
-``pgp_det.pruning.latency``). Inputs are noise images of ``--input-size`` fed without resizing,
-with every proposal kept (the worst case of the proposal count). ``--check`` then times the whole
-model pruned uniformly at a few ratios and prints predicted against measured latency; the rows
-are stored in the table's metadata. The weights (``--weights``, default ``MODEL.WEIGHTS``) matter
-little (detections left for post-processing); a pruned checkpoint gives a table for its pruned
-architecture, which a config's unpruned model will refuse.
+``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest of the model is the difference, and the part
+of it that shrinks with the channels is fitted to whole-model timings of uniformly pruned copies
+(see ``pgp_det.pruning.latency``). Inputs are the first ``--images`` images of the config's test
+set stretched to ``--input-size`` (noise images with ``--noise-images`` or when the set is not at
+hand), with every proposal kept (the worst case of the proposal count). Their proposals set the
+ROI pooler's work, which follows the boxes' sizes: use trained weights and images like the
+deployment's. ``--check`` then times the whole model pruned uniformly at a few ratios (the ROI
+heads fed the unpruned model's proposals, so only the widths change) and every ``--check-weights``
+checkpoint (trained pruned models of this architecture, with their own proposals), and prints
+predicted against measured latency; the rows are stored in the table's metadata. A pruned
+checkpoint as ``--weights`` gives a table for its pruned architecture, which a config's unpruned
+model will refuse.
 
 Bad input ends with one ``error:`` line on stderr, exit code 2, and nothing written.
 """
@@ -37,7 +42,9 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
-from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency  # noqa: E402
+from pgp_det.benchmark.latency_profile import check_latency, check_trained_models, default_timer, profile_latency  # noqa: E402,E501
+from pgp_det.benchmark.measure import fixed_size_images  # noqa: E402
+from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
@@ -68,6 +75,11 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
     parser.add_argument("--check-ratios", default="0,0.25,0.5,0.75", metavar="R1,R2",
                         help="uniform pruning ratios of --check")
+    parser.add_argument("--check-weights", nargs="+", default=[], metavar="W",
+                        help="with --check: trained pruned checkpoints of this config to predict and time")
+    parser.add_argument("--images", type=int, default=4, help="images to profile on (default 4)")
+    parser.add_argument("--noise-images", action="store_true",
+                        help="profile on noise images, not on the config's test set")
     add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
@@ -94,6 +106,12 @@ def check_args(args) -> None:
         raise UserInputError(f"--points {args.points}: time at least 2 widths per axis")
     if args.runs < 1 or args.warmup < 0 or args.threads < 0:
         raise UserInputError("--runs must be >= 1; --warmup and --threads >= 0")
+    if args.images < 1:
+        raise UserInputError(f"--images {args.images}: profile on at least 1 image")
+    if args.check_weights and not args.check:
+        raise UserInputError("--check-weights is used with --check")
+    for path in args.check_weights:
+        check_weights_available(path)
     if args.proposals and min(_numbers(args.proposals, "--proposals")) < 1:
         raise UserInputError(f"--proposals '{args.proposals}': proposal counts are >= 1")
     if any(not 0.0 <= r < 1.0 for r in _numbers(args.check_ratios, "--check-ratios", float)):
@@ -109,6 +127,23 @@ def build_config(args):
     return build_run_config(args.config, args.config_file, CONFIGS_DIR, args.opts)
 
 
+def profile_images(cfg, args):
+    """``(images, where from)``: the ``--images`` images to profile on (see the module docstring)."""
+    size = parse_input_size(args.input_size)
+    dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None
+    reason = "--noise-images" if args.noise_images else "" if dataset else "the config has no DATASETS.TEST"
+    if not reason:
+        register_custom_datasets(cfg)
+        try:
+            check_dataset_available(dataset)
+        except UserInputError as e:
+            reason = f"{dataset} is not at hand ({e})"
+    if reason:
+        print(f"profiling on {args.images} noise images: {reason}", file=sys.stderr)
+        return fixed_size_images(None, size, args.images), "noise"
+    return fixed_size_images(dataset, size, args.images), dataset
+
+
 def profile(cfg, args, timer=None):
     """Build the model and measure its table (and the check rows); nothing is written."""
     weights = cfg.MODEL.WEIGHTS if args.weights is None else args.weights
@@ -118,6 +153,8 @@ def profile(cfg, args, timer=None):
     cpu.defrost()
     cpu.MODEL.DEVICE = "cpu"  # built on the CPU, measured on --device
     model = load_model(cpu, weights, strict=False, trusted=args.trust_weights)
+    checked = {path: load_model(cpu, path, strict=False, trusted=args.trust_weights) for path in args.check_weights}
+    images, source = profile_images(cfg, args)
     dtype = "fp16" if args.fp16 else "fp32"
     timer = timer or default_timer(args.device, warmup=args.warmup, runs=args.runs)
     multiple, floor = int(cfg.PRUNING.CHANNEL_MULTIPLE), int(cfg.PRUNING.MIN_CHANNELS)
@@ -126,8 +163,10 @@ def profile(cfg, args, timer=None):
         multiple=multiple, floor=floor,
         proposal_counts=_numbers(args.proposals, "--proposals") if args.proposals else None,
         layer_repeat=10 if args.device == "cuda" else 1,
+        images=images,
         metadata={
             "config": args.config or args.config_file, "weights": weights, "overrides": list(args.opts),
+            "images_from": source,
             "warmup": args.warmup, "runs": args.runs,
             "pre_nms_topk_test": int(cfg.MODEL.RPN.PRE_NMS_TOPK_TEST),
             "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
@@ -137,7 +176,8 @@ def profile(cfg, args, timer=None):
     if args.check:
         started = time.perf_counter()
         rows = check_latency(model, table, _numbers(args.check_ratios, "--check-ratios", float), device=args.device,
-                             dtype=dtype, timer=timer, multiple=multiple, floor=floor)
+                             dtype=dtype, timer=timer, multiple=multiple, floor=floor, images=images)
+        rows += check_trained_models(checked, table, device=args.device, dtype=dtype, timer=timer, images=images)
         table.metadata["check"] = [{k: v for k, v in row.items() if k != "widths"} for row in rows]
         table.metadata["check_seconds"] = time.perf_counter() - started
     return table
@@ -145,10 +185,11 @@ def profile(cfg, args, timer=None):
 
 def check_report(table) -> str:
     """The ``--check`` rows as a fixed-width table."""
-    lines = [f"check: whole model pruned uniformly, {table.reference_proposals} proposals, on {table.describe()}",
-             "ratio  predicted ms  measured ms   error"]
+    lines = [f"check: whole model, {table.reference_proposals} proposals, on {table.describe()}",
+             f"{'model':<40}  predicted ms  measured ms   error"]
     for row in table.metadata.get("check", []):
-        lines.append(f"{row['ratio']:5.2f}  {row['predicted_ms']:12.3f}  {row['measured_ms']:11.3f}  "
+        model = f"uniformly pruned, ratio {row['ratio']:.2f}" if "ratio" in row else row["label"]
+        lines.append(f"{model:<40}  {row['predicted_ms']:12.3f}  {row['measured_ms']:11.3f}  "
                      f"{row['error_percent']:+6.1f}%")
     return "\n".join(lines)
 

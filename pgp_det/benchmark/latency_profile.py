@@ -23,22 +23,27 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 
 from ..pruning.allocation import allowed_kept_counts
 from ..pruning.dependency import derive_channel_groups
-from ..pruning.latency import LatencyEntry, LatencyTable
+from ..pruning.latency import LatencyEntry, LatencyTable, fit_rest
 from ..pruning.surgery import hard_prune
 from ..utils.flops import full_proposal_budget
 from ..utils.modules import unwrap_model
 from .timing import _check_dtype, _sync_for, environment_info, image_to_input, precision_context, synthetic_image, time_callable
 
-__all__ = ["Timer", "check_latency", "default_timer", "grid_widths", "profile_latency", "time_whole_model"]
+__all__ = [
+    "CALIBRATION_RATIOS", "Timer", "check_latency", "check_trained_models", "default_timer", "grid_widths",
+    "profile_latency", "time_whole_model",
+]
 
 Timer = Callable[[Callable[[], object]], float]
 _LAYERS = (nn.Conv2d, nn.Linear)
+CALIBRATION_RATIOS = (0.2, 0.45, 0.7)  # apart from --check's default ratios, so that the check tests the fit
 
 
 def default_timer(device="cpu", warmup: int = 2, runs: int = 7) -> Timer:
@@ -75,24 +80,64 @@ def _proposal_count(model: nn.Module, proposals: Optional[int]):
         rpn.post_nms_topk[False] = saved
 
 
-def _inputs(model: nn.Module, input_size: Sequence[int], device: torch.device) -> List[dict]:
-    image = synthetic_image(int(input_size[0]), int(input_size[1]))
+def _check_images(images: Optional[Sequence[np.ndarray]], input_size: Sequence[int]) -> List[np.ndarray]:
+    """The images to profile on (default: one noise image), each (H, W, 3) at ``input_size``."""
+    height, width = int(input_size[0]), int(input_size[1])
+    images = list(images) if images is not None else [synthetic_image(height, width)]
+    if not images:
+        raise ValueError("no images to profile on")
+    for image in images:
+        if tuple(image.shape) != (height, width, 3):
+            raise ValueError(f"image of shape {tuple(image.shape)} is not ({height}, {width}, 3)")
+    return images
+
+
+def _inputs(model: nn.Module, image: np.ndarray, device: torch.device) -> List[dict]:
+    """The batch-1 model input of one (H, W, 3) BGR image."""
     return [image_to_input(image, getattr(model, "input_format", "BGR"), device)]
 
 
-def _record_calls(model: nn.Module, inputs: List[dict], proposals: int, device, dtype) -> Dict[str, list]:
-    """``{module name: [positional inputs of each call]}`` of every conv, linear and ROI pooler
-    in one inference at ``proposals`` proposals (conv/linear: the input tensor's shape; pooler:
-    its ``(features, boxes)``)."""
+@contextmanager
+def _pinned_proposals(model: nn.Module, proposals: Optional[list]):
+    """Inside the block the RPN runs as usual but hands ``proposals`` (another model's, recorded
+    on the same image) to the ROI heads: the ROI pooler's work (its sampling grid follows the
+    boxes' sizes) stays the same across widths. None: no change."""
+    rpn = getattr(model, "proposal_generator", None)
+    if proposals is None or rpn is None:
+        yield
+        return
+    handle = rpn.register_forward_hook(lambda module, args, output: (proposals, output[1]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _record_calls(model: nn.Module, inputs: List[dict], proposals: int, device, dtype):
+    """One inference at ``proposals`` proposals: ``({module name: [positional inputs of each
+    call]}, {module name: output elements per channel}, the RPN's proposals)`` for every conv,
+    linear and ROI pooler (conv/linear: the input tensor's shape; pooler: its ``(features,
+    boxes)``)."""
     calls: Dict[str, list] = {}
+    elements: Dict[str, int] = {}
+    recorded = []
+
+    def count_output(module, args, output, name):
+        elements[name] = elements.get(name, 0) + output.numel() // max(output.shape[1], 1)
+
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, _LAYERS):
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: calls.setdefault(name, []).append(tuple(args[0].shape))))
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, name=name: count_output(m, args, output, name)))
         elif isinstance(module, ROIPooler):
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: calls.setdefault(name, []).append((list(args[0]), list(args[1])))))
+    rpn = getattr(model, "proposal_generator", None)
+    if rpn is not None:
+        handles.append(rpn.register_forward_hook(lambda m, args, output: recorded.append(output[0])))
     try:
         with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
                 _proposal_count(model, proposals):
@@ -100,18 +145,25 @@ def _record_calls(model: nn.Module, inputs: List[dict], proposals: int, device, 
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    return calls, elements, (recorded[0] if recorded else None)
 
 
 def time_whole_model(model: nn.Module, input_size: Sequence[int], timer: Timer, device="cpu", dtype: str = "fp32",
-                     proposals: Optional[int] = None) -> float:
-    """Milliseconds of one batch-1 inference of ``model`` (eval mode, on ``device``) on a noise
-    image of ``input_size`` at the full proposal budget of ``proposals`` (default: the model's)."""
+                     proposals: Optional[int] = None, images: Optional[Sequence[np.ndarray]] = None,
+                     pinned: Optional[Sequence[list]] = None) -> float:
+    """Milliseconds of one batch-1 inference of ``model`` (eval mode, on ``device``) at the full
+    proposal budget of ``proposals`` (default: the model's), averaged over ``images`` ((H, W, 3)
+    BGR at ``input_size``; default one noise image). ``pinned``: per image, the proposals the
+    ROI heads get instead of the model's own (:func:`_pinned_proposals`)."""
     device = torch.device(device)
-    inputs = _inputs(model, input_size, device)
-    with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
-            _proposal_count(model, proposals):
-        return float(timer(lambda: model(inputs)))
+    images = _check_images(images, input_size)
+    total = 0.0
+    for i, image in enumerate(images):
+        inputs = _inputs(model, image, device)
+        with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
+                _proposal_count(model, proposals), _pinned_proposals(model, pinned[i] if pinned else None):
+            total += float(timer(lambda: model(inputs)))
+    return total / len(images)
 
 
 def _slice_norm(norm: nn.Module, full: int, width: int) -> None:
@@ -181,13 +233,15 @@ class _LayerTimer:
             self.cache[key] = self._time(lambda: [layer(x) for x in inputs])
         return self.cache[key]
 
-    def pooler(self, module: nn.Module, calls: Sequence[tuple], width: int) -> float:
-        boxes = tuple(len(b) for features, box_lists in calls for b in box_lists)
+    def pooler(self, module: nn.Module, calls: Sequence[tuple], width: int, per: int = 1) -> float:
+        """Milliseconds of the pooler's ``calls`` at ``width`` channels, divided by ``per`` (calls
+        gathered over ``per`` images: the mean per inference)."""
+        boxes = tuple(id(b) for features, box_lists in calls for b in box_lists)
         shapes = tuple(tuple(f.shape) for features, _ in calls for f in features)
-        key = ("pooler", repr(module), shapes, boxes, width)
+        key = ("pooler", repr(module), shapes, boxes, width, per)
         if key not in self.cache:
             sliced = [([f[:, :width].contiguous() for f in features], box_lists) for features, box_lists in calls]
-            self.cache[key] = self._time(lambda: [module(features, box_lists) for features, box_lists in sliced])
+            self.cache[key] = self._time(lambda: [module(features, box_lists) for features, box_lists in sliced]) / per
         return self.cache[key]
 
 
@@ -229,6 +283,8 @@ def profile_latency(
     floor: int = 8,
     proposal_counts: Optional[Sequence[int]] = None,
     layer_repeat: int = 1,
+    images: Optional[Sequence[np.ndarray]] = None,
+    calibration_ratios: Sequence[float] = CALIBRATION_RATIOS,
     metadata: Optional[Mapping] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> LatencyTable:
@@ -247,6 +303,13 @@ def profile_latency(
             :func:`default_proposal_counts`.
         layer_repeat: a layer's calls are repeated this many times per timed sample (and the
             time divided): more than 1 on a GPU hides the per-sample synchronisation.
+        images: (H, W, 3) uint8 BGR images at ``input_size`` to profile on; times are means
+            over them. Their proposals set the ROI pooler's work (its sampling grid follows the
+            boxes' sizes), so images like the deployment's give a truer table. Default: one
+            noise image.
+        calibration_ratios: uniform pruning ratios of the copies whose whole-model timings fit
+            the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`);
+            empty: no fit (the rest stays fixed).
         metadata: recorded in the table besides the environment (config, weights, ...).
         progress: called with a line of progress now and then.
 
@@ -258,6 +321,7 @@ def profile_latency(
     _check_dtype(dtype, device)
     if points < 2:
         raise ValueError(f"points must be >= 2, got {points}")
+    images = _check_images(images, input_size)
     say = progress or (lambda line: None)
     timer = timer or default_timer(device)
     model = unwrap_model(model).to(device).eval()
@@ -266,13 +330,27 @@ def profile_latency(
     pooled = _pooled_group(groups)
     reference = int(model.proposal_generator.post_nms_topk[False])
     counts = sorted(set(int(n) for n in (proposal_counts or default_proposal_counts(reference))) | {reference})
-    inputs = _inputs(model, input_size, device)
+    inputs = [_inputs(model, image, device) for image in images]
 
-    calls = {n: _record_calls(model, inputs, n, device, dtype) for n in counts}
+    # per proposal count: the first image's layer calls (shapes do not change across images of one
+    # size), every image's pooler calls, and every image's proposals
+    calls, pooler_calls, proposals = {}, {}, {}
+    elements: Dict[str, int] = {}
+    for n in counts:
+        recorded = [_record_calls(model, x, n, device, dtype) for x in inputs]
+        calls[n] = recorded[0][0]
+        pooler_calls[n] = {name: [c for r in recorded for c in r[0].get(name, [])]
+                           for name, module in model.named_modules() if isinstance(module, ROIPooler)}
+        proposals[n] = [r[2] for r in recorded]
+        if n == reference:
+            elements = recorded[0][1]
+    steps = {name: allowed_kept_counts(g.size, multiple, floor, g.channel_multiple)
+             for name, g in groups.items() if g.prunable}
     grids = {name: grid_widths(g.size, points, multiple, floor, g.channel_multiple)
              for name, g in groups.items() if g.prunable}
     layers = _LayerTimer(timer, device, dtype, layer_repeat)
     modules = dict(model.named_modules())
+    activations: Dict[str, float] = {}
     entries: List[LatencyEntry] = []
     for name in calls[reference]:
         module = modules[name]
@@ -283,11 +361,13 @@ def profile_latency(
             in_widths, out_widths = grids[pooled], [groups[pooled].size]
 
             def measure(w_in, w_out, n, module=module, name=name):
-                return layers.pooler(module, calls[n][name], w_in)
+                return layers.pooler(module, pooler_calls[n][name], w_in, per=len(images))
             kind = "roi_pooler"
         else:
             in_group, expand = axes.get((name, 1), (None, 1))
             out_group, _ = axes.get((name, 0), (None, 1))
+            if out_group is not None:
+                activations[out_group] = activations.get(out_group, 0) + elements.get(name, 0)
             if in_group is None and out_group is None:
                 continue  # nothing pruning changes: part of the fixed rest
             conv = isinstance(module, nn.Conv2d)
@@ -300,17 +380,20 @@ def profile_latency(
                 return layers.layer(module, calls[n][name], w_in, w_out, expand)
             kind = "conv" if conv else "linear"
         ms = [[measure(w_in, w_out, reference) for w_out in out_widths] for w_in in in_widths]
+        in_steps = tuple((w, measure(w, out_widths[-1], reference)) for w in steps[in_group]) if in_group else ()
+        out_steps = tuple((w, measure(in_widths[-1], w, reference)) for w in steps[out_group]) if out_group else ()
         signature = [_signature(calls[n].get(name)) for n in counts]
         proposal_ms = None
         if len(set(signature)) > 1:  # the layer's input changes with the proposal count
             proposal_ms = [measure(in_widths[-1], out_widths[-1], n) for n in counts]
         entries.append(LatencyEntry(name, kind, in_group, out_group, tuple(in_widths), tuple(out_widths),
-                                    tuple(tuple(row) for row in ms), None if proposal_ms is None else tuple(proposal_ms)))
+                                    tuple(tuple(row) for row in ms), None if proposal_ms is None else tuple(proposal_ms),
+                                    in_steps, out_steps))
         say(f"{name}: {len(in_widths)} x {len(out_widths)} widths, {ms[-1][-1]:.3f} ms at full width")
 
     fixed = []
     for j, n in enumerate(counts):
-        whole = time_whole_model(model, input_size, timer, device, dtype, n)
+        whole = time_whole_model(model, input_size, timer, device, dtype, n, images)
         layers_ms = sum(e.ms[-1][-1] if e.proposal_ms is None else e.proposal_ms[j] for e in entries)
         fixed.append(whole - layers_ms)
         say(f"whole model at {n} proposals: {whole:.3f} ms ({layers_ms:.3f} ms in the measured layers)")
@@ -329,12 +412,47 @@ def profile_latency(
         "channel_multiple": multiple,
         "min_channels": floor,
         "layer_repeat": layer_repeat,
+        "images": len(images),
         "distinct_layer_timings": layers.timed,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     info.update(metadata or {})
-    info["profile_seconds"] = time.perf_counter() - started
-    return LatencyTable({name: g.size for name, g in groups.items()}, input_size, entries, counts, fixed, reference, info)
+    table = LatencyTable({name: g.size for name, g in groups.items()}, input_size, entries, counts, fixed, reference,
+                         info, activations={k: float(v) for k, v in activations.items() if v > 0})
+    if calibration_ratios:
+        rows = _time_uniform_copies(model, table, calibration_ratios, images, proposals[reference], device, dtype,
+                                    timer, multiple, floor)
+        table = fit_rest(table, [(row["widths"], row["measured_ms"]) for row in rows])
+        table.metadata["calibration"] = [{"ratio": row["ratio"], "measured_ms": row["measured_ms"]} for row in rows]
+        say(f"rest shrinking with the channels: {table.activation_ms:.3f} ms of element-wise work, "
+            f"layer overhead {table.layer_overhead:.3f}")
+    table.metadata["profile_seconds"] = time.perf_counter() - started
+    return table
+
+
+def _time_uniform_copies(model, table, ratios, images, pinned, device, dtype, timer, multiple, floor) -> List[dict]:
+    """``[{"ratio", "widths", "measured_ms"}]``: ``model`` pruned uniformly at each ratio (every
+    prunable group, frozen ones too, keeps its first ``kept_count(size, ratio, multiple, floor)``
+    channels: latency does not depend on which) and timed whole on ``images`` at the table's
+    reference proposal count, the ROI heads getting the ``pinned`` proposals (the unpruned
+    model's on each image: a copy pruned without training proposes other boxes, and the pooler's
+    work follows their sizes)."""
+    from ..pruning.cost import uniform_sizes
+
+    groups = derive_channel_groups(model, allow_frozen=True)
+    rows = []
+    for ratio in ratios:
+        sizes = dict(uniform_sizes(groups, float(ratio), multiple, floor))
+        pruned = copy.deepcopy(model)
+        removals = {name: list(range(kept, groups[name].size)) for name, kept in sizes.items() if kept < groups[name].size}
+        if removals:
+            hard_prune(pruned, removals, allow_frozen=True, groups=derive_channel_groups(pruned, allow_frozen=True))
+        pruned = pruned.to(device).eval()
+        measured = time_whole_model(pruned, table.input_size, timer, device, dtype, table.reference_proposals, images,
+                                    pinned)
+        rows.append({"ratio": float(ratio), "widths": sizes, "measured_ms": measured})
+        del pruned
+    return rows
 
 
 def _signature(calls) -> tuple:
@@ -344,6 +462,12 @@ def _signature(calls) -> tuple:
     if isinstance(calls[0][0], list):  # a pooler: (features, boxes)
         return tuple(len(b) for _, box_lists in calls for b in box_lists)
     return tuple(calls)
+
+
+def _error_row(row: dict, predicted: float) -> dict:
+    measured = row["measured_ms"]
+    return dict(row, predicted_ms=predicted,
+                error_percent=100.0 * (predicted - measured) / measured if measured else float("nan"))
 
 
 def check_latency(
@@ -356,39 +480,53 @@ def check_latency(
     timer: Optional[Timer] = None,
     multiple: int = 8,
     floor: int = 8,
+    images: Optional[Sequence[np.ndarray]] = None,
 ) -> List[dict]:
-    """Predicted against measured latency of ``model`` pruned uniformly: every prunable group
-    (frozen ones too) keeps ``kept_count(size, ratio, multiple, floor)`` channels (its first
-    ones; latency does not depend on which), the copy is pruned with
-    :func:`~pgp_det.pruning.surgery.hard_prune` and timed whole at the table's input size and
-    reference proposal count.
+    """Predicted against measured latency of ``model`` pruned uniformly at each ratio (see
+    :func:`_time_uniform_copies`: the ROI heads get the unpruned model's proposals on each
+    image), timed whole on ``images`` (default: one noise image; give the table's) at the
+    table's input size and reference proposal count.
 
     Returns:
         one row per ratio: ``{"ratio", "widths", "predicted_ms", "measured_ms", "error_percent"}``
         (``error_percent = 100 (predicted - measured) / measured``).
     """
-    from ..pruning.cost import uniform_sizes
-
     device = torch.device(device)
     timer = timer or default_timer(device)
-    model = unwrap_model(model)
-    groups = derive_channel_groups(model, allow_frozen=True)
+    model = unwrap_model(model).to(device).eval()
+    images = _check_images(images, table.input_size)
+    pinned = [_record_calls(model, _inputs(model, image, device), table.reference_proposals, device, dtype)[2]
+              for image in images]
+    rows = _time_uniform_copies(model, table, ratios, images, pinned, device, dtype, timer, multiple, floor)
+    return [_error_row(row, table.predict(row["widths"], proposals=table.reference_proposals)) for row in rows]
+
+
+def check_trained_models(
+    models: Mapping[str, nn.Module],
+    table: LatencyTable,
+    *,
+    device="cpu",
+    dtype: str = "fp32",
+    timer: Optional[Timer] = None,
+    images: Optional[Sequence[np.ndarray]] = None,
+) -> List[dict]:
+    """Predicted against measured latency of trained (pruned) models of the table's
+    architecture, each timed whole on ``images`` with its own proposals, at the table's input
+    size and reference proposal count: what a user will see, the pooler's work included.
+
+    Args:
+        models: ``{label: model}``; a model's widths are its current channel counts.
+
+    Returns:
+        one row per model: ``{"label", "widths", "predicted_ms", "measured_ms", "error_percent"}``.
+    """
+    device = torch.device(device)
+    timer = timer or default_timer(device)
     rows = []
-    for ratio in ratios:
-        sizes = dict(uniform_sizes(groups, float(ratio), multiple, floor))
-        pruned = copy.deepcopy(model)
-        removals = {name: list(range(kept, groups[name].size)) for name, kept in sizes.items() if kept < groups[name].size}
-        if removals:
-            hard_prune(pruned, removals, allow_frozen=True, groups=derive_channel_groups(pruned, allow_frozen=True))
-        pruned = pruned.to(device).eval()
-        measured = time_whole_model(pruned, table.input_size, timer, device, dtype, table.reference_proposals)
-        predicted = table.predict(sizes, proposals=table.reference_proposals)
-        rows.append({
-            "ratio": float(ratio),
-            "widths": sizes,
-            "predicted_ms": predicted,
-            "measured_ms": measured,
-            "error_percent": 100.0 * (predicted - measured) / measured if measured else float("nan"),
-        })
-        del pruned
+    for label, model in models.items():
+        model = unwrap_model(model).to(device).eval()
+        widths = {name: g.size for name, g in derive_channel_groups(model, allow_frozen=True).items()}
+        measured = time_whole_model(model, table.input_size, timer, device, dtype, table.reference_proposals, images)
+        row = {"label": label, "widths": widths, "measured_ms": measured}
+        rows.append(_error_row(row, table.predict(widths, proposals=table.reference_proposals)))
     return rows

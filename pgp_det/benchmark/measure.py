@@ -114,16 +114,25 @@ def evaluate(cfg, model, dataset: str, dtype: str, output_dir: str) -> dict:
     return results.get("bbox", {}) if results else {}
 
 
-def fixed_size_image(dataset: Optional[str], size: Tuple[int, int]) -> np.ndarray:
-    """The dataset's first image stretched to ``size`` (realistic detections), else noise."""
+def fixed_size_images(dataset: Optional[str], size: Tuple[int, int], count: int = 1) -> List[np.ndarray]:
+    """The dataset's first ``count`` images stretched to ``size`` (BGR, realistic detections and
+    proposals), else ``count`` noise images."""
     if dataset:
-        dicts = DatasetCatalog.get(dataset)
+        dicts = DatasetCatalog.get(dataset)[:count]
         if dicts:
             from PIL import Image
 
-            image = read_image(dicts[0]["file_name"], format="BGR")
-            return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    return synthetic_image(*size, seed=SEED)
+            return [
+                np.asarray(Image.fromarray(read_image(d["file_name"], format="BGR")).resize((size[1], size[0]),
+                                                                                          Image.BILINEAR))
+                for d in dicts
+            ]
+    return [synthetic_image(*size, seed=SEED + i) for i in range(count)]
+
+
+def fixed_size_image(dataset: Optional[str], size: Tuple[int, int]) -> np.ndarray:
+    """The dataset's first image stretched to ``size`` (realistic detections), else noise."""
+    return fixed_size_images(dataset, size, 1)[0]
 
 
 @dataclass

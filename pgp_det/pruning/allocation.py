@@ -356,6 +356,9 @@ _global_ranking.__name__ = "global"  # the config name; `global` is a Python key
 ALLOCATION_REGISTRY.register(_global_ranking)
 
 
+_KNAPSACK_LOOKAHEAD = 4  # counts a knapsack step may go down at once
+
+
 @ALLOCATION_REGISTRY.register()
 def knapsack(request: AllocationRequest) -> Dict[str, int]:
     """The most importance kept within the budget: greedy by importance lost per unit of cost
@@ -385,18 +388,23 @@ def knapsack(request: AllocationRequest) -> Dict[str, int]:
         )
 
     def step_down(n: str):
-        """``(importance lost / cost saved, importance lost, order, n, cost after)`` of group
-        ``n``'s next step down, or None at its smallest count; a step that saves nothing sorts
-        last."""
-        if position[n] == 0:
-            return None
-        lower = counts[n][position[n] - 1]
-        trial = dict(kept)
-        trial[n] = lower
-        after = request.cost(trial)
-        saved = cost - after
-        loss = lost_at[n](lower) - lost_at[n](kept[n])
-        return (loss / saved if saved > 0 else math.inf, loss, order[n], n, after)
+        """``(importance lost / cost saved, importance lost, order, n, cost after, position after)``
+        of group ``n``'s best step down, or None at its smallest count. A step goes down to one of
+        the next :data:`_KNAPSACK_LOOKAHEAD` counts, the best ratio of them: a device's cost can
+        stay flat over a few counts (a CPU computes 16 channels for 8), which a one-count step
+        would never cross. A step that saves nothing sorts last."""
+        best = None
+        for lower_position in range(position[n] - 1, max(position[n] - 1 - _KNAPSACK_LOOKAHEAD, -1), -1):
+            lower = counts[n][lower_position]
+            trial = dict(kept)
+            trial[n] = lower
+            after = request.cost(trial)
+            saved = cost - after
+            loss = lost_at[n](lower) - lost_at[n](kept[n])
+            key = (loss / saved if saved > 0 else math.inf, loss, order[n], n, after, lower_position)
+            if best is None or key[0] < best[0]:
+                best = key
+        return best
 
     # lazy greedy: a popped ratio computed before the last accepted step is recomputed first
     accepted = 0
@@ -414,8 +422,9 @@ def knapsack(request: AllocationRequest) -> Dict[str, int]:
             # the last step: of the steps that alone meet the budget, the one losing the least
             # (then saving the least), not necessarily the best ratio (greedy knapsack's fix-up)
             finishing = [k for k in map(step_down, names) if k is not None and k[4] <= limit]
-            n = min(finishing, key=lambda k: (k[1], -k[4], k[2]))[3]
-        position[n] -= 1
+            key = min(finishing, key=lambda k: (k[1], -k[4], k[2]))
+            n = key[3]
+        position[n] = key[5]
         kept[n] = counts[n][position[n]]
         cost = request.cost(kept)
         accepted += 1

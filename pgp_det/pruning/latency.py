@@ -3,7 +3,7 @@ lookup table measured on that device (``tools/profile_latency.py``).
 
 A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one input size,
 
-    latency(widths, n) = fixed(n) + sum over entries e of  t_e(w_in, w_out) * s_e(n)
+    latency(widths, n) = fixed(n) - rest_saved(widths) + sum over entries e of  t_e(w_in, w_out) * s_e(n)
 
 * an *entry* is one layer whose cost changes with pruning: a conv or linear layer with a
   prunable channel group on its input or output axis, or the ROI pooler (its cost grows with the
@@ -11,7 +11,11 @@ A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one in
   (multiples of ``PRUNING.CHANNEL_MULTIPLE``, a handful per axis, the full width the last), at
   the layer's own input shapes, and interpolated bilinearly between grid points (linearly
   extrapolated below the smallest, never above the full width). An axis without a prunable group
-  has one grid point: the layer's width there never changes.
+  has one grid point: the layer's width there never changes. Devices compute channels in blocks
+  (a CPU's vector holds 16 floats: 40 channels cost what 48 do), which a coarse grid cannot see,
+  so every allowed width of each axis is also timed with the other axis at full width (the
+  *steps*), and the bilinear value is scaled, per axis, by the step's time over the bilinear
+  value at that width (1 at the grid's points).
 * ``n`` is the RPN's test-time proposal count (``MODEL.RPN.POST_NMS_TOPK_TEST``). Entries whose
   input depends on it (ROI pooler, box head, box predictor; a C4 model's ``res5``) were also timed
   at full width at each profiled count; ``s_e(n)`` is that time over the time at the reference
@@ -19,9 +23,19 @@ A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one in
 * ``fixed(n)`` is the rest of the model at full width, measured as the whole model's latency
   minus the entries' full-width times at each profiled count: preprocessing, element-wise ops
   outside the layers (ReLUs, residual sums, FPN's upsampling), anchor generation, proposal
-  selection and NMS, box decoding and per-class NMS, post-processing. It does not shrink with
-  pruning. It may be negative on a GPU, where timing a layer alone includes launch and
-  synchronisation overhead that overlaps in the whole model.
+  selection and NMS, box decoding and per-class NMS, post-processing. It may be negative on a GPU,
+  where timing a layer alone includes launch and synchronisation overhead that overlaps in the
+  whole model.
+* ``rest_saved(widths)`` is the part of that rest which shrinks with the channels:
+
+      rest_saved = activation_ms * (1 - A(widths) / A(full)) + layer_overhead * (L(full) - L(widths))
+
+  ``A`` counts activation elements (``activations[g]`` elements per channel of group ``g``, times
+  its kept channels): the element-wise work between the layers. ``L`` is the sum of the conv and
+  linear entries' times: a layer inside the whole model costs ``1 + layer_overhead`` times its
+  time alone (cold caches, the activation that follows). The two coefficients are fitted, by
+  non-negative least squares, to whole-model timings of uniformly pruned copies made while
+  profiling (zero: the rest does not shrink).
 
 Tables carry what they were measured with (device name and kind, threads, precision, software
 versions, input size) and the architecture they fit (every channel group's name and original
@@ -42,12 +56,12 @@ from ..utils.io import atomic_write_json
 from .groups import ChannelGroup, PruningRequestError
 
 __all__ = [
-    "DEVICE_KINDS", "LatencyEntry", "LatencyTable", "TABLE_FORMAT", "TABLE_VERSION", "latency_reduction",
+    "DEVICE_KINDS", "LatencyEntry", "LatencyTable", "TABLE_FORMAT", "TABLE_VERSION", "fit_rest", "latency_reduction",
     "target_latency_ms",
 ]
 
 TABLE_FORMAT = "pgp_det latency table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 DEVICE_KINDS = ("cpu", "cuda")
 ENTRY_KINDS = ("conv", "linear", "roi_pooler")
 
@@ -85,6 +99,8 @@ class LatencyEntry:
             the table's reference proposal count.
         proposal_ms: for layers whose input depends on the proposal count: milliseconds at full
             width at each of the table's ``proposal_counts``; None otherwise.
+        in_steps, out_steps: ``((width, ms), ...)`` ascending: the layer at every allowed width of
+            that axis, the other at full width (empty: not measured, no scaling).
     """
 
     name: str
@@ -95,8 +111,10 @@ class LatencyEntry:
     out_widths: Tuple[int, ...]
     ms: Tuple[Tuple[float, ...], ...]
     proposal_ms: Optional[Tuple[float, ...]] = None
+    in_steps: Tuple[Tuple[int, float], ...] = ()
+    out_steps: Tuple[Tuple[int, float], ...] = ()
 
-    def at(self, in_width: float, out_width: float) -> float:
+    def bilinear(self, in_width: float, out_width: float) -> float:
         """Bilinear interpolation of :attr:`ms` at ``(in_width, out_width)`` channels: exact at
         grid points, linear along each axis between them (extrapolated below the grid)."""
         i0, i1, ti = _axis_position(self.in_widths, in_width)
@@ -105,12 +123,29 @@ class LatencyEntry:
         return ((1.0 - ti) * ((1.0 - to) * m[i0][o0] + to * m[i0][o1])
                 + ti * ((1.0 - to) * m[i1][o0] + to * m[i1][o1]))
 
+    @staticmethod
+    def _step_factor(steps, width: float, smooth: float) -> float:
+        if not steps or smooth <= 0:
+            return 1.0
+        measured = _interpolate_1d([w for w, _ in steps], [ms for _, ms in steps], width)
+        return max(measured, 0.0) / smooth
+
+    def at(self, in_width: float, out_width: float) -> float:
+        """Milliseconds at ``(in_width, out_width)`` channels: :meth:`bilinear` scaled by each
+        axis' step factor (exact at every measured step and grid point)."""
+        full_in, full_out = self.in_widths[-1], self.out_widths[-1]
+        return (self.bilinear(in_width, out_width)
+                * self._step_factor(self.in_steps, in_width, self.bilinear(in_width, full_out))
+                * self._step_factor(self.out_steps, out_width, self.bilinear(full_in, out_width)))
+
     def to_dict(self) -> dict:
         return {
             "name": self.name, "kind": self.kind, "in_group": self.in_group, "out_group": self.out_group,
             "in_widths": list(self.in_widths), "out_widths": list(self.out_widths),
             "ms": [list(row) for row in self.ms],
             "proposal_ms": None if self.proposal_ms is None else list(self.proposal_ms),
+            "in_steps": [list(step) for step in self.in_steps],
+            "out_steps": [list(step) for step in self.out_steps],
         }
 
 
@@ -147,6 +182,62 @@ def latency_reduction(table: "LatencyTable", target_ms: float) -> float:
     return 1.0 - target_ms / full
 
 
+def _nonnegative_least_squares(columns: Sequence[Sequence[float]], targets: Sequence[float]) -> List[float]:
+    """``x >= 0`` minimising ``|sum_k x_k columns[k] - targets|^2`` for two or fewer columns (every
+    subset of free coefficients is solved and the best non-negative solution kept)."""
+    best, best_error = [0.0] * len(columns), sum(t * t for t in targets)
+    subsets = [[0], [1], [0, 1]] if len(columns) == 2 else [[0]]
+    for subset in subsets:
+        a = [[sum(columns[i][r] * columns[j][r] for r in range(len(targets))) for j in subset] for i in subset]
+        b = [sum(columns[i][r] * targets[r] for r in range(len(targets))) for i in subset]
+        if len(subset) == 1:
+            if a[0][0] <= 0:
+                continue
+            solution = [b[0] / a[0][0]]
+        else:
+            det = a[0][0] * a[1][1] - a[0][1] * a[1][0]
+            if abs(det) <= 1e-12 * max(a[0][0] * a[1][1], 1e-300):
+                continue
+            solution = [(b[0] * a[1][1] - b[1] * a[0][1]) / det, (a[0][0] * b[1] - a[1][0] * b[0]) / det]
+        if min(solution) < 0:
+            continue
+        x = [0.0] * len(columns)
+        for i, value in zip(subset, solution):
+            x[i] = value
+        error = sum((sum(x[k] * columns[k][r] for k in range(len(columns))) - targets[r]) ** 2
+                    for r in range(len(targets)))
+        if error < best_error:
+            best, best_error = x, error
+    return best
+
+
+def fit_rest(table: "LatencyTable", measured: Sequence[Tuple[Mapping[str, int], float]]) -> "LatencyTable":
+    """A copy of ``table`` whose ``activation_ms`` and ``layer_overhead`` (``rest_saved``, see the
+    module docstring) best explain ``measured``: ``(widths, whole-model ms at the reference
+    proposal count)`` of pruned copies of the model, by non-negative least squares. Without
+    ``activations`` only ``layer_overhead`` is fitted. Measurements the table already
+    under-predicts (the rest would have to grow) leave both at zero.
+    """
+    base = copy.copy(table)
+    base.activation_ms, base.layer_overhead = 0.0, 0.0
+    base.proposals = table.reference_proposals
+    full_layers = base._layer_sum(base.breakdown())
+    activation_column, layer_column, targets = [], [], []
+    for widths, ms in measured:
+        times = base.breakdown(widths)
+        activation_column.append(1.0 - base.activation_fraction(widths))
+        layer_column.append(max(full_layers - base._layer_sum(times), 0.0))
+        targets.append(sum(times.values()) - float(ms))  # what the rest saved
+    columns = [layer_column] if not table.activations else [activation_column, layer_column]
+    solution = _nonnegative_least_squares(columns, targets)
+    result = copy.copy(table)
+    if table.activations:
+        result.activation_ms, result.layer_overhead = solution
+    else:
+        result.activation_ms, result.layer_overhead = 0.0, solution[0]
+    return result
+
+
 class LatencyTable:
     """Latency of one detector architecture on one device, predicted for any channel widths (see
     the module docstring). Example::
@@ -168,11 +259,17 @@ class LatencyTable:
         source: the file it was loaded from ("" when built in memory).
         proposals: the proposal count :meth:`predict` uses when none is given (default: the
             reference; :meth:`with_proposals` makes a copy with another).
+        activations: ``{group name: activation elements per channel}`` in one inference (all
+            the outputs of the layers producing the group's channels); groups not named have none.
+        activation_ms, layer_overhead: the coefficients of ``rest_saved`` (module docstring):
+            ms of element-wise work at full width, and the in-model overhead per ms of layer time.
     """
 
     def __init__(self, groups: Mapping[str, int], input_size: Sequence[int], entries: Sequence[LatencyEntry],
                  proposal_counts: Sequence[int], fixed_ms: Sequence[float], reference_proposals: int,
-                 metadata: Optional[Mapping[str, Any]] = None, source: str = ""):
+                 metadata: Optional[Mapping[str, Any]] = None, source: str = "",
+                 activations: Optional[Mapping[str, float]] = None, activation_ms: float = 0.0,
+                 layer_overhead: float = 0.0):
         self.groups: Dict[str, int] = {str(k): int(v) for k, v in groups.items()}
         self.input_size: Tuple[int, int] = (int(input_size[0]), int(input_size[1]))
         self.entries: Tuple[LatencyEntry, ...] = tuple(entries)
@@ -182,6 +279,9 @@ class LatencyTable:
         self.metadata: Dict[str, Any] = dict(metadata or {})
         self.source = source
         self.proposals = self.reference_proposals
+        self.activations: Dict[str, float] = {str(k): float(v) for k, v in (activations or {}).items()}
+        self.activation_ms = float(activation_ms)
+        self.layer_overhead = float(layer_overhead)
         self._validate()
 
     # -- checks -----------------------------------------------------------------------------------
@@ -202,6 +302,12 @@ class LatencyTable:
             self._fail("fixed_ms needs one finite value per proposal count")
         if self.reference_proposals not in counts:
             self._fail(f"reference proposal count {self.reference_proposals} is not among {list(counts)}")
+        for name, count in self.activations.items():
+            if name not in self.groups or not math.isfinite(count) or count < 0:
+                self._fail(f"activations: {name} must be a known channel group with a count >= 0")
+        for label, value in (("activation_ms", self.activation_ms), ("layer_overhead", self.layer_overhead)):
+            if not math.isfinite(value) or value < 0:
+                self._fail(f"{label} must be finite and >= 0")
         kind = self.metadata.get("device_kind")
         if kind not in DEVICE_KINDS:
             self._fail(f"device_kind {kind!r} is not one of {', '.join(DEVICE_KINDS)}")
@@ -226,6 +332,12 @@ class LatencyTable:
                 self._fail(f"layer {e.name}: ms must be a {len(e.in_widths)} x {len(e.out_widths)} grid")
             if not all(math.isfinite(v) and v >= 0 for row in e.ms for v in row):
                 self._fail(f"layer {e.name}: times must be finite and >= 0")
+            for group, grid, steps in ((e.in_group, e.in_widths, e.in_steps), (e.out_group, e.out_widths, e.out_steps)):
+                widths = [w for w, _ in steps]
+                if steps and (group is None or widths != sorted(set(widths)) or widths[0] < 1 or widths[-1] != grid[-1]
+                              or not all(math.isfinite(ms) and ms >= 0 for _, ms in steps)):
+                    self._fail(f"layer {e.name}: steps must be ascending widths of a channel group ending at its full "
+                               "width, with finite times >= 0")
             if e.proposal_ms is not None and (
                 len(e.proposal_ms) != len(counts) or not all(math.isfinite(v) and v >= 0 for v in e.proposal_ms)
             ):
@@ -314,17 +426,36 @@ class LatencyTable:
                 scales.append(max(_interpolate_1d(counts, e.proposal_ms, proposals), 0.0) / e.proposal_ms[reference])
         return fixed, scales
 
-    def breakdown(self, widths: Optional[Mapping[str, int]] = None, proposals: Optional[int] = None) -> Dict[str, float]:
-        """``{"fixed": ms, entry name: ms, ...}`` at ``widths`` (see :meth:`predict`); the values
-        sum to the prediction."""
-        kept = self._widths(widths)
-        fixed, scales = self._scales(self.proposals if proposals is None else proposals)
-        result = {"fixed": fixed}
+    def _entry_times(self, kept: Mapping[str, int], scales: Sequence[float]) -> Dict[str, float]:
+        result = {}
         for e, scale in zip(self.entries, scales):
             w_in = kept[e.in_group] if e.in_group else e.in_widths[0]
             w_out = kept[e.out_group] if e.out_group else e.out_widths[0]
             result[e.name] = max(e.at(w_in, w_out), 0.0) * scale
         return result
+
+    def _layer_sum(self, times: Mapping[str, float]) -> float:
+        """``L``: the conv and linear entries' milliseconds."""
+        return sum(times[e.name] for e in self.entries if e.kind != "roi_pooler")
+
+    def activation_fraction(self, widths: Optional[Mapping[str, int]] = None) -> float:
+        """``A(widths) / A(full)``: the fraction of activation elements kept (1 without activations)."""
+        kept = self._widths(widths)
+        full = sum(count * self.groups[name] for name, count in self.activations.items())
+        if full <= 0:
+            return 1.0
+        return sum(count * kept[name] for name, count in self.activations.items()) / full
+
+    def breakdown(self, widths: Optional[Mapping[str, int]] = None, proposals: Optional[int] = None) -> Dict[str, float]:
+        """``{"fixed": ms, "rest_saved": -ms, entry name: ms, ...}`` at ``widths`` (see
+        :meth:`predict`); the values sum to the prediction."""
+        kept = self._widths(widths)
+        fixed, scales = self._scales(self.proposals if proposals is None else proposals)
+        times = self._entry_times(kept, scales)
+        layers_saved = self._layer_sum(self._entry_times(self.groups, scales)) - self._layer_sum(times)
+        saved = (self.activation_ms * (1.0 - self.activation_fraction(kept))
+                 + self.layer_overhead * max(layers_saved, 0.0))
+        return {"fixed": fixed, "rest_saved": -saved, **times}
 
     def predict(self, widths: Optional[Mapping[str, int]] = None, proposals: Optional[int] = None) -> float:
         """Predicted milliseconds of one batch-1 inference at the table's input size.
@@ -366,6 +497,11 @@ class LatencyTable:
                 "fixed_ms": list(self.fixed_ms),
             },
             "entries": [e.to_dict() for e in self.entries],
+            "rest": {
+                "activations": self.activations,
+                "activation_ms": self.activation_ms,
+                "layer_overhead": self.layer_overhead,
+            },
         }
 
     @classmethod
@@ -385,6 +521,7 @@ class LatencyTable:
             )
         try:
             proposals = data["proposals"]
+            rest = data["rest"]
             entries = [
                 LatencyEntry(
                     name=str(e["name"]), kind=str(e["kind"]),
@@ -394,6 +531,8 @@ class LatencyTable:
                     out_widths=tuple(int(w) for w in e["out_widths"]),
                     ms=tuple(tuple(float(v) for v in row) for row in e["ms"]),
                     proposal_ms=None if e.get("proposal_ms") is None else tuple(float(v) for v in e["proposal_ms"]),
+                    in_steps=tuple((int(w), float(ms)) for w, ms in e["in_steps"]),
+                    out_steps=tuple((int(w), float(ms)) for w, ms in e["out_steps"]),
                 )
                 for e in data["entries"]
             ]
@@ -401,6 +540,8 @@ class LatencyTable:
                 groups=dict(data["groups"]), input_size=data["input_size"], entries=entries,
                 proposal_counts=proposals["counts"], fixed_ms=proposals["fixed_ms"],
                 reference_proposals=proposals["reference"], metadata=data.get("metadata") or {}, source=source,
+                activations=rest["activations"], activation_ms=rest["activation_ms"],
+                layer_overhead=rest["layer_overhead"],
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             if isinstance(e, UserInputError):
