@@ -390,6 +390,9 @@ def test_profile_tool_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
         (["--input-size", "128x160", "--points", "1"], "--points 1"),
         (["--input-size", "128x160", "--proposals", "0,10"], "proposal counts are >= 1"),
         (["--input-size", "128x160", "--check-ratios", "0.5,1.0"], "ratios are fractions in [0, 1)"),
+        (["--input-size", "128x160", "--images", "0"], "--images 0: profile on at least 1 image"),
+        (["--input-size", "128x160", "--check-weights", "w.pth"], "--check-weights is used with --check"),
+        (["--input-size", "128x160", "--check", "--check-weights", "missing.pth"], "missing.pth"),
     ]
     for extra, message in cases:
         assert tool.main(base + extra + OVERRIDES, timer=flop_timer) == 2
@@ -438,3 +441,136 @@ def test_training_preflight_refuses_a_table_of_another_architecture(r18_table):
     _check_model_for_pruning(synthetic_cfg(*latency))
     message = one_line_error(_check_model_for_pruning, synthetic_cfg(*latency, "MODEL.ROI_BOX_HEAD.FC_DIM", "128"))
     assert "was made for another architecture: channel group roi_heads.box_head.fc1 has 256 channels there" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# what a coarse grid and isolated layer timings miss: channel blocks, element-wise work
+
+
+def block_cost(width):
+    """Channels a device computing in blocks of 16 pays for."""
+    return 16 * -(-width // 16)
+
+
+def test_steps_reproduce_a_device_that_computes_channels_in_blocks():
+    """A layer on such a device costs the same at 40 channels as at 48; the coarse grid alone
+    interpolates between 32 and 64 and misses it, the per-axis steps restore it at every width."""
+    grid = (8, 32, 64)
+    allowed = tuple(range(8, 65, 8))
+
+    def device_ms(w_in, w_out):
+        return 1e-3 * block_cost(w_in) * block_cost(w_out)
+
+    entry = LatencyEntry("x", "conv", "a", "b", grid, grid, tuple(tuple(device_ms(i, o) for o in grid) for i in grid),
+                         in_steps=tuple((w, device_ms(w, 64)) for w in allowed),
+                         out_steps=tuple((w, device_ms(64, w)) for w in allowed))
+    for w_in in allowed:
+        for w_out in allowed:
+            assert entry.at(w_in, w_out) == pytest.approx(device_ms(w_in, w_out)), (w_in, w_out)
+    assert entry.bilinear(40, 40) < 0.8 * device_ms(40, 40)  # what the grid alone predicts
+    assert entry.at(40, 48) == pytest.approx(entry.at(48, 48))
+    # steps must end at the full width and belong to a prunable axis
+    table = toy_table()
+    data = table.to_dict()
+    data["entries"][1]["in_steps"] = [[8, 0.1], [32, 0.2]]
+    with pytest.raises(UserInputError, match="layer l2: steps must be ascending widths"):
+        LatencyTable.from_dict(data)
+
+
+def test_knapsack_never_keeps_a_width_that_costs_a_whole_block():
+    """With block costs a step from 64 to 56 channels saves nothing; the knapsack still gets
+    past it (to 48) and never ends on a width whose block it pays for in full."""
+    grid = tuple(range(8, 65, 8))
+    entries = [LatencyEntry(f"l{name}", "conv", None, name, (3,), grid, (tuple(0.1 * block_cost(w) for w in grid),))
+               for name in ("a", "b")]
+    table = LatencyTable({"a": 64, "b": 64}, (128, 160), entries, (100,), (1.0,), 100, toy_table().metadata)
+    groups = {name: toy_group(name, 64) for name in ("a", "b")}
+    generator = torch.Generator().manual_seed(1)
+    scores = {name: torch.rand(64, generator=generator) for name in groups}
+    for fraction in (0.45, 0.6, 0.75, 0.9):
+        budget = fraction * table.predict()
+        weak = allocate("knapsack", scores, groups, 0.0, {n: 64 for n in groups}, multiple=8, floor=8,
+                        latency_model=table, latency_budget=budget)
+        kept = {name: 64 - len(channels) for name, channels in weak.items()}
+        assert table.predict(kept) <= budget
+        assert all(count % 16 == 0 for count in kept.values()), (fraction, kept)
+
+
+ELEMENT_WISE = {torch.ops.aten.relu, torch.ops.aten.relu_, torch.ops.aten.add, torch.ops.aten.add_,
+                torch.ops.aten.upsample_nearest2d, torch.ops.aten.max_pool2d_with_indices}
+
+
+class _ElementWiseCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in ELEMENT_WISE:
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            self.elements += first.numel()
+        return out
+
+
+def element_wise_timer(fn):
+    """A fake device that also pays for element-wise work (ReLUs, sums, upsampling, pooling):
+    'milliseconds' = MFLOPs + 400 per million elements written."""
+    counter = _ElementWiseCounter()
+    with FlopCounterMode(display=False) as flops, counter:
+        fn()
+    return flops.get_total_flops() / 1e6 + 400 * counter.elements / 1e6
+
+
+def test_fitted_rest_predicts_the_element_wise_work_between_layers():
+    """On a device paying for element-wise work, most of it happens between the layers timed
+    alone (the blocks' ReLUs and sums, FPN's upsampling) and shrinks with the channels: without
+    the fit the table over-predicts pruned models, with it the prediction is close."""
+    from pgp_det.benchmark.latency_profile import check_latency, profile_latency
+
+    model = synthetic_model(synthetic_cfg())
+    fitted = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    fixed = profile_latency(model, SIZE, timer=element_wise_timer, points=3, calibration_ratios=())
+    assert fitted.activation_ms > 0 and fixed.activation_ms == 0 == fixed.layer_overhead
+    assert fitted.activations and set(fitted.activations) <= set(fitted.groups)
+    assert [row["ratio"] for row in fitted.metadata["calibration"]] == [0.2, 0.45, 0.7]
+    with_fit = check_latency(model, fitted, (0.25, 0.5, 0.75), timer=element_wise_timer)
+    without = check_latency(model, fixed, (0.25, 0.5, 0.75), timer=element_wise_timer)
+    for fit_row, plain_row in zip(with_fit, without):
+        assert fit_row["measured_ms"] == pytest.approx(plain_row["measured_ms"])
+        assert plain_row["error_percent"] > 3.0, plain_row
+        assert abs(fit_row["error_percent"]) < 1.5, fit_row
+    # the rest never grows: measurements above the table leave the coefficients at zero
+    from pgp_det.pruning.latency import fit_rest
+
+    widths = with_fit[1]["widths"]
+    slower = fit_rest(fixed, [(widths, 2.0 * fixed.predict(widths))])
+    assert slower.activation_ms == 0 and slower.layer_overhead == 0
+
+
+def test_profile_check_times_trained_checkpoints_of_the_architecture(r18_table, tmp_path, capsys):
+    """--check-weights: a pruned checkpoint is predicted at its own widths and timed with its own
+    proposals; with the fake timer (bilinear FLOPs) the prediction is exact."""
+    from pgp_det.checkpoint import PrunedCheckpointer
+
+    cfg = synthetic_cfg()
+    model = synthetic_model(cfg)
+    groups = derive_channel_groups(model)
+    removals = {name: list(range(g.size // 2)) for name, g in groups.items() if g.prunable and g.size >= 32}
+    hard_prune(model, removals, groups=groups)
+    PrunedCheckpointer(model, str(tmp_path)).save("pruned")
+    table_path = tmp_path / "table.json"
+    tool = load_tool("profile_latency")
+    assert tool.main(["--config", CONFIG, "--device", "cpu", "--input-size", "128x160", "--points", "3",
+                      "--images", "2", "--output", str(table_path), "--check", "--check-ratios", "0.5",
+                      "--check-weights", str(tmp_path / "pruned.pth"), *OVERRIDES], timer=flop_timer) == 0
+    out = capsys.readouterr().out
+    assert "pruned.pth" in out
+    table = LatencyTable.load(str(table_path))
+    assert table.metadata["images"] == 2 and table.metadata["images_from"] != "noise"
+    row = table.metadata["check"][-1]
+    assert row["label"].endswith("pruned.pth")
+    kept = {name: g.size for name, g in derive_channel_groups(model).items()}
+    assert row["predicted_ms"] == pytest.approx(table.predict(kept))
+    assert row["predicted_ms"] < 0.7 * table.predict()
+    assert abs(row["error_percent"]) < 1e-6

@@ -75,8 +75,8 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
     parser.add_argument("--check-ratios", default="0,0.25,0.5,0.75", metavar="R1,R2",
                         help="uniform pruning ratios of --check")
-    parser.add_argument("--check-weights", nargs="+", default=[], metavar="W",
-                        help="with --check: trained pruned checkpoints of this config to predict and time")
+    parser.add_argument("--check-weights", action="append", default=[], metavar="W",
+                        help="with --check: a trained pruned checkpoint of this config to predict and time (repeatable)")
     parser.add_argument("--images", type=int, default=4, help="images to profile on (default 4)")
     parser.add_argument("--noise-images", action="store_true",
                         help="profile on noise images, not on the config's test set")
