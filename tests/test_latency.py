@@ -219,10 +219,10 @@ def test_knapsack_keeps_more_importance_than_a_uniform_cut_at_equal_latency():
         knapsack = toy_allocation("knapsack", latency)
         assert table.predict(knapsack) <= latency
         assert kept_importance(scores, knapsack) > kept_importance(scores, uniform) + 1.0, (uniform, knapsack)
-    # a's weak channels go (cheap importance); of b and c, with equally flat scores, the one whose
-    # channels cost more (c: l3 reads a wide map) is cut more
+    # a's 48 weak channels hold a small share of its importance: they go first, its 16 strong
+    # ones stay; b and c (flat scores) lose a share each, neither is emptied
     kept = toy_allocation("knapsack", 0.6 * table.predict())
-    assert 16 <= kept["a"] < 64 and kept["c"] / 32 < kept["b"] / 64, kept
+    assert 16 <= kept["a"] <= 24 and kept["b"] > 8 and kept["c"] > 8, kept
 
 
 def test_unreachable_latency_budget_fails_clearly():

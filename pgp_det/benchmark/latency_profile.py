@@ -1,20 +1,24 @@
 """Measure a :class:`~pgp_det.pruning.latency.LatencyTable` on the device a detector will run on,
-and check its predictions against whole-model timings of pruned copies.
+and check its predictions against whole-model timings of pruned copies and trained checkpoints.
 
-:func:`profile_latency` runs the model once per proposal count on a noise image of the input
-size, recording every layer's input shapes (forward pre-hooks); then times, for every conv and
-linear layer with a prunable channel group on an axis (and the ROI pooler), a copy of the layer
-sliced to each ``(in, out)`` width of a sampled grid, called on random inputs of the recorded
-shapes (every call one inference makes: all FPN levels of a shared head); then the whole model
-at each proposal count; the rest of the model is the difference at full width (see
-:mod:`pgp_det.pruning.latency`). Layers with identical settings and shapes (repeated blocks) are
-timed once. Every inference runs at the full proposal budget
-(:func:`~pgp_det.utils.flops.full_proposal_budget`: every ``POST_NMS_TOPK_TEST`` proposal reaches
-the ROI heads, the worst case; on real images NMS may leave fewer).
+:func:`profile_latency` runs the model once per proposal count on each profiling image (the
+deployment's kind of images, stretched to the input size: their proposals set the ROI pooler's
+work), recording every layer's input shapes and output sizes (forward hooks) and the RPN's
+proposals; then times, for every conv and linear layer with a prunable channel group on an axis
+(and the ROI pooler), a copy of the layer sliced to each ``(in, out)`` width of a sampled grid and
+to every allowed width of each axis with the other at full width (the steps), called on random
+inputs of the recorded shapes (every call one inference makes: all FPN levels of a shared head);
+then the whole model at each proposal count (the rest is the difference at full width); and last
+the model pruned uniformly at a few ratios, its ROI heads fed the unpruned model's proposals, to
+fit the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`).
+Layers with identical settings and shapes (repeated blocks) are timed once. Every inference runs
+at the full proposal budget (:func:`~pgp_det.utils.flops.full_proposal_budget`: every
+``POST_NMS_TOPK_TEST`` proposal reaches the ROI heads, the worst case; on real images NMS may
+leave fewer).
 
 Times come from a *timer*: ``timer(fn) -> milliseconds`` of one ``fn()`` call (warm-up and
 repetitions are the timer's business). :func:`default_timer` is the median of
-:func:`~pgp_det.benchmark.timing.time_callable`; tests inject a fake one (e.g. counting FLOPs)
+:func:`~pgp_det.benchmark.timing.time_callable`; tests inject fake ones (e.g. counting FLOPs)
 so that no real timing runs.
 """
 import copy

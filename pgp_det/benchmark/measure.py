@@ -130,11 +130,6 @@ def fixed_size_images(dataset: Optional[str], size: Tuple[int, int], count: int 
     return [synthetic_image(*size, seed=SEED + i) for i in range(count)]
 
 
-def fixed_size_image(dataset: Optional[str], size: Tuple[int, int]) -> np.ndarray:
-    """The dataset's first image stretched to ``size`` (realistic detections), else noise."""
-    return fixed_size_images(dataset, size, 1)[0]
-
-
 @dataclass
 class PreparedModel:
     """A model whose config, dataset and weights passed every check."""
@@ -186,7 +181,7 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str) -> Tuple[dic
 
     progress(f"timing at {size[0]}x{size[1]} ({dtype}, {args.warmup} warm-up + {args.runs} runs)")
     latency = measure_detector_latency(
-        model, fixed_size_image(dataset if needs_dataset else None, size), args.device, dtype, args.warmup, args.runs
+        model, fixed_size_images(dataset if needs_dataset else None, size)[0], args.device, dtype, args.warmup, args.runs
     )
     row.update(
         input_size=f"{size[0]}x{size[1]}",
