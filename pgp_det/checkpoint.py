@@ -22,6 +22,7 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from .utils.modules import unwrap_model
+from . import modeling  # noqa: F401  (registers SelectThenDecodeRPN: a config may name it)
 from .errors import UserInputError
 from .pruning.dependency import derive_channel_groups, prediction_layers
 from .pruning.surgery import hard_prune

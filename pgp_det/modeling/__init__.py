@@ -1,0 +1,4 @@
+"""Model components registered with detectron2's registries (importing ``pgp_det`` registers them)."""
+from .rpn import SelectThenDecodeRPN
+
+__all__ = ["SelectThenDecodeRPN"]
