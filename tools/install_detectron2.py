@@ -236,10 +236,19 @@ def check_gloo_launch_and_cpu_ddp():
     from detectron2.engine import launch
     if torch.cuda.is_available():
         return  # the CPU path is what this checks
-    with tempfile.TemporaryDirectory() as out:
-        launch(_worker, 2, dist_url="auto", args=(out,))
-        results = sorted(open(os.path.join(out, name)).read() for name in os.listdir(out))
-    assert results == ["gloo 3.0", "gloo 3.0"], results
+    for attempt in (1, 2):
+        # "auto" finds a free port and releases it before the workers bind it: another process
+        # may take it in between, so a failed launch is tried once more
+        with tempfile.TemporaryDirectory() as out:
+            try:
+                launch(_worker, 2, dist_url="auto", args=(out,))
+            except Exception:  # noqa: BLE001
+                if attempt == 2:
+                    raise
+                continue
+            results = sorted(open(os.path.join(out, name)).read() for name in os.listdir(out))
+        assert results == ["gloo 3.0", "gloo 3.0"], results
+        return
 
 
 if __name__ == "__main__":
