@@ -73,6 +73,7 @@ def _all_reduce_worker(out_dir):
     dist.all_reduce(value)
     with open(os.path.join(out_dir, f"rank{comm.get_rank()}"), "w") as f:
         f.write(f"{dist.get_backend()} {value.item()}")
+    dist.destroy_process_group()  # a group left to interpreter exit can abort the worker (SIGABRT)
 
 
 def test_launch_runs_two_processes_without_gpu(tmp_path):

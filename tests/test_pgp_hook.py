@@ -117,6 +117,8 @@ def main(cfg):
     params = {{name: p.detach() for name, p in model.named_parameters()}}
     torch.save({{"params": params, "architecture": architecture_record(model)}},
                os.path.join(cfg.OUTPUT_DIR, "rank%d.pth" % comm.get_rank()))
+    comm.synchronize()
+    torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     cfg = load_config(os.path.join({root!r}, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"), {opts!r})

@@ -229,6 +229,7 @@ def _worker(out_dir):
     model(torch.ones(1, 2)).sum().backward()
     with open(os.path.join(out_dir, str(comm.get_rank())), "w") as f:
         f.write(f"{dist.get_backend()} {value.item()}")
+    dist.destroy_process_group()  # a group left to interpreter exit can abort the worker (SIGABRT)
 
 
 def check_gloo_launch_and_cpu_ddp():

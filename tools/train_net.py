@@ -25,6 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
+import torch.distributed  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -74,6 +75,10 @@ def main(args):
         # eval-only runs write no metrics.json, so both modes leave their final numbers here
         atomic_write_json(results, os.path.join(cfg.OUTPUT_DIR, "results.json"))
         print(f"results written to {os.path.abspath(cfg.OUTPUT_DIR)} (results.json, log.txt, metrics.json, inference/)")
+    if comm.get_world_size() > 1:
+        # a process group left to interpreter exit can abort a worker (SIGABRT) after a good run
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
     return results
 
 
