@@ -378,3 +378,12 @@ def test_every_holder_of_the_ddp_wrapper_sees_the_new_one(tmp_path, monkeypatch)
         assert after is not built and architecture_record(after) == architecture_record(pruned)
     finally:
         dist.destroy_process_group()
+
+
+def test_train_net_with_two_cpu_processes_ends_cleanly(tmp_path):
+    """--num-gpus 2 on a CPU: both ranks train, prune and exit 0 (no abort at interpreter exit)."""
+    out = tmp_path / "run"
+    train(out, "SOLVER.MAX_ITER", "8", "PRUNING.END", "7", num_gpus=2)
+    assert json.loads((out / "results.json").read_text()) == {}  # no test set: nothing evaluated
+    assert [s["step"] for s in pruning_log(out)["steps"]] == [1, 2]
+    assert checkpoint_architecture(out / "model_final.pth") == pruning_log(out)["architecture"]
