@@ -44,8 +44,9 @@ How many channels each group keeps is the job of an allocation method, picked by
     subject to latency <= budget", arXiv 2110.10811, solved greedily; HALP's own solver is not
     used). What is implemented differs from HALP's objective: HALP sums Taylor importance over
     all channels, which compares groups only when the scores are loss estimates; with other
-    criteria (and with PGP's gradients) that sum emptied the FPN and RPN head of the synthetic
-    R18-FPN at a 50% latency target (AP50 45 against 67 for a uniform cut). Here the value kept is
+    criteria (and with PGP's gradients) that sum cut the RPN head of the synthetic R18-FPN to 16
+    of 64 channels at a 50% latency target (AP50 49.7 and 39.6, two seeds, against 67.6 and 67.1
+    for a uniform cut). Here the value kept is
     ``sum over groups of log(share of the group's importance its kept channels hold)``: scale-free
     per group, and a step's loss grows as a group empties. Removing the next step of a group
     (down to one of its next :data:`_KNAPSACK_LOOKAHEAD` allowed counts, lowest scores first,
