@@ -48,7 +48,7 @@ from pgp_det.data import check_dataset_available, register_custom_datasets  # no
 from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_arguments, parse_input_size  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, parse_arguments, parse_input_size  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
 
@@ -196,14 +196,10 @@ def check_report(table) -> str:
 
 def main(argv=None, timer=None) -> int:
     """``timer``: ``fn -> ms`` replacing real timing (tests)."""
-    parser = argument_parser()
-    args, code = parse_arguments(parser, argv)
+    args, cfg, code = parse_arguments(argument_parser(), argv, check_args, build_config)
     if args is None:
         return code
     try:
-        check_overrides(parser, args.opts)
-        check_args(args)
-        cfg = build_config(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         folder = os.path.dirname(os.path.abspath(args.output))

@@ -58,7 +58,7 @@ from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_
 from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
 from pgp_det.pruning.hook import plan_pruning_step  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable, latency_reduction, target_latency_ms  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_arguments, parse_input_size  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, parse_arguments, parse_input_size  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir, claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
@@ -358,14 +358,10 @@ def summary(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argument_parser()
-    args, code = parse_arguments(parser, argv)
+    args, cfg, code = parse_arguments(argument_parser(), argv, check_args, build_config)
     if args is None:
         return code
     try:
-        check_overrides(parser, args.opts)
-        check_args(args)
-        cfg = build_config(args)
         if args.list_groups:
             print(group_table(cfg, args))
             return 0

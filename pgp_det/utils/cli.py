@@ -1,6 +1,7 @@
 """Argument handling the command-line tools share: one-line errors, input sizes, overrides, trust."""
 import argparse
-from typing import List, Optional, Sequence, Tuple
+import sys
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..errors import UserInputError
 
@@ -65,11 +66,25 @@ def parse_input_size(text: str, option: str = "--input-size", minimum: int = 32)
     return size
 
 
-def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None):
-    """``(parser.parse_args(argv), None)``, or ``(None, exit code)`` when argparse exits (``--help``,
-    or a bad argument it has already reported as one line): for tools whose ``main`` returns its
-    exit code instead of exiting."""
+def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], check_args: Callable,
+                    build_config: Callable):
+    """Parse ``argv``, check the overrides (``args.opts``) and the arguments (``check_args(args)``)
+    and build the config (``build_config(args)``), for tools whose ``main`` returns its exit code
+    instead of exiting.
+
+    Returns:
+        ``(args, cfg, None)``, or ``(None, None, exit code)``: argparse exited (``--help``, or a
+        bad argument it has already reported as one line), or a check failed (reported here as
+        one ``error:`` line on stderr, exit code 2).
+    """
     try:
-        return parser.parse_args(argv), None
+        args = parser.parse_args(argv)
     except SystemExit as e:
-        return None, e.code if isinstance(e.code, int) else 2
+        return None, None, e.code if isinstance(e.code, int) else 2
+    try:
+        check_overrides(parser, args.opts)
+        check_args(args)
+        return args, build_config(args), None
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, None, 2
