@@ -452,9 +452,10 @@ class LatencyTable:
         kept = self._widths(widths)
         fixed, scales = self._scales(self.proposals if proposals is None else proposals)
         times = self._entry_times(kept, scales)
-        layers_saved = self._layer_sum(self._entry_times(self.groups, scales)) - self._layer_sum(times)
-        saved = (self.activation_ms * (1.0 - self.activation_fraction(kept))
-                 + self.layer_overhead * max(layers_saved, 0.0))
+        saved = self.activation_ms * (1.0 - self.activation_fraction(kept))
+        if self.layer_overhead:  # the full-width times are needed only then (the knapsack predicts often)
+            layers_saved = self._layer_sum(self._entry_times(self.groups, scales)) - self._layer_sum(times)
+            saved += self.layer_overhead * max(layers_saved, 0.0)
         return {"fixed": fixed, "rest_saved": -saved, **times}
 
     def predict(self, widths: Optional[Mapping[str, int]] = None, proposals: Optional[int] = None) -> float:
