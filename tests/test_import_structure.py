@@ -145,3 +145,33 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = [r for r in pool.map(import_alone, sorted(package_modules())) if r[1]]
     assert not failures, failures
+
+
+def test_front_door_exports_the_main_pieces_without_loading_them():
+    """``from pgp_det import add_pgp_config`` loads only the config module; every other exported
+    name is the library's own object, imported when first asked for."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from pgp_det import add_pgp_config\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pgp_det')))\n"
+        "import pgp_det, pgp_det.pruning.hook, pgp_det.pruning.criteria\n"
+        "from pgp_det import PGPHook, CRITERION_REGISTRY\n"
+        "from detectron2.engine import HookBase\n"
+        "from detectron2.config import get_cfg\n"
+        "print(PGPHook is pgp_det.pruning.hook.PGPHook, issubclass(PGPHook, HookBase),\n"
+        "      CRITERION_REGISTRY is pgp_det.pruning.criteria.CRITERION_REGISTRY, 'pgp' in CRITERION_REGISTRY)\n"
+        "print(add_pgp_config(get_cfg()).PRUNING.CRITERION)\n"
+        "print(sorted(n for n in pgp_det.__all__ if getattr(pgp_det, n, None) is None))\n"
+        "try:\n"
+        "    from pgp_det import no_such_name\n"
+        "except ImportError as e:\n"
+        "    print('ImportError')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules, identities, criterion, missing, refused = proc.stdout.strip().splitlines()[-5:]
+    assert modules == str(["pgp_det", "pgp_det.config", "pgp_det.errors"])
+    assert identities == "True True True True"
+    assert criterion == "pgp"
+    assert missing == "[]"
+    assert refused == "ImportError"

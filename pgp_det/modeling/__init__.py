@@ -1,4 +1,4 @@
-"""Model components registered with detectron2's registries (importing ``pgp_det`` registers them)."""
+"""Model components registered with detectron2's registries (importing ``pgp_det.modeling`` registers them)."""
 from .rpn import SelectThenDecodeRPN
 
 __all__ = ["SelectThenDecodeRPN"]
