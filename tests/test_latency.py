@@ -574,3 +574,61 @@ def test_profile_check_times_trained_checkpoints_of_the_architecture(r18_table, 
     assert row["predicted_ms"] == pytest.approx(table.predict(kept))
     assert row["predicted_ms"] < 0.7 * table.predict()
     assert abs(row["error_percent"]) < 1e-6
+
+
+class DriftingDevice:
+    """A fake device whose speed changes between rounds of interleaved timing: every
+    ``calls_per_round`` calls of ``timer`` form a round, and round ``r`` is ``factors[r]`` times
+    slower (the last factor holds after the list ends)."""
+
+    def __init__(self, timer, factors, calls_per_round):
+        self.timer, self.factors, self.calls_per_round, self.calls = timer, factors, calls_per_round, 0
+
+    def __call__(self, fn):
+        factor = self.factors[min(self.calls // self.calls_per_round, len(self.factors) - 1)]
+        self.calls += 1
+        return factor * self.timer(fn)
+
+
+def test_check_measures_each_model_against_the_unpruned_model_of_its_round(r18_table):
+    """The device runs 1.5x slower than when it was profiled from the second of three rounds
+    on: the absolute errors show the drift (-33%), the share of the unpruned model's time stays
+    exact, for uniform copies and for a trained pruned model alike."""
+    from pgp_det.benchmark.latency_profile import check_latency
+
+    table = LatencyTable.load(r18_table)
+    cfg = synthetic_cfg()
+    model = synthetic_model(cfg)
+    trained = synthetic_model(cfg)
+    groups = derive_channel_groups(trained)
+    hard_prune(trained, {name: list(range(g.size // 4)) for name, g in groups.items() if g.prunable and g.size >= 32},
+               groups=groups)
+    ratios = (0.25, 0.5)
+    device = DriftingDevice(flop_timer, [1.0, 1.5, 1.5], calls_per_round=1 + len(ratios) + 1)
+    rows = check_latency(model, table, ratios, trained={"trained": trained}, timer=device, rounds=3)
+    assert [row.get("ratio", row.get("label")) for row in rows] == [0.25, 0.5, "trained"]
+    assert device.calls == 3 * 4  # three rounds of four models on one image
+    for row in rows:
+        assert row["unpruned_ms"] == pytest.approx(1.5 * table.predict())
+        assert row["error_percent"] == pytest.approx(100 * (1 / 1.5 - 1), abs=1e-6), row
+        assert abs(row["relative_error_percent"]) < 1e-6, row
+        assert row["relative"] == pytest.approx(row["predicted_relative"])
+    assert rows[0]["relative"] > rows[1]["relative"] and rows[2]["relative"] < 0.8
+
+
+def test_calibration_leaves_out_a_drift_of_the_device_speed():
+    """The copies that fit the rest enter as shares of the unpruned model's time in the same
+    round: a device that slows down 1.4x from the second round on fits the same rest as a
+    steady one."""
+    from pgp_det.benchmark.latency_profile import profile_latency
+
+    model = synthetic_model(synthetic_cfg())
+    steady = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    drifting = DriftingDevice(element_wise_timer, [1.0, 1.4, 1.4], calls_per_round=4)
+    drifted = profile_latency(model, SIZE, timer=element_wise_timer, whole_timer=drifting, rounds=3, points=3)
+    assert drifting.calls == 3 * 4  # unpruned model and three copies, three rounds
+    assert steady.activation_ms > 0
+    assert drifted.activation_ms == pytest.approx(steady.activation_ms, rel=1e-6)
+    assert drifted.layer_overhead == pytest.approx(steady.layer_overhead, abs=1e-9)
+    for a, b in zip(steady.metadata["calibration"], drifted.metadata["calibration"]):
+        assert b["measured_ms"] == pytest.approx(a["measured_ms"], rel=1e-6)

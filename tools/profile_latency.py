@@ -25,7 +25,11 @@ ROI pooler's work, which follows the boxes' sizes: use trained weights and image
 deployment's. ``--check`` then times the whole model pruned uniformly at a few ratios (the ROI
 heads fed the unpruned model's proposals, so only the widths change) and every ``--check-weights``
 checkpoint (trained pruned models of this architecture, with their own proposals), and prints
-predicted against measured latency; the rows are stored in the table's metadata. A pruned
+predicted against measured latency; the rows are stored in the table's metadata. Models compared
+whole (the calibration copies, the check's models) are timed in turn with the unpruned model,
+one call each per round: a device whose speed drifts (clocks, heat, power modes, other
+processes) moves them together, and the check also prints each model's share of the unpruned
+model's time, predicted against measured, which such a drift leaves out. A pruned
 checkpoint as ``--weights`` gives a table for its pruned architecture, which a config's unpruned
 model will refuse.
 
@@ -42,7 +46,7 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
-from pgp_det.benchmark.latency_profile import check_latency, check_trained_models, default_timer, profile_latency  # noqa: E402,E501
+from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency  # noqa: E402
 from pgp_det.benchmark.measure import fixed_size_images  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.checkpoint import load_model  # noqa: E402
@@ -69,7 +73,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proposals", default="", metavar="N1,N2",
                         help="proposal counts to time (default: 1/4, 1/2 and all of MODEL.RPN.POST_NMS_TOPK_TEST)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing")
-    parser.add_argument("--runs", type=int, default=7, help="timed calls per timing (the median is kept)")
+    parser.add_argument("--runs", type=int, default=7,
+                        help="timed calls per timing (the median is kept); models compared whole are timed in turn, "
+                             "one call each per round, over this many rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--check", action="store_true",
                         help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
@@ -156,6 +162,9 @@ def profile(cfg, args, timer=None):
     checked = {path: load_model(cpu, path, strict=False, trusted=args.trust_weights) for path in args.check_weights}
     images, source = profile_images(cfg, args)
     dtype = "fp16" if args.fp16 else "fp32"
+    # whole models that are compared (the calibration copies, the check's models) are timed in
+    # --runs interleaved rounds, one call each a round after a warm-up call: see time_interleaved
+    whole_timer = timer or default_timer(args.device, warmup=1, runs=1)
     timer = timer or default_timer(args.device, warmup=args.warmup, runs=args.runs)
     multiple, floor = int(cfg.PRUNING.CHANNEL_MULTIPLE), int(cfg.PRUNING.MIN_CHANNELS)
     table = profile_latency(
@@ -164,6 +173,8 @@ def profile(cfg, args, timer=None):
         proposal_counts=_numbers(args.proposals, "--proposals") if args.proposals else None,
         layer_repeat=10 if args.device == "cuda" else 1,
         images=images,
+        whole_timer=whole_timer,
+        rounds=args.runs,
         metadata={
             "config": args.config or args.config_file, "weights": weights, "overrides": list(args.opts),
             "images_from": source,
@@ -175,22 +186,28 @@ def profile(cfg, args, timer=None):
     )
     if args.check:
         started = time.perf_counter()
-        rows = check_latency(model, table, _numbers(args.check_ratios, "--check-ratios", float), device=args.device,
-                             dtype=dtype, timer=timer, multiple=multiple, floor=floor, images=images)
-        rows += check_trained_models(checked, table, device=args.device, dtype=dtype, timer=timer, images=images)
+        rows = check_latency(model, table, _numbers(args.check_ratios, "--check-ratios", float), trained=checked,
+                             device=args.device, dtype=dtype, timer=whole_timer, rounds=args.runs, multiple=multiple,
+                             floor=floor, images=images)
         table.metadata["check"] = [{k: v for k, v in row.items() if k != "widths"} for row in rows]
         table.metadata["check_seconds"] = time.perf_counter() - started
     return table
 
 
 def check_report(table) -> str:
-    """The ``--check`` rows as a fixed-width table."""
+    """The ``--check`` rows as a fixed-width table, and how fast the device ran meanwhile."""
+    rows = table.metadata.get("check", [])
     lines = [f"check: whole model, {table.reference_proposals} proposals, on {table.describe()}",
-             f"{'model':<40}  predicted ms  measured ms   error"]
-    for row in table.metadata.get("check", []):
+             f"{'model':<40}  predicted ms  measured ms   error  | share of unpruned: predicted  measured   error"]
+    for row in rows:
         model = f"uniformly pruned, ratio {row['ratio']:.2f}" if "ratio" in row else row["label"]
         lines.append(f"{model:<40}  {row['predicted_ms']:12.3f}  {row['measured_ms']:11.3f}  "
-                     f"{row['error_percent']:+6.1f}%")
+                     f"{row['error_percent']:+6.1f}%  |  {row['predicted_relative']:26.3f}  {row['relative']:8.3f}  "
+                     f"{row['relative_error_percent']:+6.1f}%")
+    if rows:
+        now, then = rows[0]["unpruned_ms"], table.predict()
+        lines.append(f"the unpruned model measured {now:.3f} ms in the same rounds, {then:.3f} ms when profiled "
+                     f"({100.0 * (now - then) / then:+.1f}%): the share columns leave out that change of the device's speed")
     return "\n".join(lines)
 
 

@@ -10,7 +10,9 @@ to every allowed width of each axis with the other at full width (the steps), ca
 inputs of the recorded shapes (every call one inference makes: all FPN levels of a shared head);
 then the whole model at each proposal count (the rest is the difference at full width); and last
 the model pruned uniformly at a few ratios, its ROI heads fed the unpruned model's proposals, to
-fit the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`).
+fit the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`;
+each copy is timed in turn with the unpruned model, :func:`time_interleaved`, and enters the fit
+as its share of the unpruned model's time, so that a drift of the device's speed stays out).
 Layers with identical settings and shapes (repeated blocks) are timed once. Every inference runs
 at the full proposal budget (:func:`~pgp_det.utils.flops.full_proposal_budget`: every
 ``POST_NMS_TOPK_TEST`` proposal reaches the ROI heads, the worst case; on real images NMS may
@@ -41,8 +43,8 @@ from ..utils.modules import unwrap_model
 from .timing import _check_dtype, _sync_for, environment_info, image_to_input, precision_context, synthetic_image, time_callable
 
 __all__ = [
-    "CALIBRATION_RATIOS", "Timer", "check_latency", "check_trained_models", "default_timer", "grid_widths",
-    "profile_latency", "time_whole_model",
+    "CALIBRATION_RATIOS", "Timer", "check_latency", "default_timer", "grid_widths", "profile_latency",
+    "time_interleaved", "time_whole_model",
 ]
 
 Timer = Callable[[Callable[[], object]], float]
@@ -170,6 +172,28 @@ def time_whole_model(model: nn.Module, input_size: Sequence[int], timer: Timer, 
     return total / len(images)
 
 
+def time_interleaved(models: Sequence[Tuple[nn.Module, Optional[Sequence[list]]]], input_size: Sequence[int],
+                     timer: Timer, rounds: int = 1, device="cpu", dtype: str = "fp32", proposals: Optional[int] = None,
+                     images: Optional[Sequence[np.ndarray]] = None) -> List[List[float]]:
+    """``samples[m][r]``: milliseconds of model ``m`` in round ``r`` (:func:`time_whole_model`
+    with ``timer``; ``models``: ``(model, pinned proposals or None)`` pairs). Each round times
+    every model once, in turn, so all of them see the device in the same state (clocks, heat,
+    other processes): their ratios hold when the device's speed drifts between rounds, which
+    one model timed after another does not give."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    samples: List[List[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, (model, pinned) in enumerate(models):
+            samples[i].append(time_whole_model(model, input_size, timer, device, dtype, proposals, images, pinned))
+    return samples
+
+
+def _median_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of one model's time over the reference model's in the same round."""
+    return float(np.median([a / b for a, b in zip(samples, reference)]))
+
+
 def _slice_norm(norm: nn.Module, full: int, width: int) -> None:
     """Keep the first ``width`` of the ``full`` channels of a norm's tensors, in place."""
     for name, tensor in list(norm.named_parameters(recurse=False)):
@@ -289,6 +313,8 @@ def profile_latency(
     layer_repeat: int = 1,
     images: Optional[Sequence[np.ndarray]] = None,
     calibration_ratios: Sequence[float] = CALIBRATION_RATIOS,
+    whole_timer: Optional[Timer] = None,
+    rounds: int = 1,
     metadata: Optional[Mapping] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> LatencyTable:
@@ -314,6 +340,9 @@ def profile_latency(
         calibration_ratios: uniform pruning ratios of the copies whose whole-model timings fit
             the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`);
             empty: no fit (the rest stays fixed).
+        whole_timer, rounds: the calibration copies are timed against the unpruned model in
+            ``rounds`` interleaved rounds (:func:`time_interleaved`), each model once a round
+            with ``whole_timer`` (default ``timer``).
         metadata: recorded in the table besides the environment (config, weights, ...).
         progress: called with a line of progress now and then.
 
@@ -395,9 +424,9 @@ def profile_latency(
                                     in_steps, out_steps))
         say(f"{name}: {len(in_widths)} x {len(out_widths)} widths, {ms[-1][-1]:.3f} ms at full width")
 
-    fixed = []
+    fixed, whole_at = [], {}
     for j, n in enumerate(counts):
-        whole = time_whole_model(model, input_size, timer, device, dtype, n, images)
+        whole = whole_at[n] = time_whole_model(model, input_size, timer, device, dtype, n, images)
         layers_ms = sum(e.ms[-1][-1] if e.proposal_ms is None else e.proposal_ms[j] for e in entries)
         fixed.append(whole - layers_ms)
         say(f"whole model at {n} proposals: {whole:.3f} ms ({layers_ms:.3f} ms in the measured layers)")
@@ -424,39 +453,41 @@ def profile_latency(
     table = LatencyTable({name: g.size for name, g in groups.items()}, input_size, entries, counts, fixed, reference,
                          info, activations={k: float(v) for k, v in activations.items() if v > 0})
     if calibration_ratios:
-        rows = _time_uniform_copies(model, table, calibration_ratios, images, proposals[reference], device, dtype,
-                                    timer, multiple, floor)
-        table = fit_rest(table, [(row["widths"], row["measured_ms"]) for row in rows])
-        table.metadata["calibration"] = [{"ratio": row["ratio"], "measured_ms": row["measured_ms"]} for row in rows]
+        # the copies' ROI heads get the unpruned model's proposals (a copy pruned without training
+        # proposes other boxes, and the pooler's work follows their sizes); each copy is timed
+        # against the unpruned model in the same rounds, and the fit gets that ratio times the
+        # unpruned model's time above, so that a drift of the device's speed does not enter it
+        copies = _uniform_copies(model, calibration_ratios, device, multiple, floor)
+        samples = time_interleaved([(model, None)] + [(c, proposals[reference]) for _, _, c in copies], input_size,
+                                   whole_timer or timer, rounds, device, dtype, reference, images)
+        rows = [{"ratio": ratio, "widths": widths, "relative": _median_ratio(samples[k + 1], samples[0])}
+                for k, (ratio, widths, _) in enumerate(copies)]
+        del copies
+        table = fit_rest(table, [(row["widths"], row["relative"] * whole_at[reference]) for row in rows])
+        table.metadata["calibration"] = [{"ratio": row["ratio"], "relative": row["relative"],
+                                          "measured_ms": row["relative"] * whole_at[reference]} for row in rows]
         say(f"rest shrinking with the channels: {table.activation_ms:.3f} ms of element-wise work, "
             f"layer overhead {table.layer_overhead:.3f}")
     table.metadata["profile_seconds"] = time.perf_counter() - started
     return table
 
 
-def _time_uniform_copies(model, table, ratios, images, pinned, device, dtype, timer, multiple, floor) -> List[dict]:
-    """``[{"ratio", "widths", "measured_ms"}]``: ``model`` pruned uniformly at each ratio (every
-    prunable group, frozen ones too, keeps its first ``kept_count(size, ratio, multiple, floor)``
-    channels: latency does not depend on which) and timed whole on ``images`` at the table's
-    reference proposal count, the ROI heads getting the ``pinned`` proposals (the unpruned
-    model's on each image: a copy pruned without training proposes other boxes, and the pooler's
-    work follows their sizes)."""
+def _uniform_copies(model: nn.Module, ratios: Sequence[float], device, multiple: int, floor: int) -> List[tuple]:
+    """``[(ratio, widths, copy)]``: ``model`` pruned uniformly at each ratio (every prunable
+    group, frozen ones too, keeps its first ``kept_count(size, ratio, multiple, floor)`` channels:
+    latency does not depend on which), on ``device`` in eval mode."""
     from ..pruning.cost import uniform_sizes
 
     groups = derive_channel_groups(model, allow_frozen=True)
-    rows = []
+    copies = []
     for ratio in ratios:
         sizes = dict(uniform_sizes(groups, float(ratio), multiple, floor))
         pruned = copy.deepcopy(model)
         removals = {name: list(range(kept, groups[name].size)) for name, kept in sizes.items() if kept < groups[name].size}
         if removals:
             hard_prune(pruned, removals, allow_frozen=True, groups=derive_channel_groups(pruned, allow_frozen=True))
-        pruned = pruned.to(device).eval()
-        measured = time_whole_model(pruned, table.input_size, timer, device, dtype, table.reference_proposals, images,
-                                    pinned)
-        rows.append({"ratio": float(ratio), "widths": sizes, "measured_ms": measured})
-        del pruned
-    return rows
+        copies.append((float(ratio), sizes, pruned.to(device).eval()))
+    return copies
 
 
 def _signature(calls) -> tuple:
@@ -468,69 +499,58 @@ def _signature(calls) -> tuple:
     return tuple(calls)
 
 
-def _error_row(row: dict, predicted: float) -> dict:
-    measured = row["measured_ms"]
-    return dict(row, predicted_ms=predicted,
-                error_percent=100.0 * (predicted - measured) / measured if measured else float("nan"))
-
-
 def check_latency(
     model: nn.Module,
     table: LatencyTable,
     ratios: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
     *,
+    trained: Optional[Mapping[str, nn.Module]] = None,
     device="cpu",
     dtype: str = "fp32",
     timer: Optional[Timer] = None,
+    rounds: int = 1,
     multiple: int = 8,
     floor: int = 8,
     images: Optional[Sequence[np.ndarray]] = None,
 ) -> List[dict]:
-    """Predicted against measured latency of ``model`` pruned uniformly at each ratio (see
-    :func:`_time_uniform_copies`: the ROI heads get the unpruned model's proposals on each
-    image), timed whole on ``images`` (default: one noise image; give the table's) at the
-    table's input size and reference proposal count.
+    """Predicted against measured latency of ``model`` (the table's unpruned model) pruned
+    uniformly at each ratio, its ROI heads fed the unpruned model's proposals on each image, and
+    of ``trained`` models of the table's architecture (pruned checkpoints, at their own widths and
+    with their own proposals: what a user will see). All are timed whole on ``images`` (default:
+    one noise image; give the table's) at the table's input size and reference proposal count,
+    interleaved with ``model`` itself over ``rounds`` rounds (:func:`time_interleaved`; ``timer``
+    times one model once a round), so that each is also measured relative to the unpruned model
+    on the device as it is in that round.
 
     Returns:
-        one row per ratio: ``{"ratio", "widths", "predicted_ms", "measured_ms", "error_percent"}``
-        (``error_percent = 100 (predicted - measured) / measured``).
+        one row per ratio (``"ratio"``), then per trained model (``"label"``): ``"widths"``,
+        ``"predicted_ms"``, ``"measured_ms"`` (median over rounds), ``"error_percent"`` (``100
+        (predicted - measured) / measured``), ``"unpruned_ms"`` (``model`` in the same rounds),
+        ``"relative"`` (median over rounds of the model's time over the unpruned model's),
+        ``"predicted_relative"`` (over the table's unpruned prediction) and
+        ``"relative_error_percent"``: the error left when the device runs faster or slower as a
+        whole than when it was profiled.
     """
     device = torch.device(device)
     timer = timer or default_timer(device)
     model = unwrap_model(model).to(device).eval()
     images = _check_images(images, table.input_size)
-    pinned = [_record_calls(model, _inputs(model, image, device), table.reference_proposals, device, dtype)[2]
-              for image in images]
-    rows = _time_uniform_copies(model, table, ratios, images, pinned, device, dtype, timer, multiple, floor)
-    return [_error_row(row, table.predict(row["widths"], proposals=table.reference_proposals)) for row in rows]
-
-
-def check_trained_models(
-    models: Mapping[str, nn.Module],
-    table: LatencyTable,
-    *,
-    device="cpu",
-    dtype: str = "fp32",
-    timer: Optional[Timer] = None,
-    images: Optional[Sequence[np.ndarray]] = None,
-) -> List[dict]:
-    """Predicted against measured latency of trained (pruned) models of the table's
-    architecture, each timed whole on ``images`` with its own proposals, at the table's input
-    size and reference proposal count: what a user will see, the pooler's work included.
-
-    Args:
-        models: ``{label: model}``; a model's widths are its current channel counts.
-
-    Returns:
-        one row per model: ``{"label", "widths", "predicted_ms", "measured_ms", "error_percent"}``.
-    """
-    device = torch.device(device)
-    timer = timer or default_timer(device)
-    rows = []
-    for label, model in models.items():
-        model = unwrap_model(model).to(device).eval()
-        widths = {name: g.size for name, g in derive_channel_groups(model, allow_frozen=True).items()}
-        measured = time_whole_model(model, table.input_size, timer, device, dtype, table.reference_proposals, images)
-        row = {"label": label, "widths": widths, "measured_ms": measured}
-        rows.append(_error_row(row, table.predict(widths, proposals=table.reference_proposals)))
+    reference = table.reference_proposals
+    pinned = [_record_calls(model, _inputs(model, image, device), reference, device, dtype)[2] for image in images]
+    copies = _uniform_copies(model, ratios, device, multiple, floor)
+    others = [(label, unwrap_model(m).to(device).eval()) for label, m in (trained or {}).items()]
+    rows = [{"ratio": ratio, "widths": widths} for ratio, widths, _ in copies]
+    rows += [{"label": label, "widths": {name: g.size for name, g in derive_channel_groups(m, allow_frozen=True).items()}}
+             for label, m in others]
+    jobs = [(model, None)] + [(c, pinned) for _, _, c in copies] + [(m, None) for _, m in others]
+    samples = time_interleaved(jobs, table.input_size, timer, rounds, device, dtype, reference, images)
+    unpruned_ms = float(np.median(samples[0]))
+    full = table.predict(proposals=reference)
+    for row, measured in zip(rows, samples[1:]):
+        predicted = table.predict(row["widths"], proposals=reference)
+        relative = _median_ratio(measured, samples[0])
+        row.update(predicted_ms=predicted, measured_ms=float(np.median(measured)), unpruned_ms=unpruned_ms,
+                   relative=relative, predicted_relative=predicted / full)
+        row["error_percent"] = 100.0 * (predicted - row["measured_ms"]) / row["measured_ms"]
+        row["relative_error_percent"] = 100.0 * (predicted / full - relative) / relative
     return rows
