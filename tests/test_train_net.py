@@ -65,6 +65,35 @@ def test_eval_only_reproduces_final_ap(trained, tmp_path):
         assert reloaded[key] == pytest.approx(at_end[key], abs=1e-6)
 
 
+def test_eval_only_in_the_training_run_folder_leaves_the_run_as_it_was(trained):
+    """detectron2 would rewrite the run's config.yaml (here: with another test size) and
+    pgp_det its results.json; the evaluation goes to OUTPUT_DIR/eval instead."""
+    import hashlib
+
+    out, _ = trained
+
+    def digests():
+        found = {}
+        for folder, _, files in os.walk(out):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, out)] = hashlib.sha256(f.read()).hexdigest()
+        return found
+
+    before = digests()
+    proc = run_cli("--config-file", os.path.join(out, "config.yaml"), "--eval-only", "INPUT.MIN_SIZE_TEST", "192",
+                   "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "holds a training run" in proc.stderr
+    after = digests()
+    assert {name: after[name] for name in before} == before
+    assert all(name.startswith("eval" + os.sep) for name in set(after) - set(before))
+    assert {"AP", "AP50"} <= set(final_results(os.path.join(out, "eval")))
+    with open(os.path.join(out, "eval", "config.yaml")) as f:
+        assert "MIN_SIZE_TEST: 192" in f.read()
+
+
 def test_coco_layout_gets_coco_metrics(tmp_path):
     from detectron2.data import MetadataCatalog
 

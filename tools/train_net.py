@@ -15,7 +15,9 @@ Examples::
 Every check (config, datasets and their class count, weights, OUTPUT_DIR) runs before anything
 is written; bad input ends with one ``error:`` line on stderr and exit code 2. OUTPUT_DIR is
 locked while the run uses it, and a new training refuses a folder that holds another run (pass
-``--resume`` to continue that one). Weights files that pickle Python objects are refused unless
+``--resume`` to continue that one); ``--eval-only`` pointed at a folder that holds a training run
+writes to its ``eval/`` subfolder instead, so the run's config.yaml and results.json stay its
+own. Weights files that pickle Python objects are refused unless
 ``--trust-weights`` is given (loading them runs code they hold).
 """
 import argparse
@@ -34,7 +36,7 @@ from pgp_det.checkpoint import PrunedCheckpointer  # noqa: E402
 from pgp_det.config import resolve_config_path as find_config  # noqa: E402
 from pgp_det.data import add_dataset_arguments, register_custom_datasets  # noqa: E402
 from pgp_det.engine import Trainer  # noqa: E402
-from pgp_det.engine.preflight import build_run_config, check_training_run  # noqa: E402
+from pgp_det.engine.preflight import build_run_config, check_training_run, existing_run_files  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
 from pgp_det.utils.io import atomic_write_json  # noqa: E402
@@ -97,6 +99,13 @@ def cli(argv=None) -> int:
     try:
         check_overrides(parser, args.opts)
         cfg = build_config(args)
+        if args.eval_only and existing_run_files(cfg.OUTPUT_DIR):
+            # detectron2 would rewrite the training run's config.yaml (and pgp_det its results.json)
+            evaluation_dir = os.path.join(cfg.OUTPUT_DIR, "eval")
+            print(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' holds a training run: this evaluation writes to '{evaluation_dir}' "
+                  "and leaves the run's files as they are", file=sys.stderr)
+            args.opts = list(args.opts) + ["OUTPUT_DIR", evaluation_dir]  # the workers rebuild the config from args
+            cfg = build_config(args)
         with claim_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR") as output:
             # every check before anything is written; the folder stays locked for the whole run
             check_training_run(cfg, eval_only=args.eval_only, resume=args.resume, trusted=args.trust_weights)
