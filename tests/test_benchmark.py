@@ -373,6 +373,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path, case, message):
         (["--model", "a={config}", "--input-size", "big"], "--input-size 'big'"),
         (["--model", "a={config}", "--fp16"], "--fp16 needs --device cuda"),
         ([], "no model given"),
+        (["--model", "a={config}", "--reference", "b"], "--reference 'b' is not a model's label; the labels are: a"),
+        (["--model", "a={config}", "--reference", "a", "--dataset-images", "0"], "pass --dataset-images N"),
     ],
 )
 def test_bad_arguments_in_process(tiny_models, tmp_path, capsys, args, message):
@@ -382,3 +384,64 @@ def test_bad_arguments_in_process(tiny_models, tmp_path, capsys, args, message):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message.format(**fill) in err[0], err
+
+
+class _FakeDevice:
+    """A clock for fake models: each call advances it by the model's cost times the device's
+    slowness, which grows by half every ``calls_per_step`` calls (a device drifting over time)."""
+
+    def __init__(self, calls_per_step):
+        self.now, self.calls, self.calls_per_step = 0.0, 0, calls_per_step
+
+    def run(self, cost):
+        self.now += cost * (1.0 + 0.5 * (self.calls // self.calls_per_step))
+        self.calls += 1
+
+
+class _FakeModel(torch.nn.Module):
+    def __init__(self, device, cost):
+        super().__init__()
+        self.device_clock, self.cost = device, cost
+
+    def forward(self, inputs):
+        self.device_clock.run(self.cost)
+        return []
+
+
+def test_models_timed_in_turn_keep_their_ratio_on_a_drifting_device(monkeypatch):
+    """Model a costs twice model b. On a device slowing down call after call, timing a's images
+    then b's gives ratios far from 2; timing them in turn on each image gives exactly 2."""
+    import types
+
+    from pgp_det.benchmark import timing
+
+    device = _FakeDevice(calls_per_step=4)  # one image for both models: 2 x (warm call + timed call)
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: device.now / 1000.0))
+    inputs = [{"image": torch.zeros(3, 8, 8)} for _ in range(5)]
+    a, b = _FakeModel(device, 2.0), _FakeModel(device, 1.0)
+    in_turn = timing.time_dataset_images_in_turn([(a, inputs), (b, inputs)], warmup=0)
+    assert [x / y for x, y in zip(*in_turn)] == pytest.approx([2.0] * 5)
+    assert in_turn[0] == pytest.approx([2.0 * (1 + 0.5 * i) for i in range(5)])  # the drift is there
+    device.calls = 0
+    one_after_the_other = [timing.time_dataset_images(m, inputs, warmup=0).samples for m in (a, b)]
+    assert all(abs(x / y - 2.0) > 0.2 for x, y in zip(*one_after_the_other))
+    with pytest.raises(ValueError, match="as many inputs"):
+        timing.time_dataset_images_in_turn([(a, inputs), (b, inputs[:2])])
+
+
+def test_eval_map_fps_reference_gives_each_point_its_speedup(tiny_voc, tiny_models, tmp_path):
+    wide_cfg, wide_weights = tiny_models["wide"]
+    out = tmp_path / "speedups"
+    code = load_tool(EVAL_MAP_FPS).main([
+        "--model", f"wide={wide_cfg}:{wide_weights}", "--run-dir", os.path.dirname(tiny_models["narrow"][0]),
+        "--reference", "wide", "--sweep", "MODEL.RPN.POST_NMS_TOPK_TEST=100,20", "--skip-eval", "--warmup", "1",
+        "--runs", "2", "--dataset-images", "3", "--output", str(out),
+    ])
+    assert code == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    for row in rows:
+        assert row["reference"] == "wide" and int(row["dataset_images"]) == 3
+        assert float(row["speedup"]) > 0 and float(row["reference_latency_median_ms"]) > 0
+    assert any(line.startswith("| label |") and "| speedup |" in line for line in (out / "results.md").read_text().splitlines())

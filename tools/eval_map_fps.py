@@ -21,7 +21,10 @@ results.csv, results.json, results.md, map_vs_fps.png and map_vs_gflops.png into
 With ``--sweep KEY=V1,V2`` each model is measured at every point of the grid (label
 ``model[KEY=V,...]``); the rows on the Pareto front of mAP against FPS are marked ``pareto``.
 Without ``--input-size`` the timing input is ``INPUT.MIN_SIZE_TEST`` square, so sweeping that key
-sweeps the timed size too.
+sweeps the timed size too. With ``--reference LABEL`` every model (every sweep point) is timed on
+the dataset images in turn with that model at its config's own settings, image by image, and
+gets a ``speedup`` column: on a device whose speed drifts over a long sweep, a ratio of two
+latencies measured minutes apart is off by the drift, one measured in turn is not.
 
 Bad input (missing config or weights, a checkpoint that does not fit its config, an unregistered
 dataset) ends with one line on stderr and exit code 2.
@@ -77,6 +80,10 @@ def argument_parser():
                         help="measure every model at each value of a test-time config key (repeatable: all "
                              "combinations), e.g. MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 or INPUT.MIN_SIZE_TEST=256,192; "
                              "every point goes on the plots and the Pareto front")
+    parser.add_argument("--reference", default="", metavar="LABEL",
+                        help="a model's label: every model is timed on the dataset images in turn with it (at its "
+                             "config's own settings) and gets a speedup column, which a drift of the device's speed "
+                             "leaves out")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for results.* and the plots")
     add_dataset_arguments(parser)
     add_trust_argument(parser)
@@ -106,6 +113,10 @@ def check_args(args) -> List[ModelSpec]:
         parse_input_size(args.input_size)
     if args.runs < 1 or args.warmup < 0 or args.dataset_images < 0 or args.threads < 0:
         raise UserInputError("--runs must be >= 1; --warmup, --dataset-images and --threads >= 0")
+    if args.reference and args.reference not in labels:
+        raise UserInputError(f"--reference '{args.reference}' is not a model's label; the labels are: {', '.join(labels)}")
+    if args.reference and args.dataset_images < 1:
+        raise UserInputError("--reference times the models on dataset images: pass --dataset-images N with N >= 1")
     return specs
 
 
@@ -114,17 +125,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         check_overrides(parser, args.opts)
-        specs = [point for spec in check_args(args) for point in expand_sweeps(spec, parse_sweeps(args.sweep))]
+        models = check_args(args)
+        specs = [point for spec in models for point in expand_sweeps(spec, parse_sweeps(args.sweep))]
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(SEED)
         with claim_output_dir(args.output, "--output") as output:
             # every model's config, dataset and weights are checked before anything is written
             prepared = [prepare_model(spec, args) for spec in specs]
+            reference = next((prepare_model(m, args) for m in models if m.label == args.reference), None)
             output.start_writing()
             rows, details = [], {}
             for model in prepared:
-                row, extra = benchmark_model(model, args, args.output)
+                row, extra = benchmark_model(model, args, args.output, reference)
                 rows.append(row)
                 details[model.spec.label] = extra
             mark_pareto_front(rows)

@@ -27,7 +27,10 @@ from ..evaluation import build_evaluator
 from ..utils.cli import parse_input_size
 from .flops import FAMILIES, count_flops
 from .report import pareto_front
-from .timing import STAGES, measure_detector_latency, precision_context, synthetic_image, time_dataset_images
+from .timing import (
+    STAGES, TimingStats, measure_detector_latency, precision_context, synthetic_image, time_dataset_images,
+    time_dataset_images_in_turn,
+)
 
 __all__ = [
     "ModelSpec", "PreparedModel", "benchmark_model", "expand_sweeps", "headline_metrics", "mark_pareto_front",
@@ -156,8 +159,14 @@ def prepare_model(spec: ModelSpec, args) -> PreparedModel:
     return PreparedModel(spec, cfg, load_model(cfg, spec.weights, trusted=args.trust_weights), dataset)
 
 
-def benchmark_model(prepared: PreparedModel, args, output_dir: str) -> Tuple[dict, dict]:
-    """All figures of one model: (flat row for the tables, details for the JSON)."""
+def benchmark_model(prepared: PreparedModel, args, output_dir: str,
+                    reference: Optional[PreparedModel] = None) -> Tuple[dict, dict]:
+    """All figures of one model: (flat row for the tables, details for the JSON).
+
+    ``reference``: a model timed in turn with this one on each dataset image (see
+    :func:`~pgp_det.benchmark.timing.time_dataset_images_in_turn`); the row gets ``speedup``, the
+    median over the images of the reference's time over this model's, and the reference's own
+    median latency in the same turns."""
     spec, cfg, model, dataset = prepared.spec, prepared.cfg, prepared.model, prepared.dataset
 
     def progress(message):
@@ -200,7 +209,19 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str) -> Tuple[dic
         dicts = DatasetCatalog.get(dataset)[: args.dataset_images]
         progress(f"timing {len(dicts)} images of {dataset}")
         mapper = DatasetMapper(cfg, is_train=False)
-        stats = time_dataset_images(model, [mapper(d) for d in dicts], args.device, dtype, args.warmup)
+        if reference is None:
+            stats = time_dataset_images(model, [mapper(d) for d in dicts], args.device, dtype, args.warmup)
+        else:
+            progress(f"in turn with {reference.spec.label}")
+            reference_mapper = DatasetMapper(reference.cfg, is_train=False)
+            mine, theirs = time_dataset_images_in_turn(
+                [(model, [mapper(d) for d in dicts]), (reference.model, [reference_mapper(d) for d in dicts])],
+                args.device, dtype, args.warmup)
+            stats = TimingStats.from_samples(mine)
+            row.update(speedup=float(np.median([b / a for a, b in zip(mine, theirs)])),
+                       reference=reference.spec.label, reference_latency_median_ms=float(np.median(theirs)))
+            progress(f"{row['speedup']:.3f}x as fast as {reference.spec.label} ({row['reference_latency_median_ms']:.1f} ms "
+                     "in the same turns)")
         row.update(
             dataset_latency_median_ms=stats.median,
             dataset_latency_p90_ms=stats.p90,

@@ -21,6 +21,7 @@ __all__ = [
     "time_callable",
     "measure_detector_latency",
     "time_dataset_images",
+    "time_dataset_images_in_turn",
     "environment_info",
     "precision_context",
     "image_to_input",
@@ -293,15 +294,42 @@ def time_dataset_images(
     The first input is run ``warmup`` times untimed; then every input is timed once, batch 1,
     so the figure reflects the dataset's own sizes and object counts.
     """
+    return TimingStats.from_samples(time_dataset_images_in_turn([(model, inputs)], device, dtype, warmup)[0])
+
+
+def time_dataset_images_in_turn(
+    models: Sequence[Tuple[torch.nn.Module, Sequence[dict]]],
+    device: Union[str, torch.device] = "cpu",
+    dtype: str = "fp32",
+    warmup: int = 3,
+) -> List[List[float]]:
+    """``samples[m][i]``: milliseconds of model ``m`` on its ``i``-th input, batch 1; ``models``:
+    ``(model, mapped inputs)`` pairs with as many inputs each (the same images, mapped for each
+    model's config).
+
+    Each model's first input is run ``warmup`` times untimed. With one model every input is then
+    timed once. With several, each image is run by every model in turn, each one call untimed
+    then one timed (the other models' weights have left the caches meanwhile): models timed on
+    the same image see the device in the same state, so their ratio holds when its speed drifts.
+    """
     device = torch.device(device)
     _check_dtype(dtype, device)
-    if len(inputs) == 0:
+    counts = {len(inputs) for _, inputs in models}
+    if not models or counts == {0}:
         raise ValueError("no inputs to time")
-    model = model.to(device).eval()
+    if len(counts) > 1:
+        raise ValueError(f"every model needs as many inputs, got {sorted(counts)}")
     sync = _sync_for(device) or (lambda: None)
-    on_device = [dict(x, image=x["image"].to(device)) for x in inputs]
+    prepared = [(model.to(device).eval(), [dict(x, image=x["image"].to(device)) for x in inputs])
+                for model, inputs in models]
+    samples: List[List[float]] = [[] for _ in prepared]
     with torch.no_grad(), precision_context(dtype, device):
-        for _ in range(warmup):
-            model([on_device[0]])
-        samples = [_time_once(lambda: model([x]), sync) for x in on_device]
-    return TimingStats.from_samples(samples)
+        for model, inputs in prepared:
+            for _ in range(warmup):
+                model([inputs[0]])
+        for i in range(counts.pop()):
+            for m, (model, inputs) in enumerate(prepared):
+                if len(prepared) > 1:
+                    model([inputs[i]])
+                samples[m].append(_time_once(lambda: model([inputs[i]]), sync))
+    return samples
