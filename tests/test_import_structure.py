@@ -116,16 +116,21 @@ def test_config_is_a_leaf(graph):
     assert ours == {"pgp_det.errors"}
 
 
+def last_lines_printed(code: str, count: int) -> list:
+    """The last ``count`` lines ``code`` prints in a fresh interpreter (the checkout first on the
+    path); fails the test if it does not exit 0."""
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1])\n" + code, ROOT],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-count:]
+
+
 def test_importing_the_config_registers_no_dataset():
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import pgp_det.config\n"
+    datasets, modules = last_lines_printed(
+        "import pgp_det.config\n"
         "from detectron2.data import DatasetCatalog\n"
         "print(sorted(n for n in DatasetCatalog.list() if n.startswith('synth_')))\n"
-        "print(sorted(m for m in sys.modules if m.startswith('pgp_det')))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    datasets, modules = proc.stdout.strip().splitlines()[-2:]
+        "print(sorted(m for m in sys.modules if m.startswith('pgp_det')))\n", 2)
     assert datasets == "[]"
     assert modules == str(["pgp_det", "pgp_det.config", "pgp_det.errors"])
 
@@ -151,7 +156,6 @@ def test_front_door_exports_the_main_pieces_without_loading_them():
     """``from pgp_det import add_pgp_config`` loads only the config module; every other exported
     name is the library's own object, imported when first asked for."""
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1])\n"
         "from pgp_det import add_pgp_config\n"
         "print(sorted(m for m in sys.modules if m.startswith('pgp_det')))\n"
         "import pgp_det, pgp_det.pruning.hook, pgp_det.pruning.criteria\n"
@@ -167,9 +171,7 @@ def test_front_door_exports_the_main_pieces_without_loading_them():
         "except ImportError as e:\n"
         "    print('ImportError')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    modules, identities, criterion, missing, refused = proc.stdout.strip().splitlines()[-5:]
+    modules, identities, criterion, missing, refused = last_lines_printed(code, 5)
     assert modules == str(["pgp_det", "pgp_det.config", "pgp_det.errors"])
     assert identities == "True True True True"
     assert criterion == "pgp"

@@ -133,7 +133,9 @@ def main(argv=None) -> int:
         with claim_output_dir(args.output, "--output") as output:
             # every model's config, dataset and weights are checked before anything is written
             prepared = [prepare_model(spec, args) for spec in specs]
-            reference = next((prepare_model(m, args) for m in models if m.label == args.reference), None)
+            # the reference runs at its config's own settings: without --sweep that is its own row's model
+            reference = next((p for p in prepared if p.spec.label == args.reference), None) or next(
+                (prepare_model(m, args) for m in models if m.label == args.reference), None)
             output.start_writing()
             rows, details = [], {}
             for model in prepared:
