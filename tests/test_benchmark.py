@@ -429,7 +429,17 @@ def test_models_timed_in_turn_keep_their_ratio_on_a_drifting_device(monkeypatch)
         timing.time_dataset_images_in_turn([(a, inputs), (b, inputs[:2])])
 
 
-def test_eval_map_fps_reference_gives_each_point_its_speedup(tiny_voc, tiny_models, tmp_path):
+def test_eval_map_fps_reference_gives_each_point_its_speedup(tiny_voc, tiny_models, tmp_path, monkeypatch):
+    from pgp_det.benchmark import measure
+
+    mapped = []
+
+    class CountingMapper(measure.DatasetMapper):
+        def __call__(self, dataset_dict):
+            mapped.append(dataset_dict["file_name"])
+            return super().__call__(dataset_dict)
+
+    monkeypatch.setattr(measure, "DatasetMapper", CountingMapper)
     wide_cfg, wide_weights = tiny_models["wide"]
     out = tmp_path / "speedups"
     code = load_tool(EVAL_MAP_FPS).main([
@@ -445,3 +455,6 @@ def test_eval_map_fps_reference_gives_each_point_its_speedup(tiny_voc, tiny_mode
         assert row["reference"] == "wide" and int(row["dataset_images"]) == 3
         assert float(row["speedup"]) > 0 and float(row["reference_latency_median_ms"]) > 0
     assert any(line.startswith("| label |") and "| speedup |" in line for line in (out / "results.md").read_text().splitlines())
+    # 4 points and the reference at its own settings each map the 3 images once: the reference's
+    # images are not read again for every point it is timed with
+    assert len(mapped) == 3 * 5 and len(set(mapped)) == 3

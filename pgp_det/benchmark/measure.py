@@ -9,8 +9,8 @@ and every figure of one model (:func:`benchmark_model`: mAP, latency, FLOPs, siz
 import dataclasses
 import itertools
 import os
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -141,6 +141,16 @@ class PreparedModel:
     cfg: object
     model: torch.nn.Module
     dataset: Optional[str]
+    mapped: Dict[Tuple[str, int], list] = field(default_factory=dict, repr=False)
+
+    def dataset_inputs(self, dataset: str, count: int) -> List[dict]:
+        """The first ``count`` images of ``dataset`` as this model's test loader maps them (its
+        ``INPUT`` sizes). Kept: a reference model is timed with every row on the same images."""
+        key = (dataset, count)
+        if key not in self.mapped:
+            mapper = DatasetMapper(self.cfg, is_train=False)
+            self.mapped[key] = [mapper(d) for d in DatasetCatalog.get(dataset)[:count]]
+        return self.mapped[key]
 
 
 def prepare_model(spec: ModelSpec, args) -> PreparedModel:
@@ -206,16 +216,14 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
     )
 
     if args.dataset_images > 0:
-        dicts = DatasetCatalog.get(dataset)[: args.dataset_images]
-        progress(f"timing {len(dicts)} images of {dataset}")
-        mapper = DatasetMapper(cfg, is_train=False)
+        inputs = prepared.dataset_inputs(dataset, args.dataset_images)
+        progress(f"timing {len(inputs)} images of {dataset}")
         if reference is None:
-            stats = time_dataset_images(model, [mapper(d) for d in dicts], args.device, dtype, args.warmup)
+            stats = time_dataset_images(model, inputs, args.device, dtype, args.warmup)
         else:
             progress(f"in turn with {reference.spec.label}")
-            reference_mapper = DatasetMapper(reference.cfg, is_train=False)
             mine, theirs = time_dataset_images_in_turn(
-                [(model, [mapper(d) for d in dicts]), (reference.model, [reference_mapper(d) for d in dicts])],
+                [(model, inputs), (reference.model, reference.dataset_inputs(dataset, args.dataset_images))],
                 args.device, dtype, args.warmup)
             stats = TimingStats.from_samples(mine)
             row.update(speedup=float(np.median([b / a for a, b in zip(mine, theirs)])),
@@ -226,7 +234,7 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
             dataset_latency_median_ms=stats.median,
             dataset_latency_p90_ms=stats.p90,
             dataset_fps=stats.fps,
-            dataset_images=len(dicts),
+            dataset_images=len(inputs),
         )
         details["dataset_latency"] = stats.to_dict()
         progress(f"dataset images: median {stats.median:.1f} ms, p90 {stats.p90:.1f} ms, {stats.fps:.1f} FPS")
