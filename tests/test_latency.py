@@ -617,16 +617,23 @@ def test_check_measures_each_model_against_the_unpruned_model_of_its_round(r18_t
 
 
 def test_calibration_leaves_out_a_drift_of_the_device_speed():
-    """The copies that fit the rest enter as shares of the unpruned model's time in the same
-    round: a device that slows down 1.4x from the second round on fits the same rest as a
-    steady one."""
+    """The other proposal counts and the copies that fit the rest enter as shares of the
+    unpruned model's time in the same round: a device that slows down 1.4x from the second
+    round on gives the same fixed costs at every proposal count and fits the same rest as a
+    steady one (timed one count after the other, the counts of the later rounds would look
+    1.4x dearer)."""
     from pgp_det.benchmark.latency_profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     steady = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
-    drifting = DriftingDevice(element_wise_timer, [1.0, 1.4, 1.4], calls_per_round=4)
+    calls_per_round = 3 + 3  # the unpruned model at 100 (the reference), 25 and 50 proposals; three copies
+    drifting = DriftingDevice(element_wise_timer, [1.0, 1.4, 1.4], calls_per_round=calls_per_round)
     drifted = profile_latency(model, SIZE, timer=element_wise_timer, whole_timer=drifting, rounds=3, points=3)
-    assert drifting.calls == 3 * 4  # unpruned model and three copies, three rounds
+    assert drifting.calls == 3 * calls_per_round
+    assert steady.proposal_counts == drifted.proposal_counts == (25, 50, 100)
+    assert steady.fixed_ms[0] < steady.fixed_ms[1] < steady.fixed_ms[2]  # more proposals, more selection work
+    for a, b in zip(steady.fixed_ms, drifted.fixed_ms):
+        assert b == pytest.approx(a, rel=1e-6)
     assert steady.activation_ms > 0
     assert drifted.activation_ms == pytest.approx(steady.activation_ms, rel=1e-6)
     assert drifted.layer_overhead == pytest.approx(steady.layer_overhead, abs=1e-9)

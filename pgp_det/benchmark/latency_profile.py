@@ -8,11 +8,12 @@ proposals; then times, for every conv and linear layer with a prunable channel g
 (and the ROI pooler), a copy of the layer sliced to each ``(in, out)`` width of a sampled grid and
 to every allowed width of each axis with the other at full width (the steps), called on random
 inputs of the recorded shapes (every call one inference makes: all FPN levels of a shared head);
-then the whole model at each proposal count (the rest is the difference at full width); and last
+then the whole model (the rest is the difference at full width); and last, timed in turn with
+it round after round (:func:`time_interleaved`), the whole model at the other proposal counts and
 the model pruned uniformly at a few ratios, its ROI heads fed the unpruned model's proposals, to
-fit the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`;
-each copy is timed in turn with the unpruned model, :func:`time_interleaved`, and enters the fit
-as its share of the unpruned model's time, so that a drift of the device's speed stays out).
+fit the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`).
+Those enter the table as their shares of the unpruned model's time in the same rounds, so that a
+drift of the device's speed while they are timed stays out.
 Layers with identical settings and shapes (repeated blocks) are timed once. Every inference runs
 at the full proposal budget (:func:`~pgp_det.utils.flops.full_proposal_budget`: every
 ``POST_NMS_TOPK_TEST`` proposal reaches the ROI heads, the worst case; on real images NMS may
@@ -27,7 +28,7 @@ import copy
 import math
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -173,19 +174,24 @@ def time_whole_model(model: nn.Module, input_size: Sequence[int], timer: Timer, 
 
 
 def time_interleaved(models: Sequence[Tuple[nn.Module, Optional[Sequence[list]]]], input_size: Sequence[int],
-                     timer: Timer, rounds: int = 1, device="cpu", dtype: str = "fp32", proposals: Optional[int] = None,
+                     timer: Timer, rounds: int = 1, device="cpu", dtype: str = "fp32",
+                     proposals: Union[None, int, Sequence[Optional[int]]] = None,
                      images: Optional[Sequence[np.ndarray]] = None) -> List[List[float]]:
     """``samples[m][r]``: milliseconds of model ``m`` in round ``r`` (:func:`time_whole_model`
-    with ``timer``; ``models``: ``(model, pinned proposals or None)`` pairs). Each round times
-    every model once, in turn, so all of them see the device in the same state (clocks, heat,
-    other processes): their ratios hold when the device's speed drifts between rounds, which
-    one model timed after another does not give."""
+    with ``timer``; ``models``: ``(model, pinned proposals or None)`` pairs; ``proposals``: one
+    count for all, or one per model, so that one model can appear at several counts). Each round
+    times every model once, in turn, so all of them see the device in the same state (clocks,
+    heat, other processes): their ratios hold when the device's speed drifts between rounds,
+    which one model timed after another does not give."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    counts = list(proposals) if isinstance(proposals, Sequence) else [proposals] * len(models)
+    if len(counts) != len(models):
+        raise ValueError(f"{len(counts)} proposal counts for {len(models)} models")
     samples: List[List[float]] = [[] for _ in models]
     for _ in range(rounds):
         for i, (model, pinned) in enumerate(models):
-            samples[i].append(time_whole_model(model, input_size, timer, device, dtype, proposals, images, pinned))
+            samples[i].append(time_whole_model(model, input_size, timer, device, dtype, counts[i], images, pinned))
     return samples
 
 
@@ -340,9 +346,10 @@ def profile_latency(
         calibration_ratios: uniform pruning ratios of the copies whose whole-model timings fit
             the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`);
             empty: no fit (the rest stays fixed).
-        whole_timer, rounds: the calibration copies are timed against the unpruned model in
-            ``rounds`` interleaved rounds (:func:`time_interleaved`), each model once a round
-            with ``whole_timer`` (default ``timer``).
+        whole_timer, rounds: the unpruned model at the other proposal counts and the
+            calibration copies are timed against the unpruned model at the reference count in
+            ``rounds`` interleaved rounds (:func:`time_interleaved`), each once a round with
+            ``whole_timer`` (default ``timer``), and enter the table as shares of its time.
         metadata: recorded in the table besides the environment (config, weights, ...).
         progress: called with a line of progress now and then.
 
@@ -424,12 +431,23 @@ def profile_latency(
                                     in_steps, out_steps))
         say(f"{name}: {len(in_widths)} x {len(out_widths)} widths, {ms[-1][-1]:.3f} ms at full width")
 
-    fixed, whole_at = [], {}
+    # the whole model at the reference count right after its layers (the rest is the difference);
+    # the other counts and the calibration copies as shares of it, timed in the same rounds, so
+    # that a drift of the device's speed while they are timed one after another does not enter
+    whole = time_whole_model(model, input_size, timer, device, dtype, reference, images)
+    others = [n for n in counts if n != reference]
+    copies = _uniform_copies(model, calibration_ratios, device, multiple, floor) if calibration_ratios else []
+    samples = [[whole]]
+    if others or copies:
+        samples = time_interleaved([(model, None)] * (1 + len(others)) + [(c, proposals[reference]) for _, _, c in copies],
+                                   input_size, whole_timer or timer, rounds, device, dtype,
+                                   [reference] + others + [reference] * len(copies), images)
+    shares = dict(zip([reference] + others, (_median_ratio(s, samples[0]) for s in samples)))
+    fixed = []
     for j, n in enumerate(counts):
-        whole = whole_at[n] = time_whole_model(model, input_size, timer, device, dtype, n, images)
         layers_ms = sum(e.ms[-1][-1] if e.proposal_ms is None else e.proposal_ms[j] for e in entries)
-        fixed.append(whole - layers_ms)
-        say(f"whole model at {n} proposals: {whole:.3f} ms ({layers_ms:.3f} ms in the measured layers)")
+        fixed.append(shares[n] * whole - layers_ms)
+        say(f"whole model at {n} proposals: {shares[n] * whole:.3f} ms ({layers_ms:.3f} ms in the measured layers)")
     environment = environment_info(device)
     info = {
         "device_name": environment["device_name"],
@@ -452,20 +470,16 @@ def profile_latency(
     info.update(metadata or {})
     table = LatencyTable({name: g.size for name, g in groups.items()}, input_size, entries, counts, fixed, reference,
                          info, activations={k: float(v) for k, v in activations.items() if v > 0})
-    if calibration_ratios:
+    if copies:
         # the copies' ROI heads get the unpruned model's proposals (a copy pruned without training
-        # proposes other boxes, and the pooler's work follows their sizes); each copy is timed
-        # against the unpruned model in the same rounds, and the fit gets that ratio times the
-        # unpruned model's time above, so that a drift of the device's speed does not enter it
-        copies = _uniform_copies(model, calibration_ratios, device, multiple, floor)
-        samples = time_interleaved([(model, None)] + [(c, proposals[reference]) for _, _, c in copies], input_size,
-                                   whole_timer or timer, rounds, device, dtype, reference, images)
-        rows = [{"ratio": ratio, "widths": widths, "relative": _median_ratio(samples[k + 1], samples[0])}
+        # proposes other boxes, and the pooler's work follows their sizes); each enters the fit as
+        # its share of the unpruned model's time in the same rounds, times the time above
+        rows = [{"ratio": ratio, "widths": widths, "relative": _median_ratio(samples[1 + len(others) + k], samples[0])}
                 for k, (ratio, widths, _) in enumerate(copies)]
         del copies
-        table = fit_rest(table, [(row["widths"], row["relative"] * whole_at[reference]) for row in rows])
+        table = fit_rest(table, [(row["widths"], row["relative"] * whole) for row in rows])
         table.metadata["calibration"] = [{"ratio": row["ratio"], "relative": row["relative"],
-                                          "measured_ms": row["relative"] * whole_at[reference]} for row in rows]
+                                          "measured_ms": row["relative"] * whole} for row in rows]
         say(f"rest shrinking with the channels: {table.activation_ms:.3f} ms of element-wise work, "
             f"layer overhead {table.layer_overhead:.3f}")
     table.metadata["profile_seconds"] = time.perf_counter() - started
