@@ -26,7 +26,7 @@ deployment's. ``--check`` then times the whole model pruned uniformly at a few r
 heads fed the unpruned model's proposals, so only the widths change) and every ``--check-weights``
 checkpoint (trained pruned models of this architecture, with their own proposals), and prints
 predicted against measured latency; the rows are stored in the table's metadata. Models compared
-whole (the calibration copies, the check's models) are timed in turn with the unpruned model,
+whole (other proposal counts, the calibration copies, the check's models) are timed in turn with the unpruned model,
 one call each per round: a device whose speed drifts (clocks, heat, power modes, other
 processes) moves them together, and the check also prints each model's share of the unpruned
 model's time, predicted against measured, which such a drift leaves out. A pruned
@@ -74,8 +74,9 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="proposal counts to time (default: 1/4, 1/2 and all of MODEL.RPN.POST_NMS_TOPK_TEST)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing")
     parser.add_argument("--runs", type=int, default=7,
-                        help="timed calls per timing (the median is kept); models compared whole are timed in turn, "
-                             "one call each per round, over this many rounds")
+                        help="timed calls per timing (the median is kept); whole models compared (other proposal "
+                             "counts, calibration copies, --check) are timed in turn, one call each per round, over "
+                             "this many rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--check", action="store_true",
                         help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
@@ -162,8 +163,8 @@ def profile(cfg, args, timer=None):
     checked = {path: load_model(cpu, path, strict=False, trusted=args.trust_weights) for path in args.check_weights}
     images, source = profile_images(cfg, args)
     dtype = "fp16" if args.fp16 else "fp32"
-    # whole models that are compared (the calibration copies, the check's models) are timed in
-    # --runs interleaved rounds, one call each a round after a warm-up call: see time_interleaved
+    # whole models that are compared (other proposal counts, the calibration copies, the check's
+    # models) are timed in --runs interleaved rounds, one call each a round after a warm-up call: see time_interleaved
     whole_timer = timer or default_timer(args.device, warmup=1, runs=1)
     timer = timer or default_timer(args.device, warmup=args.warmup, runs=args.runs)
     multiple, floor = int(cfg.PRUNING.CHANNEL_MULTIPLE), int(cfg.PRUNING.MIN_CHANNELS)
