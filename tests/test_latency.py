@@ -639,3 +639,20 @@ def test_calibration_leaves_out_a_drift_of_the_device_speed():
     assert drifted.layer_overhead == pytest.approx(steady.layer_overhead, abs=1e-9)
     for a, b in zip(steady.metadata["calibration"], drifted.metadata["calibration"]):
         assert b["measured_ms"] == pytest.approx(a["measured_ms"], rel=1e-6)
+
+
+def test_repeated_layer_calls_give_the_time_of_one_call():
+    """On a GPU each layer is called several times per timed sample (``layer_repeat``) to hide
+    the synchronisation; the table keeps the time of one call: with a timer counting FLOPs, 3
+    repetitions give the same entries as 1."""
+    from pgp_det.benchmark.latency_profile import profile_latency
+
+    model = synthetic_model(synthetic_cfg())
+    once = profile_latency(model, SIZE, timer=flop_timer, points=2, calibration_ratios=())
+    thrice = profile_latency(model, SIZE, timer=flop_timer, points=2, calibration_ratios=(), layer_repeat=3)
+    assert thrice.metadata["layer_repeat"] == 3 and [e.name for e in once.entries] == [e.name for e in thrice.entries]
+    for a, b in zip(once.entries, thrice.entries):
+        assert a.kind == "roi_pooler" or a.ms[-1][-1] > 0, a.name  # torch counts no FLOPs in ROIAlign
+        for row_a, row_b in zip(a.ms, b.ms):
+            assert row_b == pytest.approx(row_a, rel=1e-9), a.name
+    assert thrice.predict() == pytest.approx(once.predict(), rel=1e-9)
