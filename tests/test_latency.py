@@ -334,6 +334,27 @@ def test_hook_logs_predicted_latency_at_each_step(r18_table, tmp_path):
     assert table.predict(sizes) == pytest.approx(logged[-1]) and logged[-1] <= target
 
 
+@pytest.mark.parametrize("test_size, warned", [(128, False), (256, True)])
+def test_hook_warns_when_the_model_is_tested_at_another_size_than_the_table(r18_table, tmp_path, caplog, test_size,
+                                                                             warned):
+    import logging
+
+    table = LatencyTable.load(r18_table)
+    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
+                        "PRUNING.TARGET_LATENCY_MS", str(0.6 * table.predict()), "INPUT.MIN_SIZE_TEST", str(test_size),
+                        "OUTPUT_DIR", str(tmp_path))
+    model = synthetic_model(cfg)
+    hook = PGPHook(cfg)
+    with EventStorage(0) as storage, caplog.at_level(logging.WARNING, logger="pgp_det"):
+        hook.trainer = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                       storage=storage, iter=0)
+        hook.before_train()
+    lines = [r.getMessage() for r in caplog.records if "INPUT.MIN_SIZE_TEST" in r.getMessage()]
+    assert len(lines) == int(warned)
+    if warned:
+        assert "128x160" in lines[0] and "INPUT.MIN_SIZE_TEST 256" in lines[0]
+
+
 def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys):
     tool = load_tool("prune_net")
     table = LatencyTable.load(r18_table)

@@ -195,6 +195,13 @@ class PGPHook(HookBase):
                            "its proposal-dependent parts are extrapolated", proposals, list(table.proposal_counts),
                            p.LATENCY_TABLE)
         self._latency = table.with_proposals(proposals)
+        shorter = int(self.cfg.INPUT.MIN_SIZE_TEST)
+        if shorter > 0 and shorter != min(table.input_size):
+            # detectron2 resizes test images' shorter side to MIN_SIZE_TEST: the budget is then met at another size
+            logger.warning("latency table %s was measured at %dx%d, but INPUT.MIN_SIZE_TEST %d resizes test images' "
+                           "shorter side to %d: the latency target holds at the table's size, not at the tested one; "
+                           "profile at the size the model will be deployed at", p.LATENCY_TABLE, *table.input_size,
+                           shorter, shorter)
 
     def _resolve_ratios(self):
         from .cost import ratio_for_flops_reduction, uniform_sizes
