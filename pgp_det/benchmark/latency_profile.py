@@ -437,12 +437,13 @@ def profile_latency(
     whole = time_whole_model(model, input_size, timer, device, dtype, reference, images)
     others = [n for n in counts if n != reference]
     copies = _uniform_copies(model, calibration_ratios, device, multiple, floor) if calibration_ratios else []
-    samples = [[whole]]
+    unpruned, at_others, at_copies = [whole], [], []
     if others or copies:
-        samples = time_interleaved([(model, None)] * (1 + len(others)) + [(c, proposals[reference]) for _, _, c in copies],
-                                   input_size, whole_timer or timer, rounds, device, dtype,
+        jobs = [(model, None)] * (1 + len(others)) + [(c, proposals[reference]) for _, _, c in copies]
+        samples = time_interleaved(jobs, input_size, whole_timer or timer, rounds, device, dtype,
                                    [reference] + others + [reference] * len(copies), images)
-    shares = dict(zip([reference] + others, (_median_ratio(s, samples[0]) for s in samples)))
+        unpruned, at_others, at_copies = samples[0], samples[1:1 + len(others)], samples[1 + len(others):]
+    shares = {reference: 1.0, **{n: _median_ratio(s, unpruned) for n, s in zip(others, at_others)}}
     fixed = []
     for j, n in enumerate(counts):
         layers_ms = sum(e.ms[-1][-1] if e.proposal_ms is None else e.proposal_ms[j] for e in entries)
@@ -474,8 +475,8 @@ def profile_latency(
         # the copies' ROI heads get the unpruned model's proposals (a copy pruned without training
         # proposes other boxes, and the pooler's work follows their sizes); each enters the fit as
         # its share of the unpruned model's time in the same rounds, times the time above
-        rows = [{"ratio": ratio, "widths": widths, "relative": _median_ratio(samples[1 + len(others) + k], samples[0])}
-                for k, (ratio, widths, _) in enumerate(copies)]
+        rows = [{"ratio": ratio, "widths": widths, "relative": _median_ratio(measured, unpruned)}
+                for (ratio, widths, _), measured in zip(copies, at_copies)]
         del copies
         table = fit_rest(table, [(row["widths"], row["relative"] * whole) for row in rows])
         table.metadata["calibration"] = [{"ratio": row["ratio"], "relative": row["relative"],

@@ -143,14 +143,18 @@ class PreparedModel:
     dataset: Optional[str]
     mapped: Dict[Tuple[str, int], list] = field(default_factory=dict, repr=False)
 
-    def dataset_inputs(self, dataset: str, count: int) -> List[dict]:
+    def dataset_inputs(self, dataset: str, count: int, keep: bool = False) -> List[dict]:
         """The first ``count`` images of ``dataset`` as this model's test loader maps them (its
-        ``INPUT`` sizes). Kept: a reference model is timed with every row on the same images."""
+        ``INPUT`` sizes). ``keep``: map them once and hold them for later calls (the reference
+        model, timed with every row on the same images); a row's own are mapped and let go."""
         key = (dataset, count)
-        if key not in self.mapped:
-            mapper = DatasetMapper(self.cfg, is_train=False)
-            self.mapped[key] = [mapper(d) for d in DatasetCatalog.get(dataset)[:count]]
-        return self.mapped[key]
+        if key in self.mapped:
+            return self.mapped[key]
+        mapper = DatasetMapper(self.cfg, is_train=False)
+        inputs = [mapper(d) for d in DatasetCatalog.get(dataset)[:count]]
+        if keep:
+            self.mapped[key] = inputs
+        return inputs
 
 
 def prepare_model(spec: ModelSpec, args) -> PreparedModel:
@@ -216,14 +220,14 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
     )
 
     if args.dataset_images > 0:
-        inputs = prepared.dataset_inputs(dataset, args.dataset_images)
+        inputs = prepared.dataset_inputs(dataset, args.dataset_images, keep=prepared is reference)
         progress(f"timing {len(inputs)} images of {dataset}")
         if reference is None:
             stats = time_dataset_images(model, inputs, args.device, dtype, args.warmup)
         else:
             progress(f"in turn with {reference.spec.label}")
             mine, theirs = time_dataset_images_in_turn(
-                [(model, inputs), (reference.model, reference.dataset_inputs(dataset, args.dataset_images))],
+                [(model, inputs), (reference.model, reference.dataset_inputs(dataset, args.dataset_images, keep=True))],
                 args.device, dtype, args.warmup)
             stats = TimingStats.from_samples(mine)
             row.update(speedup=float(np.median([b / a for a, b in zip(mine, theirs)])),
