@@ -334,36 +334,46 @@ def test_hook_logs_predicted_latency_at_each_step(r18_table, tmp_path):
     assert table.predict(sizes) == pytest.approx(logged[-1]) and logged[-1] <= target
 
 
-@pytest.mark.parametrize("test_size, warned", [(128, False), (256, True)])
-def test_hook_warns_when_the_model_is_tested_at_another_size_than_the_table(r18_table, tmp_path, caplog, test_size,
-                                                                             warned):
+@pytest.mark.parametrize("test_size, proposals, expected", [
+    (128, 100, []),
+    (256, 100, ["latency table", "128x160", "INPUT.MIN_SIZE_TEST 256"]),
+    (128, 400, ["POST_NMS_TOPK_TEST 400 is outside the proposal counts [25, 50, 100]", "extrapolated"]),
+])
+def test_hook_warns_when_the_model_is_tested_where_the_table_was_not_measured(r18_table, tmp_path, caplog, test_size,
+                                                                               proposals, expected):
     import logging
 
     table = LatencyTable.load(r18_table)
     cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
                         "PRUNING.TARGET_LATENCY_MS", str(0.6 * table.predict()), "INPUT.MIN_SIZE_TEST", str(test_size),
-                        "OUTPUT_DIR", str(tmp_path))
+                        "MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals), "OUTPUT_DIR", str(tmp_path))
     model = synthetic_model(cfg)
     hook = PGPHook(cfg)
     with EventStorage(0) as storage, caplog.at_level(logging.WARNING, logger="pgp_det"):
         hook.trainer = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                        storage=storage, iter=0)
         hook.before_train()
-    lines = [r.getMessage() for r in caplog.records if "INPUT.MIN_SIZE_TEST" in r.getMessage()]
-    assert len(lines) == int(warned)
-    if warned:
-        assert "128x160" in lines[0] and "INPUT.MIN_SIZE_TEST 256" in lines[0]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("latency table", "MODEL.RPN"))]
+    assert len(lines) == (1 if expected else 0), lines
+    for part in expected:
+        assert part in lines[0]
 
 
-def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys):
+def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys, test_size, warned):
     tool = load_tool("prune_net")
     table = LatencyTable.load(r18_table)
     target = 0.55 * table.predict()
     out = tmp_path / "pruned"
     code = tool.main(["--config", CONFIG, "--latency-table", r18_table, "--target-latency-ms", str(target),
-                      "--allocation", "knapsack", "--output", str(out), *OVERRIDES])
+                      "--allocation", "knapsack", "--output", str(out), *OVERRIDES,
+                      "INPUT.MIN_SIZE_TEST", str(test_size)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
+    # tested at another size than the table's: the target would hold where the model is not run
+    size_warnings = [line for line in printed.err.splitlines() if "INPUT.MIN_SIZE_TEST" in line]
+    assert len(size_warnings) == int(warned)
+    if warned:
+        assert size_warnings[0].startswith("warning: ") and "128x160" in size_warnings[0]
     assert "latency predicted on" in printed.out and f"(target {target:.3f} ms)" in printed.out
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["settings"]["requested"] == {"target_latency_ms": pytest.approx(target)}

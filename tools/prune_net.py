@@ -58,6 +58,7 @@ from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_
 from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
 from pgp_det.pruning.hook import plan_pruning_step  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable, latency_reduction, target_latency_ms  # noqa: E402
+from pgp_det.pruning.settings import latency_table_at_test_settings  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, parse_arguments, parse_input_size  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir, claim_output_dir  # noqa: E402
@@ -195,7 +196,9 @@ def prune(cfg, args) -> dict:
     target_ms = None
     if table is not None:
         table.check_compatible(groups, (height, width), cfg.PRUNING.LATENCY_DEVICE or None)
-        table = table.with_proposals(int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST))
+        table, warnings = latency_table_at_test_settings(cfg, table, args.latency_table)
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
         target_ms = target_latency_ms(args.target_latency_ms or 0.0, args.target_fps or 0.0)
     if removable_channels(groups, scopes, floor) == 0:
         print(f"warning: --floor / PRUNING.MIN_CHANNELS {floor} is at least the width of every prunable group in "

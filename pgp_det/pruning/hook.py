@@ -40,7 +40,7 @@ from .dependency import derive_channel_groups
 from .groups import PruningRequestError
 from .latency import latency_reduction, target_latency_ms
 from .schedules import pruned_fraction, resolve_pruning_iterations
-from .settings import check_latency_settings, pruning_scope_ratios
+from .settings import check_latency_settings, latency_table_at_test_settings, pruning_scope_ratios
 from .surgery import ChannelMasks, hard_prune, zeroed_channels
 
 __all__ = ["PGPHook", "iterations_per_epoch", "latency_budget", "plan_pruning_step"]
@@ -189,19 +189,9 @@ class PGPHook(HookBase):
         table, _ = check_latency_settings(self.cfg)
         original = {name: self.original_sizes.get(name, g.size) for name, g in self._groups.items()}
         table.check_compatible(original, tuple(p.COST_INPUT_SIZE), p.LATENCY_DEVICE or None)
-        proposals = int(self.cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
-        if not table.proposal_counts[0] <= proposals <= table.proposal_counts[-1]:
-            logger.warning("MODEL.RPN.POST_NMS_TOPK_TEST %d is outside the proposal counts %s of latency table %s: "
-                           "its proposal-dependent parts are extrapolated", proposals, list(table.proposal_counts),
-                           p.LATENCY_TABLE)
-        self._latency = table.with_proposals(proposals)
-        shorter = int(self.cfg.INPUT.MIN_SIZE_TEST)
-        if shorter > 0 and shorter != min(table.input_size):
-            # detectron2 resizes test images' shorter side to MIN_SIZE_TEST: the budget is then met at another size
-            logger.warning("latency table %s was measured at %dx%d, but INPUT.MIN_SIZE_TEST %d resizes test images' "
-                           "shorter side to %d: the latency target holds at the table's size, not at the tested one; "
-                           "profile at the size the model will be deployed at", p.LATENCY_TABLE, *table.input_size,
-                           shorter, shorter)
+        self._latency, warnings = latency_table_at_test_settings(self.cfg, table, p.LATENCY_TABLE)
+        for line in warnings:
+            logger.warning(line)
 
     def _resolve_ratios(self):
         from .cost import ratio_for_flops_reduction, uniform_sizes

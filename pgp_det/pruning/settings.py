@@ -7,7 +7,7 @@ from .groups import SCOPES
 from .latency import DEVICE_KINDS, LatencyTable, target_latency_ms
 from .schedules import SCHEDULE_REGISTRY, resolve_pruning_iterations
 
-__all__ = ["check_latency_settings", "check_pruning_config", "pruning_scope_ratios"]
+__all__ = ["check_latency_settings", "check_pruning_config", "latency_table_at_test_settings", "pruning_scope_ratios"]
 
 
 def pruning_scope_ratios(cfg) -> dict:
@@ -57,6 +57,34 @@ def check_latency_settings(cfg):
             "model will run on"
         )
     return table, target
+
+
+def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
+    """Bind a latency table to the proposal count the config tests with
+    (``MODEL.RPN.POST_NMS_TOPK_TEST``), and say where the config leaves the ground it was measured on.
+
+    Args:
+        source: how the table is named in the warnings (its path).
+
+    Returns:
+        ``(table at that proposal count, [warning lines])``: a count outside the table's is
+        extrapolated; an ``INPUT.MIN_SIZE_TEST`` other than the shorter side of the table's input
+        size means the budget holds at a size the model is not tested at.
+    """
+    warnings = []
+    proposals = int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
+    if not table.proposal_counts[0] <= proposals <= table.proposal_counts[-1]:
+        warnings.append(f"MODEL.RPN.POST_NMS_TOPK_TEST {proposals} is outside the proposal counts "
+                        f"{list(table.proposal_counts)} of latency table {source}: its proposal-dependent parts "
+                        "are extrapolated")
+    shorter = int(cfg.INPUT.MIN_SIZE_TEST)
+    if shorter > 0 and shorter != min(table.input_size):
+        # detectron2 resizes test images' shorter side to MIN_SIZE_TEST: the budget is then met at another size
+        height, width = table.input_size
+        warnings.append(f"latency table {source} was measured at {height}x{width}, but INPUT.MIN_SIZE_TEST {shorter} "
+                        f"resizes test images' shorter side to {shorter}: the latency target holds at the table's "
+                        "size, not at the tested one; profile at the size the model will be deployed at")
+    return table.with_proposals(proposals), warnings
 
 
 def _registry_names(registry) -> list:
