@@ -334,31 +334,36 @@ def test_hook_logs_predicted_latency_at_each_step(r18_table, tmp_path):
     assert table.predict(sizes) == pytest.approx(logged[-1]) and logged[-1] <= target
 
 
-@pytest.mark.parametrize("test_size, proposals, expected", [
-    (128, 100, []),
-    (256, 100, ["latency table", "128x160", "INPUT.MIN_SIZE_TEST 256"]),
-    (128, 400, ["POST_NMS_TOPK_TEST 400 is outside the proposal counts [25, 50, 100]", "extrapolated"]),
+# the table: 128x160, proposal counts 25-100, PRE_NMS_TOPK_TEST 200 (OVERRIDES)
+@pytest.mark.parametrize("test_size, proposals, pre_nms, expected", [
+    (128, 100, 200, []),
+    (256, 100, 200, ["latency table", "128x160", "INPUT.MIN_SIZE_TEST 256"]),
+    (128, 400, 200, ["POST_NMS_TOPK_TEST 400 is outside the proposal counts [25, 50, 100]", "extrapolated"]),
+    (128, 100, 50, ["MODEL.RPN.PRE_NMS_TOPK_TEST 50 differs from the 200", "profile with MODEL.RPN.PRE_NMS_TOPK_TEST 50"]),
 ])
 def test_hook_warns_when_the_model_is_tested_where_the_table_was_not_measured(r18_table, tmp_path, caplog, test_size,
-                                                                               proposals, expected):
+                                                                               proposals, pre_nms, expected):
     import logging
 
     table = LatencyTable.load(r18_table)
     cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
                         "PRUNING.TARGET_LATENCY_MS", str(0.6 * table.predict()), "INPUT.MIN_SIZE_TEST", str(test_size),
-                        "MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals), "OUTPUT_DIR", str(tmp_path))
+                        "MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals), "MODEL.RPN.PRE_NMS_TOPK_TEST", str(pre_nms),
+                        "OUTPUT_DIR", str(tmp_path))
     model = synthetic_model(cfg)
     hook = PGPHook(cfg)
     with EventStorage(0) as storage, caplog.at_level(logging.WARNING, logger="pgp_det"):
         hook.trainer = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                        storage=storage, iter=0)
         hook.before_train()
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("latency table", "MODEL.RPN"))]
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(("latency table", "MODEL.RPN", "TEST.DETECTIONS"))]
     assert len(lines) == (1 if expected else 0), lines
     for part in expected:
         assert part in lines[0]
 
 
+@pytest.mark.parametrize("test_size, warned", [(128, False), (256, True)])
 def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys, test_size, warned):
     tool = load_tool("prune_net")
     table = LatencyTable.load(r18_table)

@@ -69,9 +69,19 @@ def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
     Returns:
         ``(table at that proposal count, [warning lines])``: a count outside the table's is
         extrapolated; an ``INPUT.MIN_SIZE_TEST`` other than the shorter side of the table's input
-        size means the budget holds at a size the model is not tested at.
+        size means the budget holds at a size the model is not tested at; a
+        ``MODEL.RPN.PRE_NMS_TOPK_TEST`` or ``TEST.DETECTIONS_PER_IMAGE`` other than the one the
+        table was profiled with (when it recorded them) means its fixed part is another one.
     """
     warnings = []
+    for key, value, recorded in (("MODEL.RPN.PRE_NMS_TOPK_TEST", cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, "pre_nms_topk_test"),
+                                 ("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, "detections_per_image")):
+        profiled = table.metadata.get(recorded)
+        if profiled is not None and int(profiled) != int(value):
+            # these set the work of proposal selection and of the final NMS, the table's fixed part
+            warnings.append(f"{key} {value} differs from the {int(profiled)} latency table {source} was profiled "
+                            "with: its fixed part (proposal selection, NMS) is that of the profiled value; "
+                            f"profile with {key} {value}")
     proposals = int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
     if not table.proposal_counts[0] <= proposals <= table.proposal_counts[-1]:
         warnings.append(f"MODEL.RPN.POST_NMS_TOPK_TEST {proposals} is outside the proposal counts "
