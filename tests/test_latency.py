@@ -692,3 +692,45 @@ def test_repeated_layer_calls_give_the_time_of_one_call():
         for row_a, row_b in zip(a.ms, b.ms):
             assert row_b == pytest.approx(row_a, rel=1e-9), a.name
     assert thrice.predict() == pytest.approx(once.predict(), rel=1e-9)
+
+
+class BusyDevice:
+    """A fake device that something else keeps busy now and then: every ``every``-th timing
+    takes ``factor`` times as long."""
+
+    def __init__(self, timer, every, factor):
+        self.timer, self.every, self.factor, self.calls, self.spikes = timer, every, factor, 0, 0
+
+    def __call__(self, fn):
+        self.calls += 1
+        if self.calls % self.every:
+            return self.timer(fn)
+        self.spikes += 1
+        return self.factor * self.timer(fn)
+
+
+def test_layer_timings_that_a_busy_device_spoiled_are_timed_again():
+    """One layer timing in seven taking 30x as long (the device busy elsewhere) leaves the table
+    as a quiet device makes it: every spoiled timing breaks what the layer's other widths (or
+    proposal counts) allow, is timed again, and the faster timing is kept. A quiet device's
+    timings break nothing, so none is repeated."""
+    from pgp_det.benchmark.latency_profile import profile_latency
+
+    model = synthetic_model(synthetic_cfg())
+    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    busy_device = BusyDevice(flop_timer, every=7, factor=30.0)
+    busy = profile_latency(model, SIZE, timer=busy_device, whole_timer=flop_timer, points=3, calibration_ratios=())
+    assert quiet.metadata["repeated_layer_timings"] == 0
+    assert busy_device.spikes > 10 and busy.metadata["repeated_layer_timings"] >= busy_device.spikes
+    assert busy.metadata["distinct_layer_timings"] == quiet.metadata["distinct_layer_timings"]
+    assert [e.name for e in busy.entries] == [e.name for e in quiet.entries]
+    for a, b in zip(quiet.entries, busy.entries):
+        for row_a, row_b in zip(a.ms, b.ms):
+            assert row_b == pytest.approx(row_a, rel=1e-9), a.name
+        for steps_a, steps_b in ((a.in_steps, b.in_steps), (a.out_steps, b.out_steps)):
+            assert [w for w, _ in steps_b] == [w for w, _ in steps_a], a.name
+            assert [ms for _, ms in steps_b] == pytest.approx([ms for _, ms in steps_a], rel=1e-9), a.name
+        assert (a.proposal_ms is None) == (b.proposal_ms is None), a.name
+        if a.proposal_ms is not None:
+            assert b.proposal_ms == pytest.approx(a.proposal_ms, rel=1e-9), a.name
+    assert busy.predict() == pytest.approx(quiet.predict(), rel=1e-9)

@@ -229,7 +229,10 @@ def main(argv=None, timer=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = table.metadata
-    print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings) on "
+    # timings that the layer's other timings ruled out (a busy device) were timed again
+    repeated = meta.get("repeated_layer_timings", 0)
+    again = f", {repeated} timed again" if repeated else ""
+    print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings{again}) on "
           f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms predicted "
           f"at {table.reference_proposals} proposals")
     if args.check:

@@ -193,12 +193,10 @@ def prune(cfg, args) -> dict:
         height, width = table.input_size if table is not None else (800, 1333)
 
     groups = derive_channel_groups(model, allow_frozen=allow_frozen)
-    target_ms = None
+    target_ms, table_warnings = None, []
     if table is not None:
         table.check_compatible(groups, (height, width), cfg.PRUNING.LATENCY_DEVICE or None)
-        table, warnings = latency_table_at_test_settings(cfg, table, args.latency_table)
-        for line in warnings:
-            print(f"warning: {line}", file=sys.stderr)
+        table, table_warnings = latency_table_at_test_settings(cfg, table, args.latency_table)
         target_ms = target_latency_ms(args.target_latency_ms or 0.0, args.target_fps or 0.0)
     if removable_channels(groups, scopes, floor) == 0:
         print(f"warning: --floor / PRUNING.MIN_CHANNELS {floor} is at least the width of every prunable group in "
@@ -228,6 +226,8 @@ def prune(cfg, args) -> dict:
     pruned = {name: g for name, g in groups.items() if g.prunable and g.scope in scopes}
     weak = plan_pruning_step(step, model, pruned, scores, 1, 1, {name: g.size for name, g in pruned.items()},
                              {name: ratio for name in pruned}, cost_model=costs, latency_table=table)
+    for line in table_warnings:  # after every refusal: a refused request gets its one line only
+        print(f"warning: {line}", file=sys.stderr)
     removals = {name: channels for name, channels in weak.items() if channels}
     sizes = {name: group.size - len(removals.get(name, ())) for name, group in groups.items()}
     hard_prune(model, removals, allow_frozen=allow_frozen, groups=groups)

@@ -238,7 +238,8 @@ def _sliced_layer(module: nn.Module, in_width: int, out_width: int, expand: int)
 
 
 class _LayerTimer:
-    """Times layers and poolers at given widths, once per distinct (settings, shapes, widths)."""
+    """Times layers and poolers at given widths, once per distinct (settings, shapes, widths);
+    ``fresh=True`` times again and keeps the faster (interference only ever adds time)."""
 
     def __init__(self, timer: Timer, device: torch.device, dtype: str, repeat: int):
         self.timer, self.device, self.dtype, self.repeat = timer, device, dtype, repeat
@@ -254,29 +255,69 @@ class _LayerTimer:
             self.timed += 1
             return float(self.timer(run)) / self.repeat
 
-    def layer(self, module: nn.Module, shapes: Sequence[tuple], in_width: int, out_width: int, expand: int) -> float:
+    def _keep(self, key: tuple, ms: float) -> None:
+        self.cache[key] = min(self.cache.get(key, math.inf), ms)
+
+    def layer(self, module: nn.Module, shapes: Sequence[tuple], in_width: int, out_width: int, expand: int,
+              fresh: bool = False) -> float:
         activation = type(getattr(module, "activation", None)).__name__
         key = ("layer", repr(module), activation, tuple(shapes), in_width, out_width, expand)
-        if key not in self.cache:
+        if fresh or key not in self.cache:
             layer = _sliced_layer(module, in_width, out_width, expand)
             generator = torch.Generator().manual_seed(0)
             inputs = []
             for shape in shapes:
                 shape = (shape[0], in_width * expand) + tuple(shape[2:])
                 inputs.append(torch.randn(shape, generator=generator).to(self.device))
-            self.cache[key] = self._time(lambda: [layer(x) for x in inputs])
+            self._keep(key, self._time(lambda: [layer(x) for x in inputs]))
         return self.cache[key]
 
-    def pooler(self, module: nn.Module, calls: Sequence[tuple], width: int, per: int = 1) -> float:
+    def pooler(self, module: nn.Module, calls: Sequence[tuple], width: int, per: int = 1, fresh: bool = False) -> float:
         """Milliseconds of the pooler's ``calls`` at ``width`` channels, divided by ``per`` (calls
         gathered over ``per`` images: the mean per inference)."""
         boxes = tuple(id(b) for features, box_lists in calls for b in box_lists)
         shapes = tuple(tuple(f.shape) for features, _ in calls for f in features)
         key = ("pooler", repr(module), shapes, boxes, width, per)
-        if key not in self.cache:
+        if fresh or key not in self.cache:
             sliced = [([f[:, :width].contiguous() for f in features], box_lists) for features, box_lists in calls]
-            self.cache[key] = self._time(lambda: [module(features, box_lists) for features, box_lists in sliced]) / per
+            self._keep(key, self._time(lambda: [module(features, box_lists) for features, box_lists in sliced]) / per)
         return self.cache[key]
+
+
+# how far a timing may break what a layer's work allows before it is timed again: a larger size may
+# not cost a fifth less than a smaller one, nor more than twice the size ratio times it (a CPU's
+# channel blocks make steps of up to about 1.5x the width ratio: 64 -> 72 channels cost 1.46x)
+OUTLIER_SHRINK = 1.25
+OUTLIER_GROWTH = 2.0
+OUTLIER_PASSES = 3
+
+
+def _retime_outliers(measure: Callable[..., float], lines: Sequence[Sequence[Tuple[int, tuple]]]) -> int:
+    """Time again the measurements of one layer that its other measurements rule out. Along each
+    line (``[(size, point), ...]``, sizes ascending: channels on one axis or the proposal count,
+    the rest fixed; ``measure(*point)`` the time), a size costing more than ``OUTLIER_SHRINK``
+    times the next larger one, or the larger one more than ``OUTLIER_GROWTH`` times the size ratio
+    times the smaller one: the work grows with the size, about in proportion. A device busy with
+    something else for a second can make one timing tens of times too slow; :class:`_LayerTimer`
+    keeps the faster of the two timings, so a genuine step of the device stays and a spike goes.
+
+    Returns:
+        how many timings were repeated.
+    """
+    repeated = 0
+    for _ in range(OUTLIER_PASSES):
+        suspects = set()
+        for line in lines:
+            for (narrow, a), (wide, b) in zip(line, line[1:]):
+                ta, tb = measure(*a), measure(*b)
+                if ta > OUTLIER_SHRINK * tb or tb > OUTLIER_GROWTH * (wide / narrow) * ta:
+                    suspects.update((a, b))
+        if not suspects:
+            break
+        for point in sorted(suspects):
+            measure(*point, fresh=True)
+        repeated += len(suspects)
+    return repeated
 
 
 def _axis_groups(groups) -> Dict[Tuple[str, int], Tuple[str, int]]:
@@ -392,6 +433,7 @@ def profile_latency(
     modules = dict(model.named_modules())
     activations: Dict[str, float] = {}
     entries: List[LatencyEntry] = []
+    repeated = 0
     for name in calls[reference]:
         module = modules[name]
         if isinstance(module, ROIPooler):
@@ -400,8 +442,8 @@ def profile_latency(
             in_group, out_group, expand = pooled, None, 1
             in_widths, out_widths = grids[pooled], [groups[pooled].size]
 
-            def measure(w_in, w_out, n, module=module, name=name):
-                return layers.pooler(module, pooler_calls[n][name], w_in, per=len(images))
+            def measure(w_in, w_out, n, fresh=False, module=module, name=name):
+                return layers.pooler(module, pooler_calls[n][name], w_in, per=len(images), fresh=fresh)
             kind = "roi_pooler"
         else:
             in_group, expand = axes.get((name, 1), (None, 1))
@@ -416,16 +458,23 @@ def profile_latency(
             in_widths = grids[in_group] if in_group else [full_in]
             out_widths = grids[out_group] if out_group else [full_out]
 
-            def measure(w_in, w_out, n, module=module, name=name, expand=expand):
-                return layers.layer(module, calls[n][name], w_in, w_out, expand)
+            def measure(w_in, w_out, n, fresh=False, module=module, name=name, expand=expand):
+                return layers.layer(module, calls[n][name], w_in, w_out, expand, fresh)
             kind = "conv" if conv else "linear"
+        in_step_widths = steps[in_group] if in_group else []
+        out_step_widths = steps[out_group] if out_group else []
+        full_in, full_out = in_widths[-1], out_widths[-1]
+        by_count = len(set(_signature(calls[n].get(name)) for n in counts)) > 1  # its input follows the count
+        lines = ([[(w_out, (w_in, w_out, reference)) for w_out in out_widths] for w_in in in_widths]
+                 + [[(w_in, (w_in, w_out, reference)) for w_in in in_widths] for w_out in out_widths]
+                 + [[(w, (w, full_out, reference)) for w in in_step_widths],
+                    [(w, (full_in, w, reference)) for w in out_step_widths],
+                    [(n, (full_in, full_out, n)) for n in counts] if by_count else []])
+        repeated += _retime_outliers(measure, lines)
         ms = [[measure(w_in, w_out, reference) for w_out in out_widths] for w_in in in_widths]
-        in_steps = tuple((w, measure(w, out_widths[-1], reference)) for w in steps[in_group]) if in_group else ()
-        out_steps = tuple((w, measure(in_widths[-1], w, reference)) for w in steps[out_group]) if out_group else ()
-        signature = [_signature(calls[n].get(name)) for n in counts]
-        proposal_ms = None
-        if len(set(signature)) > 1:  # the layer's input changes with the proposal count
-            proposal_ms = [measure(in_widths[-1], out_widths[-1], n) for n in counts]
+        in_steps = tuple((w, measure(w, full_out, reference)) for w in in_step_widths)
+        out_steps = tuple((w, measure(full_in, w, reference)) for w in out_step_widths)
+        proposal_ms = [measure(full_in, full_out, n) for n in counts] if by_count else None
         entries.append(LatencyEntry(name, kind, in_group, out_group, tuple(in_widths), tuple(out_widths),
                                     tuple(tuple(row) for row in ms), None if proposal_ms is None else tuple(proposal_ms),
                                     in_steps, out_steps))
@@ -465,7 +514,8 @@ def profile_latency(
         "min_channels": floor,
         "layer_repeat": layer_repeat,
         "images": len(images),
-        "distinct_layer_timings": layers.timed,
+        "distinct_layer_timings": layers.timed - repeated,
+        "repeated_layer_timings": repeated,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     info.update(metadata or {})
