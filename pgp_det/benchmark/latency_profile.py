@@ -308,9 +308,9 @@ def _retime_outliers(measure: Callable[..., float], lines: Sequence[Sequence[Tup
     for _ in range(OUTLIER_PASSES):
         suspects = set()
         for line in lines:
-            for (narrow, a), (wide, b) in zip(line, line[1:]):
+            for (small, a), (large, b) in zip(line, line[1:]):
                 ta, tb = measure(*a), measure(*b)
-                if ta > OUTLIER_SHRINK * tb or tb > OUTLIER_GROWTH * (wide / narrow) * ta:
+                if ta > OUTLIER_SHRINK * tb or tb > OUTLIER_GROWTH * (large / small) * ta:
                     suspects.update((a, b))
         if not suspects:
             break
