@@ -4,6 +4,7 @@ exactly, more importance than a uniform cut); and, on the synthetic R18-FPN with
 the profiler with a fake timer (milliseconds = MFLOPs counted by torch, so no real timing runs),
 each pruning step's budget, the hook's log, one-shot pruning with tools/prune_net.py and the
 PRUNING settings."""
+import copy
 import importlib.util
 import json
 import os
@@ -165,6 +166,14 @@ def test_tables_made_for_something_else_are_refused_in_one_line(tmp_path):
     bad.write_text(json.dumps(data))
     assert "layer l2: ms must be a 4 x 4 grid" in one_line_error(LatencyTable.load, str(bad))
     assert "does not exist" in one_line_error(LatencyTable.load, str(tmp_path / "missing.json"))
+    # a device may hide part of the layers' time (layer_overhead down to -1), never more than all of it
+    data = table.to_dict()
+    data["rest"]["layer_overhead"] = -0.5
+    bad.write_text(json.dumps(data))
+    assert LatencyTable.load(str(bad)).layer_overhead == -0.5
+    data["rest"]["layer_overhead"] = -1.5
+    bad.write_text(json.dumps(data))
+    assert "layer_overhead must be finite and >= -1" in one_line_error(LatencyTable.load, str(bad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +425,28 @@ def test_prune_net_refuses_bad_latency_requests_in_one_line(r18_table, tmp_path,
     assert not out.exists()
 
 
+def test_profiler_says_how_much_pruning_can_remove_and_prune_net_agrees(r18_table, tmp_path, capsys):
+    """The profiler's headroom line names the time left with every group at its fewest channels:
+    the floor that prune_net then refuses to go below, in the same milliseconds."""
+    import re
+
+    table = LatencyTable.load(r18_table)
+    line = load_tool("profile_latency").headroom_report(table)
+    least, full, share = (float(x) for x in re.search(r"([\d.]+) ms of ([\d.]+) ms predicted \(([\d.]+)%", line).groups())
+    assert full == pytest.approx(table.predict(), abs=1e-3) and 0.0 < least < 0.5 * full
+    assert share == pytest.approx(100.0 * (full - least) / full, abs=0.05)
+    out = tmp_path / "out"
+    assert load_tool("prune_net").main(["--config", CONFIG, "--latency-table", r18_table, "--target-latency-ms",
+                                        str(0.9 * least), "--allocation", "knapsack", "--output", str(out),
+                                        *OVERRIDES]) == 2
+    err = capsys.readouterr().err
+    refused_at = re.search(r"leaves ([\d.]+) ms", err)
+    assert refused_at and float(refused_at.group(1)) == pytest.approx(least, rel=1e-3), err
+    assert load_tool("prune_net").main(["--config", CONFIG, "--latency-table", r18_table, "--target-latency-ms",
+                                        str(1.01 * least), "--allocation", "knapsack", "--output", str(out),
+                                        *OVERRIDES]) == 0
+
+
 def test_profile_tool_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
     tool = load_tool("profile_latency")
     out = tmp_path / "t.json"
@@ -539,10 +570,11 @@ ELEMENT_WISE = {torch.ops.aten.relu, torch.ops.aten.relu_, torch.ops.aten.add, t
 class _ElementWiseCounter(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.elements = 0
+        self.elements, self.calls = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.calls += 1
         if func.overloadpacket in ELEMENT_WISE:
             first = out[0] if isinstance(out, (tuple, list)) else out
             self.elements += first.numel()
@@ -576,12 +608,65 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
         assert fit_row["measured_ms"] == pytest.approx(plain_row["measured_ms"])
         assert plain_row["error_percent"] > 3.0, plain_row
         assert abs(fit_row["error_percent"]) < 1.5, fit_row
-    # the rest never grows: measurements above the table leave the coefficients at zero
+    # measurements above the table: only a share of the layers' savings shows, never a cost
     from pgp_det.pruning.latency import fit_rest
 
     widths = with_fit[1]["widths"]
+    assert 2.0 * fixed.predict(widths) < fixed.predict()
     slower = fit_rest(fixed, [(widths, 2.0 * fixed.predict(widths))])
-    assert slower.activation_ms == 0 and slower.layer_overhead == 0
+    assert slower.activation_ms == 0 and -1.0 < slower.layer_overhead < 0.0
+    assert slower.predict(widths) == pytest.approx(2.0 * fixed.predict(widths), rel=1e-9)
+    slowest = fit_rest(fixed, [(widths, 1.1 * fixed.predict())])  # slower than the unpruned model
+    assert slowest.layer_overhead == -1.0 and slowest.predict(widths) <= slowest.predict()
+    unchanged = fit_rest(fixed, [(fixed.groups, fixed.predict())])  # nothing pruned: nothing to fit
+    assert unchanged.activation_ms == 0 and unchanged.layer_overhead == 0
+
+
+class HostBoundDevice:
+    """A fake GPU at batch 1: the host issues every operator (``launch_ms`` each) while the device
+    computes (1 ms per MFLOP); a call takes the longer of the two. Whole models issue many
+    operators, so a model whose FLOPs fall below its launch time runs no faster."""
+
+    def __init__(self, launch_ms):
+        self.launch_ms = launch_ms
+
+    def __call__(self, fn):
+        counter = _ElementWiseCounter()
+        with FlopCounterMode(display=False) as flops, counter:
+            fn()
+        return max(counter.calls * self.launch_ms, flops.get_total_flops() / 1e6)
+
+
+def test_fitted_rest_shows_only_the_savings_a_host_bound_device_turns_into_speed():
+    """On a device that hides most of the layers' time behind launching them, uniformly pruned
+    copies save far less than their layers' own times: the fit finds that only a share of those
+    savings shows (``layer_overhead`` between -1 and 0), and every check copy is predicted closer
+    than by the layers' times alone, within 6% of its measured share."""
+    from pgp_det.benchmark.latency_profile import check_latency, profile_latency
+
+    model = synthetic_model(synthetic_cfg())
+    images = [torch.randint(0, 255, (*SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()]
+
+    def operator_calls(fn):
+        counter = _ElementWiseCounter()
+        with counter:
+            fn()
+        return counter.calls
+
+    full_mflops = time_whole_model(model, SIZE, flop_timer, images=images)
+    calls = time_whole_model(model, SIZE, operator_calls, images=images)
+    device = HostBoundDevice(0.9 * full_mflops / calls)  # launching the whole model: 0.9 of its FLOPs' time
+    table = profile_latency(model, SIZE, timer=device, points=3, images=images)
+    assert -1.0 < table.layer_overhead < 0.0 and table.activation_ms == 0.0
+    layers_alone = copy.copy(table)
+    layers_alone.activation_ms, layers_alone.layer_overhead = 0.0, 0.0
+    rows = check_latency(model, table, (0.25, 0.5, 0.75), timer=device, images=images)
+    for row in rows:
+        alone = layers_alone.predict(row["widths"]) / layers_alone.predict()
+        assert row["relative"] > 0.85, row  # the device saves little
+        assert abs(row["relative_error_percent"]) < 6.0, row
+        assert abs(row["predicted_relative"] - row["relative"]) < abs(alone - row["relative"]), row
+        assert row["predicted_relative"] <= 1.0
 
 
 def test_profile_check_times_trained_checkpoints_of_the_architecture(r18_table, tmp_path, capsys):
@@ -601,7 +686,7 @@ def test_profile_check_times_trained_checkpoints_of_the_architecture(r18_table, 
                       "--images", "2", "--output", str(table_path), "--check", "--check-ratios", "0.5",
                       "--check-weights", str(tmp_path / "pruned.pth"), *OVERRIDES], timer=flop_timer) == 0
     out = capsys.readouterr().out
-    assert "pruned.pth" in out
+    assert "pruned.pth" in out and "is all that channel pruning can remove on this device" in out
     table = LatencyTable.load(str(table_path))
     assert table.metadata["images"] == 2 and table.metadata["images_from"] != "noise"
     row = table.metadata["check"][-1]

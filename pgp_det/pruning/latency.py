@@ -35,7 +35,11 @@ A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one in
   linear entries' times: a layer inside the whole model costs ``1 + layer_overhead`` times its
   time alone (cold caches, the activation that follows). The two coefficients are fitted, by
   non-negative least squares, to whole-model timings of uniformly pruned copies made while
-  profiling (zero: the rest does not shrink).
+  profiling (zero: the rest does not shrink). Where the copies save less than their layers' own
+  times (a GPU at batch 1, whose kernels run while the host is still launching the next ones, so
+  that shorter kernels leave it waiting on the host), no non-negative pair fits; then
+  ``activation_ms`` is 0 and ``layer_overhead`` is fitted alone in ``[-1, 0)``: a layer's saving
+  shows as ``1 + layer_overhead`` of its time alone, none of it at -1.
 
 Tables carry what they were measured with (device name and kind, threads, precision, software
 versions, input size) and the architecture they fit (every channel group's name and original
@@ -215,8 +219,10 @@ def fit_rest(table: "LatencyTable", measured: Sequence[Tuple[Mapping[str, int], 
     """A copy of ``table`` whose ``activation_ms`` and ``layer_overhead`` (``rest_saved``, see the
     module docstring) best explain ``measured``: ``(widths, whole-model ms at the reference
     proposal count)`` of pruned copies of the model, by non-negative least squares. Without
-    ``activations`` only ``layer_overhead`` is fitted. Measurements the table already
-    under-predicts (the rest would have to grow) leave both at zero.
+    ``activations`` only ``layer_overhead`` is fitted. Measurements the table under-predicts (the
+    copies saved less than their layers' times alone) leave ``activation_ms`` at zero and fit
+    ``layer_overhead`` alone in ``[-1, 0)``: only that share of the layers' savings shows, and a
+    pruned model is never predicted slower than the unpruned one.
     """
     base = copy.copy(table)
     base.activation_ms, base.layer_overhead = 0.0, 0.0
@@ -231,10 +237,11 @@ def fit_rest(table: "LatencyTable", measured: Sequence[Tuple[Mapping[str, int], 
     columns = [layer_column] if not table.activations else [activation_column, layer_column]
     solution = _nonnegative_least_squares(columns, targets)
     result = copy.copy(table)
-    if table.activations:
-        result.activation_ms, result.layer_overhead = solution
-    else:
-        result.activation_ms, result.layer_overhead = 0.0, solution[0]
+    result.activation_ms, result.layer_overhead = solution if table.activations else (0.0, solution[0])
+    if max(solution) == 0.0 and max(layer_column, default=0.0) > 0.0:
+        # the layers' savings show only in part: fit the share that shows, 1 + layer_overhead in [0, 1]
+        shown = _nonnegative_least_squares([layer_column], [t + saved for t, saved in zip(targets, layer_column)])[0]
+        result.layer_overhead = min(shown, 1.0) - 1.0
     return result
 
 
@@ -262,7 +269,8 @@ class LatencyTable:
         activations: ``{group name: activation elements per channel}`` in one inference (all
             the outputs of the layers producing the group's channels); groups not named have none.
         activation_ms, layer_overhead: the coefficients of ``rest_saved`` (module docstring):
-            ms of element-wise work at full width, and the in-model overhead per ms of layer time.
+            ms of element-wise work at full width, and the in-model overhead per ms of layer time
+            (``>= -1``; negative where the device hides part of the layers' time).
     """
 
     def __init__(self, groups: Mapping[str, int], input_size: Sequence[int], entries: Sequence[LatencyEntry],
@@ -305,9 +313,10 @@ class LatencyTable:
         for name, count in self.activations.items():
             if name not in self.groups or not math.isfinite(count) or count < 0:
                 self._fail(f"activations: {name} must be a known channel group with a count >= 0")
-        for label, value in (("activation_ms", self.activation_ms), ("layer_overhead", self.layer_overhead)):
-            if not math.isfinite(value) or value < 0:
-                self._fail(f"{label} must be finite and >= 0")
+        for label, value, least in (("activation_ms", self.activation_ms, 0.0),
+                                    ("layer_overhead", self.layer_overhead, -1.0)):
+            if not math.isfinite(value) or value < least:
+                self._fail(f"{label} must be finite and >= {least:g}")
         kind = self.metadata.get("device_kind")
         if kind not in DEVICE_KINDS:
             self._fail(f"device_kind {kind!r} is not one of {', '.join(DEVICE_KINDS)}")
