@@ -221,8 +221,8 @@ def fit_rest(table: "LatencyTable", measured: Sequence[Tuple[Mapping[str, int], 
     proposal count)`` of pruned copies of the model, by non-negative least squares. Without
     ``activations`` only ``layer_overhead`` is fitted. Measurements the table under-predicts (the
     copies saved less than their layers' times alone) leave ``activation_ms`` at zero and fit
-    ``layer_overhead`` alone in ``[-1, 0)``: only that share of the layers' savings shows, and a
-    pruned model is never predicted slower than the unpruned one.
+    ``layer_overhead`` alone in ``[-1, 0)``: only that share of the layers' savings shows (at -1
+    none; the fit never turns a saving into a cost).
     """
     base = copy.copy(table)
     base.activation_ms, base.layer_overhead = 0.0, 0.0
