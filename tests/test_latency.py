@@ -608,8 +608,14 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
         assert fit_row["measured_ms"] == pytest.approx(plain_row["measured_ms"])
         assert plain_row["error_percent"] > 3.0, plain_row
         assert abs(fit_row["error_percent"]) < 1.5, fit_row
-    # measurements above the table: only a share of the layers' savings shows, never a cost
     from pgp_det.pruning.latency import fit_rest
+
+    # the calibration stored with the table (the copies' pruned widths and times) fits it again
+    stored = LatencyTable.from_dict(json.loads(json.dumps(fitted.to_dict()))).metadata["calibration"]
+    refitted = fit_rest(fixed, [(row["widths"], row["measured_ms"]) for row in stored])
+    assert refitted.activation_ms == pytest.approx(fitted.activation_ms, rel=1e-9)
+    assert refitted.layer_overhead == pytest.approx(fitted.layer_overhead, abs=1e-9)
+    # measurements above the table: only a share of the layers' savings shows, never a cost
 
     widths = with_fit[1]["widths"]
     assert 2.0 * fixed.predict(widths) < fixed.predict()

@@ -529,8 +529,10 @@ def profile_latency(
                 for (ratio, widths, _), measured in zip(copies, at_copies)]
         del copies
         table = fit_rest(table, [(row["widths"], row["relative"] * whole) for row in rows])
-        table.metadata["calibration"] = [{"ratio": row["ratio"], "relative": row["relative"],
-                                          "measured_ms": row["relative"] * whole} for row in rows]
+        table.metadata["calibration"] = [
+            {"ratio": row["ratio"], "relative": row["relative"], "measured_ms": row["relative"] * whole,
+             "widths": {name: kept for name, kept in row["widths"].items() if kept < groups[name].size}}
+            for row in rows]
         hidden = (f" (only {1.0 + table.layer_overhead:.0%} of the layers' own savings show in the whole model: "
                   f"the device hides the rest)") if table.layer_overhead < 0 else ""
         say(f"rest shrinking with the channels: {table.activation_ms:.3f} ms of element-wise work, "
