@@ -519,6 +519,28 @@ def block_cost(width):
     return 16 * -(-width // 16)
 
 
+def test_training_refuses_an_unreachable_target_before_writing_anything(r18_table, tmp_path):
+    """A latency or FLOPs target that pruning every group to its floor cannot reach is refused by
+    train_net's checks, which run before anything is written, not by the hook once training has
+    started; a reachable one passes them."""
+    from pgp_det.engine.preflight import check_training_run
+
+    run = tmp_path / "run"
+    latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
+               "PRUNING.ALLOCATION", "knapsack", "OUTPUT_DIR", str(run)]
+    floor = LatencyTable.load(r18_table).predict({name: 8 for name in LatencyTable.load(r18_table).groups})
+    message = one_line_error(check_training_run, synthetic_cfg(*latency, "PRUNING.TARGET_LATENCY_MS", str(0.9 * floor)),
+                             eval_only=False, resume=False)
+    assert "is unreachable" in message and f"leaves {floor:.4g} ms" in message, message
+    flops = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "flops", "PRUNING.FLOPS_REDUCTION", "0.999",
+             "OUTPUT_DIR", str(run)]
+    assert "FLOPs reduction of 99.9% at 128x160 is unreachable" in one_line_error(
+        check_training_run, synthetic_cfg(*flops), eval_only=False, resume=False)
+    assert check_training_run(synthetic_cfg(*latency, "PRUNING.TARGET_LATENCY_MS", str(1.1 * floor)),
+                              eval_only=False, resume=False) == ""
+    assert not run.exists()
+
+
 def test_steps_reproduce_a_device_that_computes_channels_in_blocks():
     """A layer on such a device costs the same at 40 channels as at 48; the coarse grid alone
     interpolates between 32 and 64 and misses it, the per-axis steps restore it at every width."""

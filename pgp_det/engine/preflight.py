@@ -19,9 +19,11 @@ from ..config import load_config, resolve_config_path
 from ..data import check_dataset_available, check_num_classes, register_custom_datasets, validate_dataset
 from ..data.custom import is_custom_dataset
 from ..errors import UserInputError
+from ..pruning.cost import CostModel
 from ..pruning.dependency import derive_channel_groups
 from ..pruning.groups import removable_channels
-from ..pruning.settings import check_latency_settings, check_pruning_config
+from ..pruning.hook import target_ratios
+from ..pruning.settings import check_latency_settings, check_pruning_config, latency_table_at_test_settings
 from ..utils.weights import check_weights_available
 
 __all__ = [
@@ -110,17 +112,26 @@ def check_weights_fit(model, path: str, strict: bool, trusted: bool = False) -> 
 
 def _check_model_for_pruning(cfg, model=None) -> None:
     """Warn when nothing would be pruned; with ``TARGET "latency"``, refuse a latency table made
-    for another architecture. ``model``: built from the config, at its original widths (default:
-    :func:`cpu_model`)."""
+    for another architecture; refuse a FLOPs or latency target the scopes and floor cannot reach
+    (the hook would, once training has started). ``model``: built from the config, at its
+    original widths (default: :func:`cpu_model`)."""
     p = cfg.PRUNING
-    groups = derive_channel_groups(model if model is not None else cpu_model(cfg), allow_frozen=p.ALLOW_FROZEN)
+    model = model if model is not None else cpu_model(cfg)
+    groups = derive_channel_groups(model, allow_frozen=p.ALLOW_FROZEN)
+    table = None
     if p.TARGET == "latency":
         table, _ = check_latency_settings(cfg)
         table.check_compatible(groups, tuple(p.COST_INPUT_SIZE), p.LATENCY_DEVICE or None)
+        table, _ = latency_table_at_test_settings(cfg, table, p.LATENCY_TABLE)  # the hook logs the warnings
     if removable_channels(groups, p.SCOPES, p.MIN_CHANNELS) == 0:
         logger.warning(
             "PRUNING.MIN_CHANNELS %d is at least the width of every prunable channel group in PRUNING.SCOPES %s: "
             "nothing will be pruned; lower PRUNING.MIN_CHANNELS or widen PRUNING.SCOPES", p.MIN_CHANNELS, tuple(p.SCOPES))
+        return
+    pruned = {name: g for name, g in groups.items() if g.prunable and g.scope in set(p.SCOPES)}
+    if pruned:
+        height, width = p.COST_INPUT_SIZE
+        target_ratios(cfg, groups, pruned, latency_table=table, cost=lambda: CostModel(model, height, width))
 
 
 def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = False) -> str:

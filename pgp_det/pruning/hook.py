@@ -43,7 +43,7 @@ from .schedules import pruned_fraction, resolve_pruning_iterations
 from .settings import check_latency_settings, latency_table_at_test_settings, pruning_scope_ratios
 from .surgery import ChannelMasks, hard_prune, zeroed_channels
 
-__all__ = ["PGPHook", "iterations_per_epoch", "latency_budget", "plan_pruning_step"]
+__all__ = ["PGPHook", "iterations_per_epoch", "latency_budget", "plan_pruning_step", "target_ratios"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,46 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
         weight_sparsity=sparsity, protected=protected, cost_model=cost_model if budget is not None else None,
         flops_budget=budget, normalisation=normalisation, latency_model=table, latency_budget=milliseconds,
     )
+
+
+def target_ratios(cfg, groups, pruned_groups, *, latency_table=None, cost=None) -> Dict[str, float]:
+    """``{group name: final ratio}`` the allocations work from, for every group in ``pruned_groups``:
+    ``PRUNING.RATIO`` per scope, the uniform ratio that meets ``FLOPS_REDUCTION``, or the share of
+    the predicted latency that ``TARGET_LATENCY_MS`` / ``TARGET_FPS`` removes (each step's
+    budget decides then). Checked before training (nothing written yet) and by the hook.
+
+    Args:
+        groups: every channel group of the model at its original widths.
+        latency_table: for ``TARGET "latency"``, the table bound to the test-time proposal count.
+        cost: for ``TARGET "flops"``, a callable returning the model's ``CostModel`` at its
+            original widths (built only when needed).
+
+    Raises:
+        PruningRequestError: the target cannot be reached with the scopes and floor given.
+    """
+    from .cost import ratio_for_flops_reduction, uniform_sizes
+
+    p = cfg.PRUNING
+    if p.TARGET == "latency":
+        target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
+        reduction = latency_reduction(latency_table, target)
+        floor = latency_table.predict(uniform_sizes(groups, 1.0, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, p.SCOPES))
+        if floor > target:
+            raise PruningRequestError(
+                f"a latency of {target:.4g} ms on {latency_table.describe()} is unreachable: pruning every prunable "
+                f"group in scopes {', '.join(p.SCOPES)} down to its floor of {p.MIN_CHANNELS} channels leaves "
+                f"{floor:.4g} ms; raise the target, lower the floor, prune more scopes, or lower "
+                "MODEL.RPN.POST_NMS_TOPK_TEST"
+            )
+        return {name: reduction for name in pruned_groups}  # only checked by the allocations: the budget decides
+    if p.TARGET == "flops":
+        ratio = ratio_for_flops_reduction(
+            cost(), pruned_groups, p.FLOPS_REDUCTION, multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS,
+            scopes=p.SCOPES,
+        )
+        return {name: ratio for name in pruned_groups}
+    by_scope = pruning_scope_ratios(cfg)
+    return {name: by_scope[g.scope] for name, g in pruned_groups.items()}
 
 
 def _digest(decision: Dict[str, List[int]]) -> str:
@@ -194,38 +234,19 @@ class PGPHook(HookBase):
             logger.warning(line)
 
     def _resolve_ratios(self):
-        from .cost import ratio_for_flops_reduction, uniform_sizes
-
         p = self.cfg.PRUNING
+        ratios = target_ratios(self.cfg, self._groups, self.pruned_groups, latency_table=self._latency, cost=self._cost)
+        shared = next(iter(ratios.values()))
         if p.TARGET == "latency":
-            table = self._latency
-            target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
-            reduction = latency_reduction(table, target)
-            floor = table.predict(uniform_sizes(self._groups, 1.0, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, p.SCOPES))
-            if floor > target:
-                raise PruningRequestError(
-                    f"a latency of {target:.4g} ms on {table.describe()} is unreachable: pruning every prunable group "
-                    f"in scopes {', '.join(p.SCOPES)} down to its floor of {p.MIN_CHANNELS} channels leaves "
-                    f"{floor:.4g} ms; raise the target, lower the floor, prune more scopes, or lower "
-                    "MODEL.RPN.POST_NMS_TOPK_TEST"
-                )
             logger.info("PRUNING.TARGET latency: each step's %s allocation meets the schedule's share of the way from "
-                        "%.3g ms to %.3g ms (-%.1f%%) predicted on %s", p.ALLOCATION, table.predict(), target,
-                        100 * reduction, table.describe())
-            # only checked by the allocations: the budget decides
-            return {name: reduction for name in self.pruned_groups}
-        if p.TARGET == "flops":
-            height, width = p.COST_INPUT_SIZE
-            ratio = ratio_for_flops_reduction(
-                self._cost(), self.pruned_groups, p.FLOPS_REDUCTION, multiple=p.CHANNEL_MULTIPLE,
-                floor=p.MIN_CHANNELS, scopes=p.SCOPES,
-            )
+                        "%.3g ms to %.3g ms (-%.1f%%) predicted on %s", p.ALLOCATION, self._latency.predict(),
+                        target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS)), 100 * shared,
+                        self._latency.describe())
+        elif p.TARGET == "flops":
             logger.info("PRUNING.TARGET flops: each step's %s allocation meets the schedule's share of a %.1f%% FLOPs "
                         "reduction at %dx%d (uniformly: a ratio of %.4f)",
-                        p.ALLOCATION, 100 * p.FLOPS_REDUCTION, height, width, ratio)
-            return {name: ratio for name in self.pruned_groups}
-        by_scope = pruning_scope_ratios(self.cfg)
-        return {name: by_scope[g.scope] for name, g in self.pruned_groups.items()}
+                        p.ALLOCATION, 100 * p.FLOPS_REDUCTION, *p.COST_INPUT_SIZE, shared)
+        return ratios
 
     def _cost(self):
         from .cost import CostModel
