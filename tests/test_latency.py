@@ -528,7 +528,8 @@ def test_training_refuses_an_unreachable_target_before_writing_anything(r18_tabl
     run = tmp_path / "run"
     latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
                "PRUNING.ALLOCATION", "knapsack", "OUTPUT_DIR", str(run)]
-    floor = LatencyTable.load(r18_table).predict({name: 8 for name in LatencyTable.load(r18_table).groups})
+    table = LatencyTable.load(r18_table)
+    floor = table.predict({name: 8 for name in table.groups})
     message = one_line_error(check_training_run, synthetic_cfg(*latency, "PRUNING.TARGET_LATENCY_MS", str(0.9 * floor)),
                              eval_only=False, resume=False)
     assert "is unreachable" in message and f"leaves {floor:.4g} ms" in message, message
