@@ -848,3 +848,53 @@ def test_layer_timings_that_a_busy_device_spoiled_are_timed_again():
         if a.proposal_ms is not None:
             assert b.proposal_ms == pytest.approx(a.proposal_ms, rel=1e-9), a.name
     assert busy.predict() == pytest.approx(quiet.predict(), rel=1e-9)
+
+
+class SlowedWhileDevice:
+    """A fake device that other work slows ``factor`` times during the timings numbered
+    ``start`` to ``stop - 1`` (a few seconds of a busy host): every timing in that window, so no
+    layer's timings look wrong against each other."""
+
+    def __init__(self, timer, start, stop, factor):
+        self.timer, self.start, self.stop, self.factor, self.calls = timer, start, stop, factor, 0
+
+    def __call__(self, fn):
+        slowed = self.start <= self.calls < self.stop
+        self.calls += 1
+        return (self.factor if slowed else 1.0) * self.timer(fn)
+
+
+def test_a_second_pass_keeps_a_slow_spell_out_of_the_layer_prices():
+    """The device runs 1.6x slower through the middle third of the layer timings. In one pass,
+    the layers timed then are priced 1.6x dearer against the others, and the table misprices
+    pruning their groups; with two passes through all layers each keeps its faster timing and the
+    table is the quiet device's, entry by entry and in what pruning each group saves."""
+    from pgp_det.benchmark.latency_profile import profile_latency
+
+    model = synthetic_model(synthetic_cfg())
+    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    timings = quiet.metadata["distinct_layer_timings"]
+    tables = {}
+    for passes in (1, 2):
+        device = SlowedWhileDevice(flop_timer, timings // 3, 2 * timings // 3, 1.6)
+        tables[passes] = profile_latency(model, SIZE, timer=device, whole_timer=flop_timer, points=3,
+                                         calibration_ratios=(), passes=passes)
+        assert device.calls >= passes * timings
+        assert tables[passes].metadata["layer_passes"] == passes
+        assert tables[passes].metadata["distinct_layer_timings"] == timings
+
+    def saved(table, group):
+        half = {group: table.groups[group] // 2}
+        return table.predict() - table.predict(half)
+
+    prunable = [g for g in quiet.groups if saved(quiet, g) > 0]
+    assert len(prunable) >= 4
+    mispriced = [g for g in prunable if abs(saved(tables[1], g) / saved(quiet, g) - 1) > 0.1]
+    assert len(mispriced) >= 2, "the slow spell should have spoiled some prices in one pass"
+    for g in prunable:
+        assert saved(tables[2], g) == pytest.approx(saved(quiet, g), rel=1e-9), g
+    for a, b in zip(quiet.entries, tables[2].entries):
+        for row_a, row_b in zip(a.ms, b.ms):
+            assert row_b == pytest.approx(row_a, rel=1e-9), a.name
+        assert [ms for _, ms in b.in_steps + b.out_steps] == pytest.approx([ms for _, ms in a.in_steps + a.out_steps],
+                                                                          rel=1e-9), a.name

@@ -15,8 +15,9 @@ PRUNING.LATENCY_TABLE table.json`` or prune once with ``tools/prune_net.py --lat
 Every conv and linear layer whose channels pruning can change (and the ROI pooler) is timed alone
 over a grid of (input, output) widths (``--points`` per axis, multiples of
 ``PRUNING.CHANNEL_MULTIPLE`` from ``PRUNING.MIN_CHANNELS`` to the full width), at its own feature
-size; the whole model at a few proposal counts (``--proposals``; the config's
-``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest of the model is the difference, and the part
+size (``--passes`` times, pass after pass through all layers, keeping the fastest: other work that
+slows the device for a few seconds then spoils no layer's price); the whole model at a few
+proposal counts (``--proposals``; the config's ``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest of the model is the difference, and the part
 of it that shrinks with the channels is fitted to whole-model timings of uniformly pruned copies
 (see ``pgp_det.pruning.latency``). Inputs are the first ``--images`` images of the config's test
 set stretched to ``--input-size`` (noise images with ``--noise-images`` or when the set is not at
@@ -78,6 +79,9 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="timed calls per timing (the median is kept); whole models compared (other proposal "
                              "counts, calibration copies, --check) are timed in turn, one call each per round, over "
                              "this many rounds")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="time every layer this many times, pass after pass through all layers, and keep the "
+                             "fastest (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--check", action="store_true",
                         help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
@@ -112,8 +116,8 @@ def check_args(args) -> None:
     parse_input_size(args.input_size)
     if args.points < 2:
         raise UserInputError(f"--points {args.points}: time at least 2 widths per axis")
-    if args.runs < 1 or args.warmup < 0 or args.threads < 0:
-        raise UserInputError("--runs must be >= 1; --warmup and --threads >= 0")
+    if args.runs < 1 or args.passes < 1 or args.warmup < 0 or args.threads < 0:
+        raise UserInputError("--runs and --passes must be >= 1; --warmup and --threads >= 0")
     if args.images < 1:
         raise UserInputError(f"--images {args.images}: profile on at least 1 image")
     if args.check_weights and not args.check:
@@ -174,6 +178,7 @@ def profile(cfg, args, timer=None):
         multiple=multiple, floor=floor,
         proposal_counts=_numbers(args.proposals, "--proposals") if args.proposals else None,
         layer_repeat=10 if args.device == "cuda" else 1,
+        passes=args.passes,
         images=images,
         whole_timer=whole_timer,
         rounds=args.runs,
@@ -243,6 +248,8 @@ def main(argv=None, timer=None) -> int:
     # timings that the layer's other timings ruled out (a busy device) were timed again
     repeated = meta.get("repeated_layer_timings", 0)
     again = f", {repeated} timed again" if repeated else ""
+    passes = meta.get("layer_passes", 1)
+    again += f", the fastest of {passes} passes" if passes > 1 else ""
     print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings{again}) on "
           f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms predicted "
           f"at {table.reference_proposals} proposals")

@@ -358,6 +358,7 @@ def profile_latency(
     floor: int = 8,
     proposal_counts: Optional[Sequence[int]] = None,
     layer_repeat: int = 1,
+    passes: int = 1,
     images: Optional[Sequence[np.ndarray]] = None,
     calibration_ratios: Sequence[float] = CALIBRATION_RATIOS,
     whole_timer: Optional[Timer] = None,
@@ -380,6 +381,9 @@ def profile_latency(
             :func:`default_proposal_counts`.
         layer_repeat: a layer's calls are repeated this many times per timed sample (and the
             time divided): more than 1 on a GPU hides the per-sample synchronisation.
+        passes: every layer timing is made this many times, in passes through all the layers,
+            and the fastest kept: on a device that other work slows down for seconds at a time,
+            more than 1 keeps those seconds out of the layers' relative prices.
         images: (H, W, 3) uint8 BGR images at ``input_size`` to profile on; times are means
             over them. Their proposals set the ROI pooler's work (its sampling grid follows the
             boxes' sizes), so images like the deployment's give a truer table. Default: one
@@ -402,6 +406,8 @@ def profile_latency(
     _check_dtype(dtype, device)
     if points < 2:
         raise ValueError(f"points must be >= 2, got {points}")
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
     images = _check_images(images, input_size)
     say = progress or (lambda line: None)
     timer = timer or default_timer(device)
@@ -432,8 +438,7 @@ def profile_latency(
     layers = _LayerTimer(timer, device, dtype, layer_repeat)
     modules = dict(model.named_modules())
     activations: Dict[str, float] = {}
-    entries: List[LatencyEntry] = []
-    repeated = 0
+    plans = []
     for name in calls[reference]:
         module = modules[name]
         if isinstance(module, ROIPooler):
@@ -470,7 +475,25 @@ def profile_latency(
                  + [[(w, (w, full_out, reference)) for w in in_step_widths],
                     [(w, (full_in, w, reference)) for w in out_step_widths],
                     [(n, (full_in, full_out, n)) for n in counts] if by_count else []])
-        repeated += _retime_outliers(measure, lines)
+        plans.append((name, kind, in_group, out_group, in_widths, out_widths, in_step_widths, out_step_widths,
+                      by_count, measure, lines))
+
+    # every layer's timings once per pass, pass after pass (a layer's timing is the fastest of
+    # its passes): a device slowed for a while by something else spoils a few layers' prices in
+    # one pass, not the same layers in every pass
+    repeated = 0
+    for p in range(passes):
+        for plan in plans:
+            measure, lines = plan[-2], plan[-1]
+            for point in dict.fromkeys(point for line in lines for _, point in line):
+                measure(*point, fresh=p > 0)
+            repeated += _retime_outliers(measure, lines)
+        if passes > 1:
+            say(f"layer timings: pass {p + 1} of {passes}")
+    entries: List[LatencyEntry] = []
+    for (name, kind, in_group, out_group, in_widths, out_widths, in_step_widths, out_step_widths, by_count, measure,
+         _) in plans:
+        full_in, full_out = in_widths[-1], out_widths[-1]
         ms = [[measure(w_in, w_out, reference) for w_out in out_widths] for w_in in in_widths]
         in_steps = tuple((w, measure(w, full_out, reference)) for w in in_step_widths)
         out_steps = tuple((w, measure(full_in, w, reference)) for w in out_step_widths)
@@ -514,7 +537,8 @@ def profile_latency(
         "min_channels": floor,
         "layer_repeat": layer_repeat,
         "images": len(images),
-        "distinct_layer_timings": layers.timed - repeated,
+        "layer_passes": passes,
+        "distinct_layer_timings": len(layers.cache),
         "repeated_layer_timings": repeated,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
