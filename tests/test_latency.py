@@ -898,3 +898,68 @@ def test_a_second_pass_keeps_a_slow_spell_out_of_the_layer_prices():
             assert row_b == pytest.approx(row_a, rel=1e-9), a.name
         assert [ms for _, ms in b.in_steps + b.out_steps] == pytest.approx([ms for _, ms in a.in_steps + a.out_steps],
                                                                           rel=1e-9), a.name
+
+
+def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp_path, capsys):
+    """Three profiles, each slowed 1.6x through a different quarter of its layer timings (whole
+    models timed quietly): each alone misprices some groups, the merged table
+    (tools/merge_latency_tables.py) prices every group as the quiet device's table does, at every
+    proposal count, with the same fitted rest."""
+    from pgp_det.benchmark.latency_profile import profile_latency
+
+    model = synthetic_model(synthetic_cfg())
+    quiet = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    timings = quiet.metadata["distinct_layer_timings"]
+    paths = []
+    for k, (start, stop) in enumerate(((0, timings // 4), (3 * timings // 8, 5 * timings // 8),
+                                       (3 * timings // 4, timings))):
+        device = SlowedWhileDevice(element_wise_timer, start, stop, 1.6)
+        table = profile_latency(model, SIZE, timer=device, whole_timer=element_wise_timer, points=3)
+        paths.append(table.save(str(tmp_path / f"profile_{k}.json")))
+
+    def saved(table, group):
+        return table.predict() - table.predict({group: table.groups[group] // 2})
+
+    prunable = [g for g in quiet.groups if saved(quiet, g) > 0]
+    singles = [LatencyTable.load(p) for p in paths]
+    assert all(any(abs(saved(t, g) / saved(quiet, g) - 1) > 0.1 for g in prunable) for t in singles)
+
+    merge_tool = load_tool("merge_latency_tables")
+    output = tmp_path / "merged.json"
+    assert merge_tool.main(paths + ["--output", str(output)]) == 0
+    assert "merged 3 tables" in capsys.readouterr().out
+    merged = LatencyTable.load(str(output))
+    assert [m["source"] for m in merged.metadata["merged_from"]] == paths
+    assert len(merged.metadata["calibration"]) == 3 * len(quiet.metadata["calibration"])
+    assert quiet.activation_ms > 0
+    assert merged.activation_ms == pytest.approx(quiet.activation_ms, rel=1e-6)
+    assert merged.layer_overhead == pytest.approx(quiet.layer_overhead, abs=1e-9)
+    for n in quiet.proposal_counts:
+        assert merged.with_proposals(n).predict() == pytest.approx(quiet.with_proposals(n).predict(), rel=1e-9), n
+    for g in prunable:
+        assert saved(merged, g) == pytest.approx(saved(quiet, g), rel=1e-6), g
+
+
+def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, tmp_path, capsys):
+    """Tables of another input size or thread count, a single table, or an output that is
+    one of the inputs: one error line, exit code 2, no file."""
+    merge_tool = load_tool("merge_latency_tables")
+    table = LatencyTable.load(r18_table)
+    other_threads = copy.deepcopy(table)
+    other_threads.metadata["num_threads"] = 7
+    other_size = LatencyTable(table.groups, (64, 80), table.entries, table.proposal_counts, table.fixed_ms,
+                              table.reference_proposals, table.metadata, activations=table.activations)
+    threads_path = other_threads.save(str(tmp_path / "threads.json"))
+    size_path = other_size.save(str(tmp_path / "size.json"))
+    output = tmp_path / "merged.json"
+    for argv, message in (([r18_table, threads_path], "differ in num_threads"),
+                          ([r18_table, size_path], "differ in input size"),
+                          ([r18_table], "at least two tables"),
+                          ([r18_table, threads_path, "--output", threads_path], "is one of the tables")):
+        if "--output" not in argv:
+            argv = argv + ["--output", str(output)]
+        assert merge_tool.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and message in err, err
+        assert not output.exists()
+    assert LatencyTable.load(threads_path).metadata["num_threads"] == 7

@@ -52,6 +52,7 @@ import copy
 import json
 import math
 import numbers
+import statistics
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -61,7 +62,7 @@ from .groups import ChannelGroup, PruningRequestError
 
 __all__ = [
     "DEVICE_KINDS", "LatencyEntry", "LatencyTable", "TABLE_FORMAT", "TABLE_VERSION", "fit_rest", "latency_reduction",
-    "target_latency_ms",
+    "merge_tables", "target_latency_ms",
 ]
 
 TABLE_FORMAT = "pgp_det latency table"
@@ -243,6 +244,92 @@ def fit_rest(table: "LatencyTable", measured: Sequence[Tuple[Mapping[str, int], 
         shown = _nonnegative_least_squares([layer_column], [t + saved for t, saved in zip(targets, layer_column)])[0]
         result.layer_overhead = min(shown, 1.0) - 1.0
     return result
+
+
+# what profiles of one model on one device must share to be merged (metadata keys)
+_SAME_PROFILE_SETTINGS = ("device_kind", "device_name", "num_threads", "precision", "channel_multiple", "min_channels",
+                          "pre_nms_topk_test", "detections_per_image")
+
+
+def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
+    """One table from several profiles of the same model at the same settings on the same device:
+    every layer timing (grid, steps, proposal counts) and the unpruned model's time at each
+    proposal count is the median over the profiles (the fixed rest is what the merged layers leave
+    of that time), and the rest that shrinks with the channels is fitted again
+    (:func:`fit_rest`) to all their calibration copies together, each its share of its own
+    profile's unpruned model times the merged unpruned model. Two profiles of a noisy device
+    disagree on what pruning a group saves; their median is steadier than either.
+
+    Raises:
+        UserInputError: fewer than two tables, or tables that differ in architecture, input size,
+            proposal counts, layers or their grids, device, threads, precision or test-time
+            settings, or that mix profiles with and without calibration copies (one line).
+    """
+    if len(tables) < 2:
+        raise UserInputError(f"merging needs at least two latency tables, got {len(tables)}")
+    first = tables[0]
+
+    def refuse(table: "LatencyTable", what: str):
+        raise UserInputError(f"latency tables {first.source or '#1'} and {table.source or 'another'} differ in {what}: "
+                             f"merge only profiles of one model at the same settings on one device")
+
+    for table in tables[1:]:
+        for what, a, b in (("channel groups", first.groups, table.groups), ("input size", first.input_size, table.input_size),
+                           ("proposal counts", first.proposal_counts, table.proposal_counts),
+                           ("reference proposal count", first.reference_proposals, table.reference_proposals),
+                           ("activation counts", first.activations, table.activations)):
+            if a != b:
+                refuse(table, what)
+        for key in _SAME_PROFILE_SETTINGS:
+            if first.metadata.get(key) != table.metadata.get(key):
+                refuse(table, key)
+        shape = [(e.name, e.kind, e.in_group, e.out_group, e.in_widths, e.out_widths, e.proposal_ms is None,
+                  tuple(w for w, _ in e.in_steps), tuple(w for w, _ in e.out_steps)) for e in table.entries]
+        if shape != [(e.name, e.kind, e.in_group, e.out_group, e.in_widths, e.out_widths, e.proposal_ms is None,
+                      tuple(w for w, _ in e.in_steps), tuple(w for w, _ in e.out_steps)) for e in first.entries]:
+            refuse(table, "their layers or the widths they were timed at")
+    calibrated = [bool(t.metadata.get("calibration")) for t in tables]
+    if any(calibrated) and not all(calibrated):
+        refuse(tables[calibrated.index(not calibrated[0])], "calibration copies (one has them, one does not)")
+    if any("widths" not in row for t in tables for row in t.metadata.get("calibration", [])):
+        raise UserInputError("a latency table's calibration copies do not record their widths (made by an older "
+                             "profiler): profile again with tools/profile_latency.py to merge")
+
+    def median_steps(steps_of):
+        columns = [steps_of(t) for t in tables]
+        return tuple((w, statistics.median([steps[k][1] for steps in columns])) for k, (w, _) in enumerate(columns[0]))
+
+    entries = []
+    for k, entry in enumerate(first.entries):
+        mine = [t.entries[k] for t in tables]
+        ms = tuple(tuple(statistics.median([e.ms[i][j] for e in mine]) for j in range(len(entry.out_widths)))
+                   for i in range(len(entry.in_widths)))
+        proposal_ms = None if entry.proposal_ms is None else tuple(
+            statistics.median([e.proposal_ms[n] for e in mine]) for n in range(len(entry.proposal_ms)))
+        entries.append(LatencyEntry(entry.name, entry.kind, entry.in_group, entry.out_group, entry.in_widths,
+                                    entry.out_widths, ms, proposal_ms,
+                                    median_steps(lambda t: t.entries[k].in_steps),
+                                    median_steps(lambda t: t.entries[k].out_steps)))
+    # the whole model was measured, the fixed rest is what the layers leave of it: the merged rest
+    # is the median whole model less the merged layers
+    layers_only = LatencyTable(first.groups, first.input_size, entries, first.proposal_counts,
+                               [0.0] * len(first.proposal_counts), first.reference_proposals, first.metadata)
+    fixed = [statistics.median([t.with_proposals(n).predict() for t in tables]) - layers_only.with_proposals(n).predict()
+             for n in first.proposal_counts]
+    metadata = {key: value for key, value in first.metadata.items()
+                if key not in ("calibration", "check", "check_seconds", "profile_seconds", "repeated_layer_timings")}
+    metadata["merged_from"] = [
+        {"source": t.source, "created": t.metadata.get("created"), "unpruned_ms": t.predict()}
+        for t in tables]
+    merged = LatencyTable(first.groups, first.input_size, entries, first.proposal_counts, fixed, first.reference_proposals,
+                          metadata, activations=first.activations)
+    if all(calibrated):
+        full = merged.predict()
+        rows = [(row["widths"], row["relative"] * full) for t in tables for row in t.metadata["calibration"]]
+        merged = fit_rest(merged, rows)
+        merged.metadata["calibration"] = [
+            dict(row, measured_ms=row["relative"] * full) for t in tables for row in t.metadata["calibration"]]
+    return merged
 
 
 class LatencyTable:
