@@ -44,7 +44,8 @@ A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one in
 Tables carry what they were measured with (device name and kind, threads, precision, software
 versions, input size) and the architecture they fit (every channel group's name and original
 width); :meth:`LatencyTable.check_compatible` refuses a table made for another architecture,
-input size or device kind with one line. They are JSON files (:meth:`LatencyTable.save`,
+input size or device kind with one line. Several profiles of one model on one device merge into a
+steadier table (:func:`merge_tables`). They are JSON files (:meth:`LatencyTable.save`,
 :meth:`LatencyTable.load`); measuring them is :mod:`pgp_det.benchmark.latency_profile`'s job.
 """
 import bisect
@@ -273,6 +274,10 @@ def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
         raise UserInputError(f"latency tables {first.source or '#1'} and {table.source or 'another'} differ in {what}: "
                              f"merge only profiles of one model at the same settings on one device")
 
+    def layout(table: "LatencyTable") -> list:
+        return [(e.name, e.kind, e.in_group, e.out_group, e.in_widths, e.out_widths, e.proposal_ms is None,
+                 tuple(w for w, _ in e.in_steps), tuple(w for w, _ in e.out_steps)) for e in table.entries]
+
     for table in tables[1:]:
         for what, a, b in (("channel groups", first.groups, table.groups), ("input size", first.input_size, table.input_size),
                            ("proposal counts", first.proposal_counts, table.proposal_counts),
@@ -283,10 +288,7 @@ def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
         for key in _SAME_PROFILE_SETTINGS:
             if first.metadata.get(key) != table.metadata.get(key):
                 refuse(table, key)
-        shape = [(e.name, e.kind, e.in_group, e.out_group, e.in_widths, e.out_widths, e.proposal_ms is None,
-                  tuple(w for w, _ in e.in_steps), tuple(w for w, _ in e.out_steps)) for e in table.entries]
-        if shape != [(e.name, e.kind, e.in_group, e.out_group, e.in_widths, e.out_widths, e.proposal_ms is None,
-                      tuple(w for w, _ in e.in_steps), tuple(w for w, _ in e.out_steps)) for e in first.entries]:
+        if layout(table) != layout(first):
             refuse(table, "their layers or the widths they were timed at")
     calibrated = [bool(t.metadata.get("calibration")) for t in tables]
     if any(calibrated) and not all(calibrated):
