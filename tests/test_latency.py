@@ -460,6 +460,9 @@ def test_profile_tool_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
         (["--input-size", "128x160", "--images", "0"], "--images 0: profile on at least 1 image"),
         (["--input-size", "128x160", "--check-weights", "w.pth"], "--check-weights is used with --check"),
         (["--input-size", "128x160", "--check", "--check-weights", "missing.pth"], "missing.pth"),
+        ([], "--input-size HxW is required"),
+        (["--passes", "0", "--input-size", "128x160"], "--runs and --passes must be >= 1"),
+        (["--table", str(tmp_path / "missing.json")], "does not exist"),
     ]
     for extra, message in cases:
         assert tool.main(base + extra + OVERRIDES, timer=flop_timer) == 2
@@ -966,3 +969,43 @@ def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, 
         assert err.startswith("error:") and "\n" not in err and message in err, err
         assert not output.exists()
     assert LatencyTable.load(threads_path).metadata["num_threads"] == 7
+
+
+def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_path, capsys):
+    """``--table T`` times the check models against T's predictions, not a fresh profile's: the
+    profiler's own table predicts the fake device exactly, a copy whose layers cost twice as much
+    is off by the layers' share; the input is left as it was. An input size or test-time setting
+    other than the table's is refused in one line, with nothing written."""
+    tool = load_tool("profile_latency")
+    data = LatencyTable.load(r18_table).to_dict()
+    for entry in data["entries"]:
+        entry["ms"] = [[2 * v for v in row] for row in entry["ms"]]
+        for key in ("in_steps", "out_steps"):
+            entry[key] = [[w, 2 * v] for w, v in entry[key]]
+        if entry.get("proposal_ms"):
+            entry["proposal_ms"] = [2 * v for v in entry["proposal_ms"]]
+    doubled = str(tmp_path / "doubled.json")
+    LatencyTable.from_dict(data).save(doubled)
+    before = open(doubled).read()
+    errors = {}
+    for name, path in (("own", r18_table), ("doubled", doubled)):
+        output = tmp_path / f"checked_{name}.json"
+        assert tool.main(["--config", CONFIG, "--table", path, "--output", str(output), "--check-ratios", "0,0.5",
+                          *OVERRIDES], timer=flop_timer) == 0
+        out = capsys.readouterr().out
+        assert f"checked {path}" in out and "uniformly pruned, ratio 0.50" in out
+        rows = LatencyTable.load(str(output)).metadata["check"]
+        assert [row["ratio"] for row in rows] == [0.0, 0.5]
+        errors[name] = [row["error_percent"] for row in rows]
+    assert all(abs(e) < 1e-6 for e in errors["own"]), errors
+    assert all(e > 10 for e in errors["doubled"]), errors
+    assert open(doubled).read() == before
+
+    output = tmp_path / "refused.json"
+    for options, overrides, message in ((["--input-size", "64x64"], [], "was profiled at 128x160"),
+                                        ([], ["MODEL.RPN.PRE_NMS_TOPK_TEST", "300"], "MODEL.RPN.PRE_NMS_TOPK_TEST 200")):
+        assert tool.main(["--config", CONFIG, "--table", r18_table, "--output", str(output), *options,
+                          *OVERRIDES, *overrides], timer=flop_timer) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and message in err, err
+        assert not output.exists()

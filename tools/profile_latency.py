@@ -32,7 +32,9 @@ one call each per round: a device whose speed drifts (clocks, heat, power modes,
 processes) moves them together, and the check also prints each model's share of the unpruned
 model's time, predicted against measured, which such a drift leaves out. A pruned
 checkpoint as ``--weights`` gives a table for its pruned architecture, which a config's unpruned
-model will refuse.
+model will refuse. ``--table T`` checks an existing table instead of profiling (one made here
+earlier, or merged by ``tools/merge_latency_tables.py``): the model, input size, precision and
+test-time settings must be the table's, and the table with the check rows goes to ``--output``.
 
 Bad input ends with one ``error:`` line on stderr, exit code 2, and nothing written.
 """
@@ -53,7 +55,8 @@ from pgp_det.data import check_dataset_available, register_custom_datasets  # no
 from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.pruning import kept_count  # noqa: E402
+from pgp_det.pruning import derive_channel_groups, kept_count  # noqa: E402
+from pgp_det.pruning.latency import LatencyTable  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, parse_arguments, parse_input_size  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
@@ -68,7 +71,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None, metavar="W", help="weights to load (default: MODEL.WEIGHTS)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure (default cpu)")
     parser.add_argument("--fp16", action="store_true", help="half precision (CUDA autocast); CUDA only")
-    parser.add_argument("--input-size", required=True, metavar="HxW", help="input size the model will run at")
+    parser.add_argument("--input-size", default=None, metavar="HxW",
+                        help="input size the model will run at (required, unless --table gives it)")
     parser.add_argument("--output", required=True, metavar="TABLE.json", help="the table to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing TABLE.json")
     parser.add_argument("--points", type=int, default=5, help="widths timed per axis of a layer's grid (>= 2)")
@@ -83,6 +87,9 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="time every layer this many times, pass after pass through all layers, and keep the "
                              "fastest (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--table", default="", metavar="T.json",
+                        help="check this table (made by this tool or merged) instead of profiling: implies --check; "
+                             "the table with the check rows is written to --output")
     parser.add_argument("--check", action="store_true",
                         help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
     parser.add_argument("--check-ratios", default="0,0.25,0.5,0.75", metavar="R1,R2",
@@ -113,6 +120,20 @@ def check_args(args) -> None:
         raise UserInputError("--device cuda: CUDA is not available on this machine")
     if args.fp16 and args.device != "cuda":
         raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
+    if args.table:
+        table = LatencyTable.load(args.table)
+        size = f"{table.input_size[0]}x{table.input_size[1]}"
+        if args.input_size and parse_input_size(args.input_size) != table.input_size:
+            raise UserInputError(f"--input-size {args.input_size}: the table {args.table} was profiled at {size}; "
+                                 f"leave --input-size out to check it there")
+        args.input_size = size
+        precision = "fp16" if args.fp16 else "fp32"
+        if table.metadata.get("precision") != precision:
+            raise UserInputError(f"the table {args.table} was profiled in {table.metadata.get('precision')}, this check "
+                                 f"would run in {precision}: {'drop' if args.fp16 else 'pass'} --fp16")
+        args.check = True
+    if not args.input_size:
+        raise UserInputError("--input-size HxW is required (the size the model will run at), unless --table gives it")
     parse_input_size(args.input_size)
     if args.points < 2:
         raise UserInputError(f"--points {args.points}: time at least 2 widths per axis")
@@ -173,24 +194,34 @@ def profile(cfg, args, timer=None):
     whole_timer = timer or default_timer(args.device, warmup=1, runs=1)
     timer = timer or default_timer(args.device, warmup=args.warmup, runs=args.runs)
     multiple, floor = int(cfg.PRUNING.CHANNEL_MULTIPLE), int(cfg.PRUNING.MIN_CHANNELS)
-    table = profile_latency(
-        model, parse_input_size(args.input_size), device=args.device, dtype=dtype, timer=timer, points=args.points,
-        multiple=multiple, floor=floor,
-        proposal_counts=_numbers(args.proposals, "--proposals") if args.proposals else None,
-        layer_repeat=10 if args.device == "cuda" else 1,
-        passes=args.passes,
-        images=images,
-        whole_timer=whole_timer,
-        rounds=args.runs,
-        metadata={
-            "config": args.config or args.config_file, "weights": weights, "overrides": list(args.opts),
-            "images_from": source,
-            "warmup": args.warmup, "runs": args.runs,
-            "pre_nms_topk_test": int(cfg.MODEL.RPN.PRE_NMS_TOPK_TEST),
-            "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
-        },
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    if args.table:
+        table = LatencyTable.load(args.table)
+        table.check_compatible(derive_channel_groups(model, allow_frozen=True), table.input_size, args.device)
+        for key, name, now in (("pre_nms_topk_test", "MODEL.RPN.PRE_NMS_TOPK_TEST", cfg.MODEL.RPN.PRE_NMS_TOPK_TEST),
+                               ("detections_per_image", "TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE)):
+            profiled = table.metadata.get(key)
+            if profiled is not None and profiled != int(now):
+                raise UserInputError(f"the table {args.table} was profiled with {name} {profiled}, the config has {now}: "
+                                     f"pass {name} {profiled} to check it there")
+    else:
+        table = profile_latency(
+            model, parse_input_size(args.input_size), device=args.device, dtype=dtype, timer=timer, points=args.points,
+            multiple=multiple, floor=floor,
+            proposal_counts=_numbers(args.proposals, "--proposals") if args.proposals else None,
+            layer_repeat=10 if args.device == "cuda" else 1,
+            passes=args.passes,
+            images=images,
+            whole_timer=whole_timer,
+            rounds=args.runs,
+            metadata={
+                "config": args.config or args.config_file, "weights": weights, "overrides": list(args.opts),
+                "images_from": source,
+                "warmup": args.warmup, "runs": args.runs,
+                "pre_nms_topk_test": int(cfg.MODEL.RPN.PRE_NMS_TOPK_TEST),
+                "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
+            },
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
     if args.check:
         started = time.perf_counter()
         rows = check_latency(model, table, _numbers(args.check_ratios, "--check-ratios", float), trained=checked,
@@ -245,14 +276,18 @@ def main(argv=None, timer=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = table.metadata
-    # timings that the layer's other timings ruled out (a busy device) were timed again
-    repeated = meta.get("repeated_layer_timings", 0)
-    again = f", {repeated} timed again" if repeated else ""
-    passes = meta.get("layer_passes", 1)
-    again += f", the fastest of {passes} passes" if passes > 1 else ""
-    print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings{again}) on "
-          f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms predicted "
-          f"at {table.reference_proposals} proposals")
+    if args.table:
+        print(f"checked {args.table} ({table.describe()}); unpruned model {table.predict():.3f} ms predicted "
+              f"at {table.reference_proposals} proposals")
+    else:
+        # timings that the layer's other timings ruled out (a busy device) were timed again
+        repeated = meta.get("repeated_layer_timings", 0)
+        again = f", {repeated} timed again" if repeated else ""
+        passes = meta.get("layer_passes", 1)
+        again += f", the fastest of {passes} passes" if passes > 1 else ""
+        print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings{again}) on "
+              f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms "
+              f"predicted at {table.reference_proposals} proposals")
     print(headroom_report(table))
     if args.check:
         print(check_report(table))
