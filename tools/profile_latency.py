@@ -18,8 +18,8 @@ over a grid of (input, output) widths (``--points`` per axis, multiples of
 size (``--passes`` times, pass after pass through all layers, keeping the fastest: other work that
 slows the device for a few seconds then spoils no layer's price); the whole model at a few
 proposal counts (``--proposals``; the config's ``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest
-of the model is the difference, and the part of it that shrinks with the channels is fitted to whole-model timings of uniformly pruned copies
-(see ``pgp_det.pruning.latency``). Inputs are the first ``--images`` images of the config's test
+of the model is the difference, and the part of it that shrinks with the channels is fitted to
+whole-model timings of uniformly pruned copies (see ``pgp_det.pruning.latency``). Inputs are the first ``--images`` images of the config's test
 set stretched to ``--input-size`` (noise images with ``--noise-images`` or when the set is not at
 hand), with every proposal kept (the worst case of the proposal count). Their proposals set the
 ROI pooler's work, which follows the boxes' sizes: use trained weights and images like the
