@@ -244,7 +244,6 @@ class _LayerTimer:
     def __init__(self, timer: Timer, device: torch.device, dtype: str, repeat: int):
         self.timer, self.device, self.dtype, self.repeat = timer, device, dtype, repeat
         self.cache: Dict[tuple, float] = {}
-        self.timed = 0
 
     def _time(self, fn: Callable[[], object]) -> float:
         def run():
@@ -252,7 +251,6 @@ class _LayerTimer:
                 fn()
 
         with torch.no_grad(), precision_context(self.dtype, self.device):
-            self.timed += 1
             return float(self.timer(run)) / self.repeat
 
     def _keep(self, key: tuple, ms: float) -> None:
@@ -483,8 +481,7 @@ def profile_latency(
     # one pass, not the same layers in every pass
     repeated = 0
     for p in range(passes):
-        for plan in plans:
-            measure, lines = plan[-2], plan[-1]
+        for *_, measure, lines in plans:
             for point in dict.fromkeys(point for line in lines for _, point in line):
                 measure(*point, fresh=p > 0)
             repeated += _retime_outliers(measure, lines)

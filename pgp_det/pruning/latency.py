@@ -312,19 +312,18 @@ def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
                                     entry.out_widths, ms, proposal_ms,
                                     median_steps(lambda t: t.entries[k].in_steps),
                                     median_steps(lambda t: t.entries[k].out_steps)))
-    # the whole model was measured, the fixed rest is what the layers leave of it: the merged rest
-    # is the median whole model less the merged layers
-    layers_only = LatencyTable(first.groups, first.input_size, entries, first.proposal_counts,
-                               [0.0] * len(first.proposal_counts), first.reference_proposals, first.metadata)
-    fixed = [statistics.median([t.with_proposals(n).predict() for t in tables]) - layers_only.with_proposals(n).predict()
-             for n in first.proposal_counts]
     metadata = {key: value for key, value in first.metadata.items()
                 if key not in ("calibration", "check", "check_seconds", "profile_seconds", "repeated_layer_timings")}
     metadata["merged_from"] = [
         {"source": t.source, "created": t.metadata.get("created"), "unpruned_ms": t.predict()}
         for t in tables]
-    merged = LatencyTable(first.groups, first.input_size, entries, first.proposal_counts, fixed, first.reference_proposals,
-                          metadata, activations=first.activations)
+    merged = LatencyTable(first.groups, first.input_size, entries, first.proposal_counts,
+                          [0.0] * len(first.proposal_counts), first.reference_proposals, metadata,
+                          activations=first.activations)
+    # the whole model was measured, the fixed rest is what the layers leave of it: the merged rest
+    # is the median whole model less the merged layers (the prediction while the rest is zero)
+    merged.fixed_ms = tuple(statistics.median([t.predict(proposals=n) for t in tables]) - merged.predict(proposals=n)
+                            for n in first.proposal_counts)
     if all(calibrated):
         full = merged.predict()
         rows = [(row["widths"], row["relative"] * full) for t in tables for row in t.metadata["calibration"]]
