@@ -20,7 +20,7 @@ from pgp_det.benchmark.latency_profile import grid_widths, time_whole_model
 from pgp_det.checkpoint import load_model
 from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
-from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_groups, hard_prune
+from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import allocate
 from pgp_det.pruning.criteria import build_criterion
 from pgp_det.pruning.hook import PGPHook, latency_budget, plan_pruning_step
@@ -627,7 +627,7 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
     fixed = profile_latency(model, SIZE, timer=element_wise_timer, points=3, calibration_ratios=())
     assert fitted.activation_ms > 0 and fixed.activation_ms == 0 == fixed.layer_overhead
     assert fitted.activations and set(fitted.activations) <= set(fitted.groups)
-    assert [row["ratio"] for row in fitted.metadata["calibration"]] == [0.2, 0.45, 0.7]
+    assert [row["ratio"] for row in fitted.metadata["calibration"]] == [0.2, 0.45, 0.7, 0.5, 0.5]
     with_fit = check_latency(model, fitted, (0.25, 0.5, 0.75), timer=element_wise_timer)
     without = check_latency(model, fixed, (0.25, 0.5, 0.75), timer=element_wise_timer)
     for fit_row, plain_row in zip(with_fit, without):
@@ -652,6 +652,56 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
     assert slowest.layer_overhead == -1.0 and slowest.predict(widths) <= slowest.predict()
     unchanged = fit_rest(fixed, [(fixed.groups, fixed.predict())])  # nothing pruned: nothing to fit
     assert unchanged.activation_ms == 0 and unchanged.layer_overhead == 0
+
+
+def test_contrasting_copies_keep_the_fitted_rest_steady_on_a_noisy_device():
+    """Uniform copies shrink the element-wise work and the layers' times nearly in step, so a few
+    percent of timing noise decides which of the two the fit blames; two more copies, each cutting
+    half of the groups (the half with the most element-wise work per layer time, and the other
+    half), tell them apart. On a device paying for element-wise work, with the calibration
+    timings 2% noisy (100 draws), the fitted ``activation_ms`` stays near the noise-free fit and
+    models pruned unevenly (random widths per group) are predicted closer than from the uniform
+    copies alone."""
+    import random
+    import statistics
+
+    from pgp_det.benchmark.latency_profile import _pruned_copy, check_latency, profile_latency
+    from pgp_det.pruning.cost import uniform_sizes
+    from pgp_det.pruning.latency import fit_rest
+
+    model = synthetic_model(synthetic_cfg())
+    table = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    rows = table.metadata["calibration"]
+    halves = [row for row in rows if "half" in row]
+    assert [row["half"] for row in halves] == ["element-wise", "layers"]
+    groups = derive_channel_groups(model, allow_frozen=True)
+    cut = {name: kept for name, kept in dict(uniform_sizes(groups, 0.5, 8, 8)).items() if kept < groups[name].size}
+    assert not set(halves[0]["widths"]) & set(halves[1]["widths"])
+    assert {**halves[0]["widths"], **halves[1]["widths"]} == cut
+    # the element-wise half saves the most element-wise work for the layer time it saves
+    saved = [(1 - table.activation_fraction(row["widths"]), table.predict() - table.predict(row["widths"]))
+             for row in halves]
+    assert saved[0][0] / saved[0][1] > 2 * saved[1][0] / saved[1][1]
+
+    draw = random.Random(7)
+    uneven = {}
+    for k in range(6):
+        widths = {name: kept_count(g.size, draw.choice([0.0, 0.25, 0.5, 0.75]), 8, 8)
+                  for name, g in groups.items() if g.prunable}
+        uneven[f"uneven_{k}"] = _pruned_copy(model, groups, widths, "cpu")
+    measured = check_latency(model, table, (), trained=uneven, timer=element_wise_timer)
+    unfitted = copy.copy(table)
+    unfitted.activation_ms = unfitted.layer_overhead = 0.0
+    spread, worst = {}, {}
+    for name, subset in (("uniform", [row for row in rows if "half" not in row]), ("with halves", rows)):
+        noise = random.Random(1)
+        fits = [fit_rest(unfitted, [(row["widths"], row["measured_ms"] * (1 + noise.gauss(0, 0.02))) for row in subset])
+                for _ in range(100)]
+        spread[name] = statistics.pstdev(f.activation_ms for f in fits)
+        errors = sorted(max(abs(f.predict(row["widths"]) / row["measured_ms"] - 1) for row in measured) for f in fits)
+        worst[name] = errors[89]  # the 90th percentile of the worst error over the uneven models
+    assert spread["with halves"] < 0.5 * spread["uniform"], spread
+    assert worst["with halves"] < 0.05 and worst["with halves"] < 0.75 * worst["uniform"], worst
 
 
 class HostBoundDevice:
@@ -779,7 +829,7 @@ def test_calibration_leaves_out_a_drift_of_the_device_speed():
 
     model = synthetic_model(synthetic_cfg())
     steady = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
-    calls_per_round = 3 + 3  # the unpruned model at 100 (the reference), 25 and 50 proposals; three copies
+    calls_per_round = 3 + 5  # the unpruned model at 100 (the reference), 25 and 50 proposals; five copies
     drifting = DriftingDevice(element_wise_timer, [1.0, 1.4, 1.4], calls_per_round=calls_per_round)
     drifted = profile_latency(model, SIZE, timer=element_wise_timer, whole_timer=drifting, rounds=3, points=3)
     assert drifting.calls == 3 * calls_per_round
@@ -908,7 +958,7 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
     """Three profiles, each slowed 1.6x through a different quarter of its layer timings (whole
     models timed quietly): each alone misprices some groups, the merged table
     (tools/merge_latency_tables.py) prices every group as the quiet device's table does, at every
-    proposal count, with the same fitted rest."""
+    proposal count, with the same fitted rest (within 1%)."""
     from pgp_det.benchmark.latency_profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
@@ -934,12 +984,14 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
     assert [m["source"] for m in merged.metadata["merged_from"]] == paths
     assert len(merged.metadata["calibration"]) == 3 * len(quiet.metadata["calibration"])
     assert quiet.activation_ms > 0
-    assert merged.activation_ms == pytest.approx(quiet.activation_ms, rel=1e-6)
+    # each profile splits its contrasting copies by its own (mispriced) layer times, so the merged
+    # fit sees other copies than the quiet profile's: the same rest to within a percent
+    assert merged.activation_ms == pytest.approx(quiet.activation_ms, rel=1e-2)
     assert merged.layer_overhead == pytest.approx(quiet.layer_overhead, abs=1e-9)
     for n in quiet.proposal_counts:
         assert merged.with_proposals(n).predict() == pytest.approx(quiet.with_proposals(n).predict(), rel=1e-9), n
-    for g in prunable:
-        assert half_group_saving(merged, g) == pytest.approx(half_group_saving(quiet, g), rel=1e-6), g
+    for g in prunable:  # each single profile misprices one by more than 10% (above)
+        assert half_group_saving(merged, g) == pytest.approx(half_group_saving(quiet, g), rel=1e-2), g
 
 
 def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, tmp_path, capsys):
@@ -1002,7 +1054,9 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
 
     output = tmp_path / "refused.json"
     for options, overrides, message in ((["--input-size", "64x64"], [], "was profiled at 128x160"),
-                                        ([], ["MODEL.RPN.PRE_NMS_TOPK_TEST", "300"], "MODEL.RPN.PRE_NMS_TOPK_TEST 200")):
+                                        ([], ["MODEL.RPN.PRE_NMS_TOPK_TEST", "300"], "MODEL.RPN.PRE_NMS_TOPK_TEST 200"),
+                                        (["--passes", "3", "--proposals", "10,20"], [],
+                                         "--proposals, --passes set how a table is profiled")):
         assert tool.main(["--config", CONFIG, "--table", r18_table, "--output", str(output), *options,
                           *OVERRIDES, *overrides], timer=flop_timer) == 2
         err = capsys.readouterr().err.strip()

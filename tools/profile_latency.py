@@ -19,7 +19,8 @@ size (``--passes`` times, pass after pass through all layers, keeping the fastes
 slows the device for a few seconds then spoils no layer's price); the whole model at a few
 proposal counts (``--proposals``; the config's ``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest
 of the model is the difference, and the part of it that shrinks with the channels is fitted to
-whole-model timings of uniformly pruned copies (see ``pgp_det.pruning.latency``). Inputs are the first ``--images`` images of the config's test
+whole-model timings of pruned copies (uniform ones, and two that each cut half of the groups; see
+``pgp_det.pruning.latency``). Inputs are the first ``--images`` images of the config's test
 set stretched to ``--input-size`` (noise images with ``--noise-images`` or when the set is not at
 hand), with every proposal kept (the worst case of the proposal count). Their proposals set the
 ROI pooler's work, which follows the boxes' sizes: use trained weights and images like the
@@ -89,7 +90,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--table", default="", metavar="T.json",
                         help="check this table (made by this tool or merged) instead of profiling: implies --check; "
-                             "the table with the check rows is written to --output")
+                             "the table with the check rows is written to --output (--points, --proposals and --passes do not apply)")
     parser.add_argument("--check", action="store_true",
                         help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
     parser.add_argument("--check-ratios", default="0,0.25,0.5,0.75", metavar="R1,R2",
@@ -120,8 +121,14 @@ def check_args(args) -> None:
         raise UserInputError("--device cuda: CUDA is not available on this machine")
     if args.fp16 and args.device != "cuda":
         raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
+    args.table_to_check = None
     if args.table:
-        table = LatencyTable.load(args.table)
+        profiling_only = [f"--{name}" for name in ("points", "proposals", "passes")
+                          if getattr(args, name) != argument_parser().get_default(name)]
+        if profiling_only:
+            raise UserInputError(f"{', '.join(profiling_only)} set how a table is profiled; --table checks the one "
+                                 f"it names as it is: drop {', '.join(profiling_only)}, or profile without --table")
+        table = args.table_to_check = LatencyTable.load(args.table)
         size = f"{table.input_size[0]}x{table.input_size[1]}"
         if args.input_size and parse_input_size(args.input_size) != table.input_size:
             raise UserInputError(f"--input-size {args.input_size}: the table {args.table} was profiled at {size}; "
@@ -195,7 +202,7 @@ def profile(cfg, args, timer=None):
     timer = timer or default_timer(args.device, warmup=args.warmup, runs=args.runs)
     multiple, floor = int(cfg.PRUNING.CHANNEL_MULTIPLE), int(cfg.PRUNING.MIN_CHANNELS)
     if args.table:
-        table = LatencyTable.load(args.table)
+        table = args.table_to_check
         table.check_compatible(derive_channel_groups(model, allow_frozen=True), table.input_size, args.device)
         for key, name, now in (("pre_nms_topk_test", "MODEL.RPN.PRE_NMS_TOPK_TEST", cfg.MODEL.RPN.PRE_NMS_TOPK_TEST),
                                ("detections_per_image", "TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE)):

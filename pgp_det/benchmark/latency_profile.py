@@ -10,8 +10,9 @@ to every allowed width of each axis with the other at full width (the steps), ca
 inputs of the recorded shapes (every call one inference makes: all FPN levels of a shared head);
 then the whole model (the rest is the difference at full width); and last, timed in turn with
 it round after round (:func:`time_interleaved`), the whole model at the other proposal counts and
-the model pruned uniformly at a few ratios, its ROI heads fed the unpruned model's proposals, to
-fit the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`).
+the model pruned uniformly at a few ratios and two copies that each cut half of the groups
+(:func:`contrast_cuts`), their ROI heads fed the unpruned model's proposals, to fit the part of
+the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`).
 Those enter the table as their shares of the unpruned model's time in the same rounds, so that a
 drift of the device's speed while they are timed stays out.
 Layers with identical settings and shapes (repeated blocks) are timed once. Every inference runs
@@ -36,6 +37,7 @@ from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 
 from ..pruning.allocation import allowed_kept_counts
+from ..pruning.cost import uniform_sizes
 from ..pruning.dependency import derive_channel_groups
 from ..pruning.latency import LatencyEntry, LatencyTable, fit_rest
 from ..pruning.surgery import hard_prune
@@ -44,13 +46,14 @@ from ..utils.modules import unwrap_model
 from .timing import _check_dtype, _sync_for, environment_info, image_to_input, precision_context, synthetic_image, time_callable
 
 __all__ = [
-    "CALIBRATION_RATIOS", "Timer", "check_latency", "default_timer", "grid_widths", "profile_latency",
+    "CALIBRATION_RATIOS", "Timer", "check_latency", "contrast_cuts", "default_timer", "grid_widths", "profile_latency",
     "time_interleaved", "time_whole_model",
 ]
 
 Timer = Callable[[Callable[[], object]], float]
 _LAYERS = (nn.Conv2d, nn.Linear)
 CALIBRATION_RATIOS = (0.2, 0.45, 0.7)  # apart from --check's default ratios, so that the check tests the fit
+CONTRAST_RATIO = 0.5  # the two contrast_cuts copies cut half the groups each, at this ratio
 
 
 def default_timer(device="cpu", warmup: int = 2, runs: int = 7) -> Timer:
@@ -359,6 +362,7 @@ def profile_latency(
     passes: int = 1,
     images: Optional[Sequence[np.ndarray]] = None,
     calibration_ratios: Sequence[float] = CALIBRATION_RATIOS,
+    contrast: bool = True,
     whole_timer: Optional[Timer] = None,
     rounds: int = 1,
     metadata: Optional[Mapping] = None,
@@ -389,6 +393,8 @@ def profile_latency(
         calibration_ratios: uniform pruning ratios of the copies whose whole-model timings fit
             the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`);
             empty: no fit (the rest stays fixed).
+        contrast: with ``calibration_ratios``, also time the two :func:`contrast_cuts` copies,
+            which keep the fit's two parts apart.
         whole_timer, rounds: the unpruned model at the other proposal counts and the
             calibration copies are timed against the unpruned model at the reference count in
             ``rounds`` interleaved rounds (:func:`time_interleaved`), each once a round with
@@ -500,24 +506,6 @@ def profile_latency(
                                     in_steps, out_steps))
         say(f"{name}: {len(in_widths)} x {len(out_widths)} widths, {ms[-1][-1]:.3f} ms at full width")
 
-    # the whole model at the reference count right after its layers (the rest is the difference);
-    # the other counts and the calibration copies as shares of it, timed in the same rounds, so
-    # that a drift of the device's speed while they are timed one after another does not enter
-    whole = time_whole_model(model, input_size, timer, device, dtype, reference, images)
-    others = [n for n in counts if n != reference]
-    copies = _uniform_copies(model, calibration_ratios, device, multiple, floor) if calibration_ratios else []
-    unpruned, at_others, at_copies = [whole], [], []
-    if others or copies:
-        jobs = [(model, None)] * (1 + len(others)) + [(c, proposals[reference]) for _, _, c in copies]
-        samples = time_interleaved(jobs, input_size, whole_timer or timer, rounds, device, dtype,
-                                   [reference] + others + [reference] * len(copies), images)
-        unpruned, at_others, at_copies = samples[0], samples[1:1 + len(others)], samples[1 + len(others):]
-    shares = {reference: 1.0, **{n: _median_ratio(s, unpruned) for n, s in zip(others, at_others)}}
-    fixed = []
-    for j, n in enumerate(counts):
-        layers_ms = sum(e.ms[-1][-1] if e.proposal_ms is None else e.proposal_ms[j] for e in entries)
-        fixed.append(shares[n] * whole - layers_ms)
-        say(f"whole model at {n} proposals: {shares[n] * whole:.3f} ms ({layers_ms:.3f} ms in the measured layers)")
     environment = environment_info(device)
     info = {
         "device_name": environment["device_name"],
@@ -540,18 +528,46 @@ def profile_latency(
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     info.update(metadata or {})
-    table = LatencyTable({name: g.size for name, g in groups.items()}, input_size, entries, counts, fixed, reference,
-                         info, activations={k: float(v) for k, v in activations.items() if v > 0})
+
+    # the whole model at the reference count right after its layers (the rest is the difference);
+    # the other counts and the calibration copies as shares of it, timed in the same rounds, so
+    # that a drift of the device's speed while they are timed one after another does not enter
+    whole = time_whole_model(model, input_size, timer, device, dtype, reference, images)
+    others = [n for n in counts if n != reference]
+    sizes = {name: g.size for name, g in groups.items()}
+    activations = {k: float(v) for k, v in activations.items() if v > 0}
+    copies = []
+    if calibration_ratios:
+        cuts = [({"ratio": float(r)}, dict(uniform_sizes(groups, float(r), multiple, floor))) for r in calibration_ratios]
+        if contrast:
+            layers_only = LatencyTable(sizes, input_size, entries, counts, [0.0] * len(counts), reference, info,
+                                       activations=activations)
+            halves = contrast_cuts(layers_only, dict(uniform_sizes(groups, CONTRAST_RATIO, multiple, floor)))
+            cuts += [({"ratio": CONTRAST_RATIO, **label}, widths) for label, widths in halves]
+        copies = [(label, widths, _pruned_copy(model, groups, widths, device)) for label, widths in cuts]
+    unpruned, at_others, at_copies = [whole], [], []
+    if others or copies:
+        jobs = [(model, None)] * (1 + len(others)) + [(c, proposals[reference]) for _, _, c in copies]
+        samples = time_interleaved(jobs, input_size, whole_timer or timer, rounds, device, dtype,
+                                   [reference] + others + [reference] * len(copies), images)
+        unpruned, at_others, at_copies = samples[0], samples[1:1 + len(others)], samples[1 + len(others):]
+    shares = {reference: 1.0, **{n: _median_ratio(s, unpruned) for n, s in zip(others, at_others)}}
+    fixed = []
+    for j, n in enumerate(counts):
+        layers_ms = sum(e.ms[-1][-1] if e.proposal_ms is None else e.proposal_ms[j] for e in entries)
+        fixed.append(shares[n] * whole - layers_ms)
+        say(f"whole model at {n} proposals: {shares[n] * whole:.3f} ms ({layers_ms:.3f} ms in the measured layers)")
+    table = LatencyTable(sizes, input_size, entries, counts, fixed, reference, info, activations=activations)
     if copies:
         # the copies' ROI heads get the unpruned model's proposals (a copy pruned without training
         # proposes other boxes, and the pooler's work follows their sizes); each enters the fit as
         # its share of the unpruned model's time in the same rounds, times the time above
-        rows = [{"ratio": ratio, "widths": widths, "relative": _median_ratio(measured, unpruned)}
-                for (ratio, widths, _), measured in zip(copies, at_copies)]
+        rows = [{**label, "widths": widths, "relative": _median_ratio(measured, unpruned)}
+                for (label, widths, _), measured in zip(copies, at_copies)]
         del copies
         table = fit_rest(table, [(row["widths"], row["relative"] * whole) for row in rows])
         table.metadata["calibration"] = [
-            {"ratio": row["ratio"], "relative": row["relative"], "measured_ms": row["relative"] * whole,
+            {**row, "measured_ms": row["relative"] * whole,
              "widths": {name: kept for name, kept in row["widths"].items() if kept < groups[name].size}}
             for row in rows]
         hidden = (f" (only {1.0 + table.layer_overhead:.0%} of the layers' own savings show in the whole model: "
@@ -562,22 +578,49 @@ def profile_latency(
     return table
 
 
+def _pruned_copy(model: nn.Module, groups, widths: Mapping[str, int], device) -> nn.Module:
+    """A copy of ``model`` whose groups keep their first ``widths[name]`` channels (latency does
+    not depend on which), on ``device`` in eval mode."""
+    pruned = copy.deepcopy(model)
+    removals = {name: list(range(kept, groups[name].size)) for name, kept in widths.items() if kept < groups[name].size}
+    if removals:
+        hard_prune(pruned, removals, allow_frozen=True, groups=derive_channel_groups(pruned, allow_frozen=True))
+    return pruned.to(device).eval()
+
+
 def _uniform_copies(model: nn.Module, ratios: Sequence[float], device, multiple: int, floor: int) -> List[tuple]:
     """``[(ratio, widths, copy)]``: ``model`` pruned uniformly at each ratio (every prunable
-    group, frozen ones too, keeps its first ``kept_count(size, ratio, multiple, floor)`` channels:
-    latency does not depend on which), on ``device`` in eval mode."""
-    from ..pruning.cost import uniform_sizes
-
+    group, frozen ones too, keeps its first ``kept_count(size, ratio, multiple, floor)`` channels)."""
     groups = derive_channel_groups(model, allow_frozen=True)
-    copies = []
-    for ratio in ratios:
-        sizes = dict(uniform_sizes(groups, float(ratio), multiple, floor))
-        pruned = copy.deepcopy(model)
-        removals = {name: list(range(kept, groups[name].size)) for name, kept in sizes.items() if kept < groups[name].size}
-        if removals:
-            hard_prune(pruned, removals, allow_frozen=True, groups=derive_channel_groups(pruned, allow_frozen=True))
-        copies.append((float(ratio), sizes, pruned.to(device).eval()))
-    return copies
+    cuts = [(float(ratio), dict(uniform_sizes(groups, float(ratio), multiple, floor))) for ratio in ratios]
+    return [(ratio, widths, _pruned_copy(model, groups, widths, device)) for ratio, widths in cuts]
+
+
+def contrast_cuts(table: LatencyTable, uniform_cut: Mapping[str, int]) -> List[Tuple[dict, Dict[str, int]]]:
+    """Two calibration cuts that tell the rest's two parts apart: ``[(label, widths)]``, each
+    cutting half of the groups as ``uniform_cut`` (``{group: kept}``) does; none when ``table``
+    counts no activations or fewer than two groups are cut.
+
+    Uniformly pruned copies shrink the element-wise work between the layers and the layers' own
+    times nearly in step, so their timings alone cannot say which of the two the rest follows:
+    profiles of one device then flip between ``activation_ms`` and ``layer_overhead``. Here each
+    group is ranked by the activation elements its cut alone removes (share of all) over the
+    layer time it saves (ms, ``table``'s entries); one copy cuts the half with the most
+    element-wise work per layer time, the other copy the rest.
+    """
+    cut = {name: kept for name, kept in uniform_cut.items() if kept < table.groups[name]}
+    if not table.activations or len(cut) < 2:
+        return []
+    full = table.predict()
+
+    def element_wise_per_layer_ms(name: str) -> float:
+        elements = 1.0 - table.activation_fraction({name: cut[name]})
+        return elements / max(full - table.predict({name: cut[name]}), 1e-9)
+
+    ranked = sorted(cut, key=element_wise_per_layer_ms, reverse=True)
+    half = len(ranked) // 2
+    return [({"half": "element-wise"}, {name: cut[name] for name in ranked[:half]}),
+            ({"half": "layers"}, {name: cut[name] for name in ranked[half:]})]
 
 
 def _signature(calls) -> tuple:

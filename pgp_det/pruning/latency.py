@@ -34,8 +34,10 @@ A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one in
   its kept channels): the element-wise work between the layers. ``L`` is the sum of the conv and
   linear entries' times: a layer inside the whole model costs ``1 + layer_overhead`` times its
   time alone (cold caches, the activation that follows). The two coefficients are fitted, by
-  non-negative least squares, to whole-model timings of uniformly pruned copies made while
-  profiling (zero: the rest does not shrink). Where the copies save less than their layers' own
+  non-negative least squares, to whole-model timings of pruned copies made while profiling:
+  uniformly pruned ones, and two that each cut half of the groups, chosen so that one saves
+  mostly element-wise work and the other mostly layer time (uniform copies alone shrink both in
+  step and cannot tell the two coefficients apart). Zero: the rest does not shrink. Where the copies save less than their layers' own
   times (a GPU at batch 1, whose kernels run while the host is still launching the next ones, so
   that shorter kernels leave it waiting on the host), no non-negative pair fits; then
   ``activation_ms`` is 0 and ``layer_overhead`` is fitted alone in ``[-1, 0)``: a layer's saving
