@@ -90,7 +90,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--table", default="", metavar="T.json",
                         help="check this table (made by this tool or merged) instead of profiling: implies --check; "
-                             "the table with the check rows is written to --output (--points, --proposals and --passes do not apply)")
+                             "the table with the check rows is written to --output (--points, --proposals and "
+                             "--passes do not apply)")
     parser.add_argument("--check", action="store_true",
                         help="time the whole model pruned uniformly at --check-ratios and print predicted vs measured")
     parser.add_argument("--check-ratios", default="0,0.25,0.5,0.75", metavar="R1,R2",

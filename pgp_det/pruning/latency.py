@@ -37,9 +37,10 @@ A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one in
   non-negative least squares, to whole-model timings of pruned copies made while profiling:
   uniformly pruned ones, and two that each cut half of the groups, chosen so that one saves
   mostly element-wise work and the other mostly layer time (uniform copies alone shrink both in
-  step and cannot tell the two coefficients apart). Zero: the rest does not shrink. Where the copies save less than their layers' own
-  times (a GPU at batch 1, whose kernels run while the host is still launching the next ones, so
-  that shorter kernels leave it waiting on the host), no non-negative pair fits; then
+  step and cannot tell the two coefficients apart). Zero: the rest does not shrink. Where the
+  copies save less than their layers' own times (a GPU at batch 1, whose kernels run while the
+  host is still launching the next ones, so that shorter kernels leave it waiting on the host),
+  no non-negative pair fits; then
   ``activation_ms`` is 0 and ``layer_overhead`` is fitted alone in ``[-1, 0)``: a layer's saving
   shows as ``1 + layer_overhead`` of its time alone, none of it at -1.
 
