@@ -538,7 +538,7 @@ def profile_latency(
     activations = {k: float(v) for k, v in activations.items() if v > 0}
     copies = []
     if calibration_ratios:
-        cuts = [({"ratio": float(r)}, dict(uniform_sizes(groups, float(r), multiple, floor))) for r in calibration_ratios]
+        cuts = _uniform_cuts(groups, calibration_ratios, multiple, floor)
         if contrast:
             layers_only = LatencyTable(sizes, input_size, entries, counts, [0.0] * len(counts), reference, info,
                                        activations=activations)
@@ -588,12 +588,10 @@ def _pruned_copy(model: nn.Module, groups, widths: Mapping[str, int], device) ->
     return pruned.to(device).eval()
 
 
-def _uniform_copies(model: nn.Module, ratios: Sequence[float], device, multiple: int, floor: int) -> List[tuple]:
-    """``[(ratio, widths, copy)]``: ``model`` pruned uniformly at each ratio (every prunable
-    group, frozen ones too, keeps its first ``kept_count(size, ratio, multiple, floor)`` channels)."""
-    groups = derive_channel_groups(model, allow_frozen=True)
-    cuts = [(float(ratio), dict(uniform_sizes(groups, float(ratio), multiple, floor))) for ratio in ratios]
-    return [(ratio, widths, _pruned_copy(model, groups, widths, device)) for ratio, widths in cuts]
+def _uniform_cuts(groups, ratios: Sequence[float], multiple: int, floor: int) -> List[Tuple[dict, Dict[str, int]]]:
+    """``[({"ratio": ratio}, widths)]``: every prunable group, frozen ones too, cut uniformly at
+    each ratio (it keeps ``kept_count(size, ratio, multiple, floor)`` channels)."""
+    return [({"ratio": float(ratio)}, dict(uniform_sizes(groups, float(ratio), multiple, floor))) for ratio in ratios]
 
 
 def contrast_cuts(table: LatencyTable, uniform_cut: Mapping[str, int]) -> List[Tuple[dict, Dict[str, int]]]:
@@ -670,9 +668,11 @@ def check_latency(
     images = _check_images(images, table.input_size)
     reference = table.reference_proposals
     pinned = [_record_calls(model, _inputs(model, image, device), reference, device, dtype)[2] for image in images]
-    copies = _uniform_copies(model, ratios, device, multiple, floor)
+    groups = derive_channel_groups(model, allow_frozen=True)
+    copies = [(label, widths, _pruned_copy(model, groups, widths, device))
+              for label, widths in _uniform_cuts(groups, ratios, multiple, floor)]
     others = [(label, unwrap_model(m).to(device).eval()) for label, m in (trained or {}).items()]
-    rows = [{"ratio": ratio, "widths": widths} for ratio, widths, _ in copies]
+    rows = [{**label, "widths": widths} for label, widths, _ in copies]
     rows += [{"label": label, "widths": {name: g.size for name, g in derive_channel_groups(m, allow_frozen=True).items()}}
              for label, m in others]
     jobs = [(model, None)] + [(c, pinned) for _, _, c in copies] + [(m, None) for _, m in others]

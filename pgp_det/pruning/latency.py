@@ -40,9 +40,9 @@ A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one in
   step and cannot tell the two coefficients apart). Zero: the rest does not shrink. Where the
   copies save less than their layers' own times (a GPU at batch 1, whose kernels run while the
   host is still launching the next ones, so that shorter kernels leave it waiting on the host),
-  no non-negative pair fits; then
-  ``activation_ms`` is 0 and ``layer_overhead`` is fitted alone in ``[-1, 0)``: a layer's saving
-  shows as ``1 + layer_overhead`` of its time alone, none of it at -1.
+  no non-negative pair fits; then ``activation_ms`` is 0 and ``layer_overhead`` is fitted alone
+  in ``[-1, 0)``: a layer's saving shows as ``1 + layer_overhead`` of its time alone, none of it
+  at -1.
 
 Tables carry what they were measured with (device name and kind, threads, precision, software
 versions, input size) and the architecture they fit (every channel group's name and original
