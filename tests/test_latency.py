@@ -1056,7 +1056,9 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
     for options, overrides, message in ((["--input-size", "64x64"], [], "was profiled at 128x160"),
                                         ([], ["MODEL.RPN.PRE_NMS_TOPK_TEST", "300"], "MODEL.RPN.PRE_NMS_TOPK_TEST 200"),
                                         (["--passes", "3", "--proposals", "10,20"], [],
-                                         "--proposals, --passes set how a table is profiled")):
+                                         "--proposals, --passes set how a table is profiled"),
+                                        # given at its default value, still a profiling option
+                                        (["--points", "5"], [], "--points set how a table is profiled")):
         assert tool.main(["--config", CONFIG, "--table", r18_table, "--output", str(output), *options,
                           *OVERRIDES, *overrides], timer=flop_timer) == 2
         err = capsys.readouterr().err.strip()

@@ -63,6 +63,8 @@ from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
 
 CONFIGS_DIR = os.path.join(ROOT, "configs")
+# options that set how a table is profiled (``--proposals ""``: a quarter, half and all of the config's count)
+PROFILING_DEFAULTS = {"points": 5, "proposals": "", "passes": 1}
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -76,17 +78,19 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="input size the model will run at (required, unless --table gives it)")
     parser.add_argument("--output", required=True, metavar="TABLE.json", help="the table to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing TABLE.json")
-    parser.add_argument("--points", type=int, default=5, help="widths timed per axis of a layer's grid (>= 2)")
-    parser.add_argument("--proposals", default="", metavar="N1,N2",
+    # the profiling-only options default to None so that --table can tell them apart from unset
+    parser.add_argument("--points", type=int, default=None,
+                        help=f"widths timed per axis of a layer's grid (>= 2; default {PROFILING_DEFAULTS['points']})")
+    parser.add_argument("--proposals", default=None, metavar="N1,N2",
                         help="proposal counts to time (default: 1/4, 1/2 and all of MODEL.RPN.POST_NMS_TOPK_TEST)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing")
     parser.add_argument("--runs", type=int, default=7,
                         help="timed calls per timing (the median is kept); whole models compared (other proposal "
                              "counts, calibration copies, --check) are timed in turn, one call each per round, over "
                              "this many rounds")
-    parser.add_argument("--passes", type=int, default=1,
+    parser.add_argument("--passes", type=int, default=None,
                         help="time every layer this many times, pass after pass through all layers, and keep the "
-                             "fastest (default 1)")
+                             f"fastest (default {PROFILING_DEFAULTS['passes']})")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--table", default="", metavar="T.json",
                         help="check this table (made by this tool or merged) instead of profiling: implies --check; "
@@ -124,8 +128,7 @@ def check_args(args) -> None:
         raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
     args.table_to_check = None
     if args.table:
-        profiling_only = [f"--{name}" for name in ("points", "proposals", "passes")
-                          if getattr(args, name) != argument_parser().get_default(name)]
+        profiling_only = [f"--{name}" for name in PROFILING_DEFAULTS if getattr(args, name) is not None]
         if profiling_only:
             raise UserInputError(f"{', '.join(profiling_only)} set how a table is profiled; --table checks the one "
                                  f"it names as it is: drop {', '.join(profiling_only)}, or profile without --table")
@@ -140,6 +143,9 @@ def check_args(args) -> None:
             raise UserInputError(f"the table {args.table} was profiled in {table.metadata.get('precision')}, this check "
                                  f"would run in {precision}: {'drop' if args.fp16 else 'pass'} --fp16")
         args.check = True
+    for name, default in PROFILING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if not args.input_size:
         raise UserInputError("--input-size HxW is required (the size the model will run at), unless --table gives it")
     parse_input_size(args.input_size)
