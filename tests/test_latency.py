@@ -1010,7 +1010,7 @@ def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, 
     output = tmp_path / "merged.json"
     for argv, message in (([r18_table, threads_path], "differ in num_threads"),
                           ([r18_table, size_path], "differ in input size"),
-                          ([r18_table], "at least two tables"),
+                          ([r18_table], "at least two latency tables"),
                           ([r18_table, str(garbled)], "is not valid JSON"),
                           ([r18_table, threads_path, "--output", threads_path], "is one of the tables")):
         if "--output" not in argv:

@@ -43,9 +43,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """Reject bad arguments before any table is read."""
-    if len(args.tables) < 2:
-        raise UserInputError(f"give at least two tables to merge, got {len(args.tables)}")
+    """Reject bad arguments before any table is read (the tables themselves: merge_tables)."""
     if os.path.isdir(args.output):
         raise UserInputError(f"--output '{args.output}' is a folder: give the table's file name, e.g. merged.json")
     if os.path.abspath(args.output) in {os.path.abspath(t) for t in args.tables}:

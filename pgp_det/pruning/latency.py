@@ -270,7 +270,8 @@ def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
             settings, or that mix profiles with and without calibration copies (one line).
     """
     if len(tables) < 2:
-        raise UserInputError(f"merging needs at least two latency tables, got {len(tables)}")
+        raise UserInputError(f"merging needs at least two latency tables, got {len(tables)}: profile again "
+                             f"at the same settings and give every table")
     first = tables[0]
 
     def refuse(table: "LatencyTable", what: str):
