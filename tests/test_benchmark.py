@@ -458,3 +458,40 @@ def test_eval_map_fps_reference_gives_each_point_its_speedup(tiny_voc, tiny_mode
     # 4 points and the reference at its own settings each map the 3 images once: the reference's
     # images are not read again for every point it is timed with
     assert len(mapped) == 3 * 5 and len(set(mapped)) == 3
+
+
+_FAULTS_SCRIPT = """
+import json, resource, sys
+import torch
+from pgp_det.benchmark.allocator import keep_freed_memory
+from pgp_det.benchmark.timing import environment_info
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+    keep_freed_memory()  # a second call changes nothing
+faults = []
+for floats in (3 << 20, 12 << 20):  # 12 MiB and 48 MiB of float32: below and above glibc's largest heap threshold
+    for _ in range(2):  # the heap grows to hold it: faults once
+        torch.ones(floats)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(floats)  # allocated, written, freed: an activation of one inference after another
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+print(json.dumps({"kept": environment_info()["freed_memory_kept"], "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    """With the system's malloc a 48 MiB activation is mapped afresh, and faulted in page by page,
+    at every allocation; after keep_freed_memory() the same allocations fault nothing (counted by
+    the kernel: minor page faults of the process), and timings record the setting."""
+    runs = {}
+    for mode in ("system", "keep"):
+        proc = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["system"]["kept"] is False and runs["keep"]["kept"] is True
+    assert runs["system"]["faults"][1] >= 20, runs  # 12,288 pages of 4 KiB (24 huge pages at least)
+    for faults in runs["keep"]["faults"]:
+        assert faults <= 2, runs

@@ -1058,9 +1058,21 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
                                         (["--passes", "3", "--proposals", "10,20"], [],
                                          "--proposals, --passes set how a table is profiled"),
                                         # given at its default value, still a profiling option
-                                        (["--points", "5"], [], "--points set how a table is profiled")):
+                                        (["--points", "5"], [], "--points set how a table is profiled"),
+                                        # timed with freed memory kept, the table was not: refused before it is kept
+                                        (["--keep-freed-memory"], [], "profiled without freed memory kept, this "
+                                         "check would run with: drop --keep-freed-memory")):
         assert tool.main(["--config", CONFIG, "--table", r18_table, "--output", str(output), *options,
                           *OVERRIDES, *overrides], timer=flop_timer) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and message in err, err
         assert not output.exists()
+    data = LatencyTable.load(r18_table).to_dict()
+    data["metadata"]["environment"]["freed_memory_kept"] = True
+    kept = str(tmp_path / "kept.json")
+    LatencyTable.from_dict(data).save(kept)
+    assert "freed memory kept" in LatencyTable.load(kept).describe()
+    assert tool.main(["--config", CONFIG, "--table", kept, "--output", str(output), *OVERRIDES], timer=flop_timer) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "pass --keep-freed-memory" in err, err
+    assert not output.exists()

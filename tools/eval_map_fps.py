@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
+from pgp_det.benchmark.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.benchmark.measure import (  # noqa: E402
     SEED,
     ModelSpec,
@@ -54,7 +55,9 @@ from pgp_det.benchmark.report import reproducibility_record, write_report  # noq
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
 from pgp_det.data import add_dataset_arguments  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
+from pgp_det.utils.cli import (  # noqa: E402
+    OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, check_overrides, parse_input_size,
+)
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 
@@ -86,6 +89,7 @@ def argument_parser():
                              "leaves out")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for results.* and the plots")
     add_dataset_arguments(parser)
+    add_keep_freed_memory_argument(parser)
     add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE config overrides applied to every model")
@@ -129,6 +133,8 @@ def main(argv=None) -> int:
         specs = [point for spec in models for point in expand_sweeps(spec, parse_sweeps(args.sweep))]
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.keep_freed_memory:
+            keep_freed_memory()
         torch.manual_seed(SEED)
         with claim_output_dir(args.output, "--output") as output:
             # every model's config, dataset and weights are checked before anything is written

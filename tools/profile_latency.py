@@ -36,6 +36,10 @@ checkpoint as ``--weights`` gives a table for its pruned architecture, which a c
 model will refuse. ``--table T`` checks an existing table instead of profiling (one made here
 earlier, or merged by ``tools/merge_latency_tables.py``): the model, input size, precision and
 test-time settings must be the table's, and the table with the check rows goes to ``--output``.
+On a CPU, ``--keep-freed-memory`` times with the memory the process frees kept for reuse
+(``pgp_det.benchmark.allocator``): at large inputs the whole model otherwise pays page faults that
+layers timed alone do not, and the table cannot see them. A table records whether it was made so;
+``--table`` checks it only in the same state.
 
 Bad input ends with one ``error:`` line on stderr, exit code 2, and nothing written.
 """
@@ -50,6 +54,7 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
+from pgp_det.benchmark.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency  # noqa: E402
 from pgp_det.benchmark.measure import fixed_size_images  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
@@ -58,7 +63,9 @@ from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import derive_channel_groups, kept_count  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, parse_arguments, parse_input_size  # noqa: E402
+from pgp_det.utils.cli import (  # noqa: E402
+    OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, parse_arguments, parse_input_size,
+)
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
 
@@ -105,6 +112,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=4, help="images to profile on (default 4)")
     parser.add_argument("--noise-images", action="store_true",
                         help="profile on noise images, not on the config's test set")
+    add_keep_freed_memory_argument(parser)
     add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
@@ -142,6 +150,11 @@ def check_args(args) -> None:
         if table.metadata.get("precision") != precision:
             raise UserInputError(f"the table {args.table} was profiled in {table.metadata.get('precision')}, this check "
                                  f"would run in {precision}: {'drop' if args.fp16 else 'pass'} --fp16")
+        kept = bool(table.metadata.get("environment", {}).get("freed_memory_kept", False))
+        if kept != args.keep_freed_memory:
+            raise UserInputError(f"the table {args.table} was profiled {'with' if kept else 'without'} freed memory kept, "
+                                 f"this check would run {'with' if args.keep_freed_memory else 'without'}: "
+                                 f"{'pass' if kept else 'drop'} --keep-freed-memory")
         args.check = True
     for name, default in PROFILING_DEFAULTS.items():
         if getattr(args, name) is None:
@@ -281,6 +294,8 @@ def main(argv=None, timer=None) -> int:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.keep_freed_memory:
+            keep_freed_memory()
         folder = os.path.dirname(os.path.abspath(args.output))
         with claim_output_dir(folder, "--output") as output:
             table = profile(cfg, args, timer)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from detectron2.modeling.postprocessing import detector_postprocess
 
+from .allocator import freed_memory_kept
+
 __all__ = [
     "TimingStats",
     "DetectorLatency",
@@ -134,7 +136,8 @@ def _cpu_name() -> str:
 
 
 def environment_info(device: Union[str, torch.device] = "cpu") -> dict:
-    """What a timing depends on: device name, thread count and library versions."""
+    """What a timing depends on: device name, thread count, library versions and whether freed
+    memory is kept (:mod:`.allocator`)."""
     import detectron2
     import torchvision
 
@@ -152,6 +155,7 @@ def environment_info(device: Union[str, torch.device] = "cpu") -> dict:
         "torchvision": torchvision.__version__,
         "detectron2": detectron2.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "freed_memory_kept": freed_memory_kept(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }

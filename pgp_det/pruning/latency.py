@@ -579,10 +579,11 @@ class LatencyTable:
         return self.predict()
 
     def describe(self) -> str:
-        """One line: device, kind, precision, threads, input size."""
+        """One line: device, kind, precision, threads (freed memory kept or not), input size."""
         m = self.metadata
+        kept = ", freed memory kept" if m.get("environment", {}).get("freed_memory_kept") else ""
         return (f"{m.get('device_name', '?')} ({self.device_kind}, {m.get('precision', '?')}, "
-                f"{m.get('num_threads', '?')} threads) at {self.input_size[0]}x{self.input_size[1]}")
+                f"{m.get('num_threads', '?')} threads{kept}) at {self.input_size[0]}x{self.input_size[1]}")
 
     # -- files ------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..errors import UserInputError
 
-__all__ = ["OneLineArgumentParser", "add_trust_argument", "check_overrides", "parse_arguments", "parse_input_size"]
+__all__ = ["OneLineArgumentParser", "add_keep_freed_memory_argument", "add_trust_argument", "check_overrides", "parse_arguments", "parse_input_size"]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -21,6 +21,17 @@ def add_trust_argument(parser: argparse.ArgumentParser) -> None:
         "--trust-weights", action="store_true",
         help="load weights files that pickle Python objects (legacy checkpoints). Loading such a file runs "
              "code it holds: use only for files from a source you trust. Without it, such files are refused.",
+    )
+
+
+def add_keep_freed_memory_argument(parser: argparse.ArgumentParser) -> None:
+    """``--keep-freed-memory``: time with freed memory kept in the process
+    (:func:`pgp_det.benchmark.allocator.keep_freed_memory`)."""
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true",
+        help="CPU: keep the memory the process frees (glibc malloc) so that timings leave out the page faults of "
+             "mapping activations afresh at every inference; deploy with MALLOC_MMAP_MAX_=0 "
+             "MALLOC_TRIM_THRESHOLD_=2147483647 to run as timed. Recorded with the results.",
     )
 
 
