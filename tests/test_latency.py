@@ -279,6 +279,7 @@ def test_profiler_table_predicts_what_the_fake_timer_measures(r18_table, capsys)
     assert [row["ratio"] for row in meta["check"]] == [0.0, 0.25, 0.5, 0.75]
     for row in meta["check"]:
         assert abs(row["error_percent"]) < 1e-6, row
+    assert meta["page_faults_per_inference"] >= 0 and meta["environment"]["freed_memory_kept"] is False
     assert table.predict(proposals=25) < table.predict()  # fewer proposals, less ROI-head work
     assert time_whole_model(model, SIZE, flop_timer, proposals=25) == pytest.approx(table.predict(proposals=25))
 
@@ -863,14 +864,14 @@ def test_repeated_layer_calls_give_the_time_of_one_call():
 
 class BusyDevice:
     """A fake device that something else keeps busy now and then: every ``every``-th timing
-    takes ``factor`` times as long."""
+    after the first ``quiet`` takes ``factor`` times as long."""
 
-    def __init__(self, timer, every, factor):
-        self.timer, self.every, self.factor, self.calls, self.spikes = timer, every, factor, 0, 0
+    def __init__(self, timer, every, factor, quiet=0):
+        self.timer, self.every, self.factor, self.calls, self.spikes = timer, every, factor, -quiet, 0
 
     def __call__(self, fn):
         self.calls += 1
-        if self.calls % self.every:
+        if self.calls <= 0 or self.calls % self.every:
             return self.timer(fn)
         self.spikes += 1
         return self.factor * self.timer(fn)
@@ -885,7 +886,7 @@ def test_layer_timings_that_a_busy_device_spoiled_are_timed_again():
 
     model = synthetic_model(synthetic_cfg())
     quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
-    busy_device = BusyDevice(flop_timer, every=7, factor=30.0)
+    busy_device = BusyDevice(flop_timer, every=7, factor=30.0, quiet=1)  # the whole model before the layers
     busy = profile_latency(model, SIZE, timer=busy_device, whole_timer=flop_timer, points=3, calibration_ratios=())
     assert quiet.metadata["repeated_layer_timings"] == 0
     assert busy_device.spikes > 10 and busy.metadata["repeated_layer_timings"] >= busy_device.spikes
@@ -952,6 +953,37 @@ def test_a_second_pass_keeps_a_slow_spell_out_of_the_layer_prices():
             assert row_b == pytest.approx(row_a, rel=1e-9), a.name
         assert [ms for _, ms in b.in_steps + b.out_steps] == pytest.approx([ms for _, ms in a.in_steps + a.out_steps],
                                                                           rel=1e-9), a.name
+
+
+@pytest.mark.parametrize("slowed", ["before", "after"])
+def test_the_whole_model_timed_in_a_slow_state_leaves_the_fixed_part_as_it_was(slowed):
+    """The whole model is timed before and after the layer timings and the faster kept: a device
+    (or process) 1.3x slower at either of the two timings gives the quiet device's fixed part,
+    where either timing alone would put the slowdown into every prediction."""
+    from pgp_det.benchmark.latency_profile import profile_latency
+
+    model = synthetic_model(synthetic_cfg())
+    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    assert quiet.metadata["whole_ms_before_layers"] == pytest.approx(quiet.metadata["whole_ms_after_layers"])
+    first = 0 if slowed == "before" else 1 + quiet.metadata["distinct_layer_timings"]  # one image: one call each
+    device = SlowedWhileDevice(flop_timer, first, first + 1, 1.3)
+    table = profile_latency(model, SIZE, timer=device, points=3, calibration_ratios=())
+    meta = table.metadata
+    assert meta["repeated_layer_timings"] == 0
+    assert meta[f"whole_ms_{slowed}_layers"] == pytest.approx(1.3 * quiet.metadata["whole_ms_before_layers"])
+    assert table.fixed_ms == pytest.approx(quiet.fixed_ms, rel=1e-9)
+    assert table.predict() == pytest.approx(quiet.predict(), rel=1e-9)
+
+
+def test_page_faults_are_counted_per_call():
+    """A call that maps a fresh 48 MiB block (above what glibc's malloc keeps on its heap) faults
+    its pages in; one that reuses a small block faults none."""
+    from pgp_det.benchmark.allocator import minor_page_faults, page_faults_per_call
+
+    if minor_page_faults() is None:
+        pytest.skip("the platform counts no page faults")
+    assert page_faults_per_call(lambda: torch.ones(12 << 20)) >= 20  # 12,288 pages of 4 KiB, 24 huge pages at least
+    assert page_faults_per_call(lambda: torch.ones(1 << 10)) <= 2
 
 
 def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp_path, capsys):

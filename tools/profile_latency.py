@@ -54,7 +54,7 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
-from pgp_det.benchmark.allocator import keep_freed_memory  # noqa: E402
+from pgp_det.benchmark.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, keep_freed_memory  # noqa: E402
 from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency  # noqa: E402
 from pgp_det.benchmark.measure import fixed_size_images  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
@@ -72,6 +72,8 @@ from pgp_det.utils.weights import check_weights_available  # noqa: E402
 CONFIGS_DIR = os.path.join(ROOT, "configs")
 # options that set how a table is profiled (``--proposals ""``: a quarter, half and all of the config's count)
 PROFILING_DEFAULTS = {"points": 5, "proposals": "", "passes": 1}
+# measured on a 2-core CPU: tens of faults per inference at 224x224, about 49,000 at 800x800 (a fifth of its time)
+PAGE_FAULTS_WORTH_A_HINT = 1000
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -317,6 +319,11 @@ def main(argv=None, timer=None) -> int:
         print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings{again}) on "
               f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms "
               f"predicted at {table.reference_proposals} proposals")
+        faults = meta.get("page_faults_per_inference", 0)
+        if faults >= PAGE_FAULTS_WORTH_A_HINT and not meta["environment"].get("freed_memory_kept"):
+            print(f"the whole model faulted {faults:.0f} memory pages in per inference, a cost its layers timed alone do "
+                  f"not pay and the table cannot predict: profile with --keep-freed-memory (and deploy with "
+                  f"{ALLOCATOR_ENVIRONMENT})")
     print(headroom_report(table))
     if args.check:
         print(check_report(table))

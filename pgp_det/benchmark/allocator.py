@@ -15,10 +15,16 @@ deployment gets the same from the environment before it starts
 """
 import ctypes
 import platform
+from typing import Callable, Optional
+
+try:
+    import resource
+except ImportError:  # not a Unix
+    resource = None
 
 from ..errors import UserInputError
 
-__all__ = ["ENVIRONMENT", "freed_memory_kept", "keep_freed_memory"]
+__all__ = ["ENVIRONMENT", "freed_memory_kept", "keep_freed_memory", "minor_page_faults", "page_faults_per_call"]
 
 # mallopt's parameter numbers (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -32,6 +38,22 @@ _kept = False
 def freed_memory_kept() -> bool:
     """Whether :func:`keep_freed_memory` has run in this process."""
     return _kept
+
+
+def minor_page_faults() -> Optional[int]:
+    """The process's minor page faults so far (pages mapped in without reading a disk); None where
+    the platform does not count them."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def page_faults_per_call(fn: Callable[[], object]) -> float:
+    """Minor page faults during one ``fn()`` call after a first, uncounted one (in the
+    :data:`~pgp_det.benchmark.latency_profile.Timer` form, so that the whole-model timing helpers
+    can count them); 0 where the platform does not count them."""
+    fn()
+    before = minor_page_faults()
+    fn()
+    return 0.0 if before is None else float(minor_page_faults() - before)
 
 
 def keep_freed_memory() -> None:

@@ -8,11 +8,12 @@ proposals; then times, for every conv and linear layer with a prunable channel g
 (and the ROI pooler), a copy of the layer sliced to each ``(in, out)`` width of a sampled grid and
 to every allowed width of each axis with the other at full width (the steps), called on random
 inputs of the recorded shapes (every call one inference makes: all FPN levels of a shared head);
-then the whole model (the rest is the difference at full width); and last, timed in turn with
-it round after round (:func:`time_interleaved`), the whole model at the other proposal counts and
-the model pruned uniformly at a few ratios and two copies that each cut half of the groups
-(:func:`contrast_cuts`), their ROI heads fed the unpruned model's proposals, to fit the part of
-the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`).
+the whole model before and after those (the faster kept; the rest is the difference at full
+width; on a CPU also its page faults per inference, see :mod:`.allocator`); and last, timed in
+turn with it round after round (:func:`time_interleaved`), the whole model at the other proposal
+counts and the model pruned uniformly at a few ratios and two copies that each cut half of the
+groups (:func:`contrast_cuts`), their ROI heads fed the unpruned model's proposals, to fit the
+part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`).
 Those enter the table as their shares of the unpruned model's time in the same rounds, so that a
 drift of the device's speed while they are timed stays out.
 Layers with identical settings and shapes (repeated blocks) are timed once. Every inference runs
@@ -43,6 +44,7 @@ from ..pruning.latency import LatencyEntry, LatencyTable, fit_rest
 from ..pruning.surgery import hard_prune
 from ..utils.flops import full_proposal_budget
 from ..utils.modules import unwrap_model
+from .allocator import minor_page_faults, page_faults_per_call
 from .timing import _check_dtype, _sync_for, environment_info, image_to_input, precision_context, synthetic_image, time_callable
 
 __all__ = [
@@ -439,6 +441,7 @@ def profile_latency(
              for name, g in groups.items() if g.prunable}
     grids = {name: grid_widths(g.size, points, multiple, floor, g.channel_multiple)
              for name, g in groups.items() if g.prunable}
+    before = time_whole_model(model, input_size, timer, device, dtype, reference, images)
     layers = _LayerTimer(timer, device, dtype, layer_repeat)
     modules = dict(model.named_modules())
     activations: Dict[str, float] = {}
@@ -529,10 +532,19 @@ def profile_latency(
     }
     info.update(metadata or {})
 
-    # the whole model at the reference count right after its layers (the rest is the difference);
-    # the other counts and the calibration copies as shares of it, timed in the same rounds, so
-    # that a drift of the device's speed while they are timed one after another does not enter
-    whole = time_whole_model(model, input_size, timer, device, dtype, reference, images)
+    # the whole model at the reference count before and right after its layers, the faster kept
+    # (the rest is the difference): a thousand layer timings can leave the process slower at the
+    # model for a while (measured: 5-8% on a CPU, its heap strewn with blocks of every size), as
+    # other work on the device can; the other counts and the calibration copies as shares of it,
+    # timed in the same rounds, so that a drift of the device's speed while they are timed one
+    # after another does not enter
+    after = time_whole_model(model, input_size, timer, device, dtype, reference, images)
+    whole = min(before, after)
+    info.update(whole_ms_before_layers=before, whole_ms_after_layers=after)
+    say(f"whole model before the layer timings {before:.3f} ms, after them {after:.3f} ms: the faster kept")
+    if device.type == "cpu" and minor_page_faults() is not None:
+        info["page_faults_per_inference"] = time_whole_model(model, input_size, page_faults_per_call, device, dtype,
+                                                             reference, images)
     others = [n for n in counts if n != reference]
     sizes = {name: g.size for name, g in groups.items()}
     activations = {k: float(v) for k, v in activations.items() if v > 0}
