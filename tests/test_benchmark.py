@@ -236,6 +236,14 @@ def test_report_files(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_report_says_how_memory_was_allocated(tmp_path):
+    rows = [{"label": "a", "fps": 3.0, "gflops": 1.0}]
+    for kept, line in ((False, "on EPYC (cpu, 2 threads)."), (True, "on EPYC (cpu, 2 threads, freed memory kept).")):
+        env = {"device_name": "EPYC", "device": "cpu", "num_threads": 2, "freed_memory_kept": kept}
+        write_report(rows, str(tmp_path / str(kept)), reproducibility_record(env, 0, {}))
+        assert line in (tmp_path / str(kept) / "results.md").read_text()
+
+
 def test_report_without_map_skips_plots(tmp_path):
     rows = [{"label": "a", "fps": 3.0, "gflops": 1.0}]
     written = write_report(rows, str(tmp_path), reproducibility_record({}, 0, {}))

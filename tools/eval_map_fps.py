@@ -24,7 +24,10 @@ Without ``--input-size`` the timing input is ``INPUT.MIN_SIZE_TEST`` square, so 
 sweeps the timed size too. With ``--reference LABEL`` every model (every sweep point) is timed on
 the dataset images in turn with that model at its config's own settings, image by image, and
 gets a ``speedup`` column: on a device whose speed drifts over a long sweep, a ratio of two
-latencies measured minutes apart is off by the drift, one measured in turn is not.
+latencies measured minutes apart is off by the drift, one measured in turn is not. On a CPU at
+large inputs, ``--keep-freed-memory`` times with the memory the process frees kept for reuse
+(``pgp_det.benchmark.allocator``; the results record it): without it, each inference may fault
+its activations' pages in afresh.
 
 Bad input (missing config or weights, a checkpoint that does not fit its config, an unregistered
 dataset) ends with one line on stderr and exit code 2.

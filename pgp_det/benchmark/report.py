@@ -267,7 +267,8 @@ def write_report(
     }
 
     env = reproducibility.get("environment", {})
-    where = f"{env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('num_threads', '?')} threads)"
+    kept = ", freed memory kept" if env.get("freed_memory_kept") else ""
+    where = f"{env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('num_threads', '?')} threads{kept})"
     metric = next((r["map_metric"] for r in rows if r.get("map_metric")), "mAP")
     md = [
         "# mAP vs inference speed\n",
