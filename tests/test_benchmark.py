@@ -471,7 +471,7 @@ def test_eval_map_fps_reference_gives_each_point_its_speedup(tiny_voc, tiny_mode
 _FAULTS_SCRIPT = """
 import json, resource, sys
 import torch
-from pgp_det.benchmark.allocator import keep_freed_memory
+from pgp_det.utils.allocator import keep_freed_memory
 from pgp_det.benchmark.timing import environment_info
 if sys.argv[1] == "keep":
     keep_freed_memory()

@@ -978,7 +978,7 @@ def test_the_whole_model_timed_in_a_slow_state_leaves_the_fixed_part_as_it_was(s
 def test_page_faults_are_counted_per_call():
     """A call that maps a fresh 48 MiB block (above what glibc's malloc keeps on its heap) faults
     its pages in; one that reuses a small block faults none."""
-    from pgp_det.benchmark.allocator import minor_page_faults, page_faults_per_call
+    from pgp_det.utils.allocator import minor_page_faults, page_faults_per_call
 
     if minor_page_faults() is None:
         pytest.skip("the platform counts no page faults")

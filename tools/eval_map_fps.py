@@ -26,7 +26,7 @@ the dataset images in turn with that model at its config's own settings, image b
 gets a ``speedup`` column: on a device whose speed drifts over a long sweep, a ratio of two
 latencies measured minutes apart is off by the drift, one measured in turn is not. On a CPU at
 large inputs, ``--keep-freed-memory`` times with the memory the process frees kept for reuse
-(``pgp_det.benchmark.allocator``; the results record it): without it, each inference may fault
+(``pgp_det.utils.allocator``; the results record it): without it, each inference may fault
 its activations' pages in afresh.
 
 Bad input (missing config or weights, a checkpoint that does not fit its config, an unregistered
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
-from pgp_det.benchmark.allocator import keep_freed_memory  # noqa: E402
+from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.benchmark.measure import (  # noqa: E402
     SEED,
     ModelSpec,

@@ -37,7 +37,7 @@ model will refuse. ``--table T`` checks an existing table instead of profiling (
 earlier, or merged by ``tools/merge_latency_tables.py``): the model, input size, precision and
 test-time settings must be the table's, and the table with the check rows goes to ``--output``.
 On a CPU, ``--keep-freed-memory`` times with the memory the process frees kept for reuse
-(``pgp_det.benchmark.allocator``): at large inputs the whole model otherwise pays page faults that
+(``pgp_det.utils.allocator``): at large inputs the whole model otherwise pays page faults that
 layers timed alone do not, and the table cannot see them. A table records whether it was made so;
 ``--table`` checks it only in the same state.
 
@@ -54,7 +54,7 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
-from pgp_det.benchmark.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, keep_freed_memory  # noqa: E402
+from pgp_det.utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, keep_freed_memory  # noqa: E402
 from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency  # noqa: E402
 from pgp_det.benchmark.measure import fixed_size_images  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402

@@ -9,11 +9,12 @@ proposals; then times, for every conv and linear layer with a prunable channel g
 to every allowed width of each axis with the other at full width (the steps), called on random
 inputs of the recorded shapes (every call one inference makes: all FPN levels of a shared head);
 the whole model before and after those (the faster kept; the rest is the difference at full
-width; on a CPU also its page faults per inference, see :mod:`.allocator`); and last, timed in
-turn with it round after round (:func:`time_interleaved`), the whole model at the other proposal
-counts and the model pruned uniformly at a few ratios and two copies that each cut half of the
-groups (:func:`contrast_cuts`), their ROI heads fed the unpruned model's proposals, to fit the
-part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`).
+width; on a CPU also its page faults per inference, see :mod:`~pgp_det.utils.allocator`); and
+last, timed in turn with it round after round (:func:`time_interleaved`), the whole model at the
+other proposal counts and the model pruned uniformly at a few ratios and two copies that each
+cut half of the groups (:func:`contrast_cuts`), their ROI heads fed the unpruned model's
+proposals, to fit the part of the rest that shrinks with the channels
+(:func:`~pgp_det.pruning.latency.fit_rest`).
 Those enter the table as their shares of the unpruned model's time in the same rounds, so that a
 drift of the device's speed while they are timed stays out.
 Layers with identical settings and shapes (repeated blocks) are timed once. Every inference runs
@@ -44,7 +45,7 @@ from ..pruning.latency import LatencyEntry, LatencyTable, fit_rest
 from ..pruning.surgery import hard_prune
 from ..utils.flops import full_proposal_budget
 from ..utils.modules import unwrap_model
-from .allocator import minor_page_faults, page_faults_per_call
+from ..utils.allocator import minor_page_faults, page_faults_per_call
 from .timing import _check_dtype, _sync_for, environment_info, image_to_input, precision_context, synthetic_image, time_callable
 
 __all__ = [

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from detectron2.modeling.postprocessing import detector_postprocess
 
-from .allocator import freed_memory_kept
+from ..utils.allocator import freed_memory_kept
 
 __all__ = [
     "TimingStats",
@@ -137,7 +137,7 @@ def _cpu_name() -> str:
 
 def environment_info(device: Union[str, torch.device] = "cpu") -> dict:
     """What a timing depends on: device name, thread count, library versions and whether freed
-    memory is kept (:mod:`.allocator`)."""
+    memory is kept (:mod:`~pgp_det.utils.allocator`)."""
     import detectron2
     import torchvision
 

@@ -4,8 +4,12 @@ import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..errors import UserInputError
+from .allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT
 
-__all__ = ["OneLineArgumentParser", "add_keep_freed_memory_argument", "add_trust_argument", "check_overrides", "parse_arguments", "parse_input_size"]
+__all__ = [
+    "OneLineArgumentParser", "add_keep_freed_memory_argument", "add_trust_argument", "check_overrides",
+    "parse_arguments", "parse_input_size",
+]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -26,12 +30,12 @@ def add_trust_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_keep_freed_memory_argument(parser: argparse.ArgumentParser) -> None:
     """``--keep-freed-memory``: time with freed memory kept in the process
-    (:func:`pgp_det.benchmark.allocator.keep_freed_memory`)."""
+    (:func:`pgp_det.utils.allocator.keep_freed_memory`)."""
     parser.add_argument(
         "--keep-freed-memory", action="store_true",
         help="CPU: keep the memory the process frees (glibc malloc) so that timings leave out the page faults of "
-             "mapping activations afresh at every inference; deploy with MALLOC_MMAP_MAX_=0 "
-             "MALLOC_TRIM_THRESHOLD_=2147483647 to run as timed. Recorded with the results.",
+             f"mapping activations afresh at every inference; deploy with {ALLOCATOR_ENVIRONMENT} to run as timed. "
+             "Recorded with the results.",
     )
 
 

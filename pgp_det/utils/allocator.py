@@ -4,9 +4,9 @@ faults.
 PyTorch's CPU tensors come from the C library's ``malloc``. glibc's default hands every block of
 128 KiB to 32 MiB (the threshold adapts) or more straight to and from the operating system
 (``mmap``, or trimming the heap's top), so a detector at a large input maps fresh pages for most
-of its activations at every inference and faults each 4 KiB page in again. Measured on this
-project's 2-core CPU at 800x800 (R18-FPN): about 49,000 page faults per inference, 20% of its
-time. A layer timed alone reuses the same few blocks call after call and faults nothing, so a
+of its activations at every inference and faults each 4 KiB page in again (the synthetic
+R18-FPN at 800x800 on a 2-core virtual machine: about 49,000 page faults per inference, a fifth of
+its time). A layer timed alone reuses the same few blocks call after call and faults nothing, so a
 latency table of such layers misses that time in a way that depends on which activations cross
 the threshold. :func:`keep_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD``
 to its largest value: freed memory stays in the process and the next inference reuses it. A
@@ -47,9 +47,9 @@ def minor_page_faults() -> Optional[int]:
 
 
 def page_faults_per_call(fn: Callable[[], object]) -> float:
-    """Minor page faults during one ``fn()`` call after a first, uncounted one (in the
-    :data:`~pgp_det.benchmark.latency_profile.Timer` form, so that the whole-model timing helpers
-    can count them); 0 where the platform does not count them."""
+    """Minor page faults during one ``fn()`` call after a first, uncounted one; 0 where the
+    platform does not count them. It has a timer's form (``fn -> number``), so that helpers that
+    time a model with a timer count its page faults with this one."""
     fn()
     before = minor_page_faults()
     fn()
