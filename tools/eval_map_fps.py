@@ -42,7 +42,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
-from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.benchmark.measure import (  # noqa: E402
     SEED,
     ModelSpec,
@@ -58,6 +57,7 @@ from pgp_det.benchmark.report import reproducibility_record, write_report  # noq
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
 from pgp_det.data import add_dataset_arguments  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
+from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
     OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, check_overrides, parse_input_size,
 )

@@ -54,7 +54,6 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
-from pgp_det.utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, keep_freed_memory  # noqa: E402
 from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency  # noqa: E402
 from pgp_det.benchmark.measure import fixed_size_images  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
@@ -63,6 +62,7 @@ from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import derive_channel_groups, kept_count  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable  # noqa: E402
+from pgp_det.utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, keep_freed_memory  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
     OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, parse_arguments, parse_input_size,
 )

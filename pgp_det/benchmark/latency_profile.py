@@ -43,9 +43,9 @@ from ..pruning.cost import uniform_sizes
 from ..pruning.dependency import derive_channel_groups
 from ..pruning.latency import LatencyEntry, LatencyTable, fit_rest
 from ..pruning.surgery import hard_prune
+from ..utils.allocator import minor_page_faults, page_faults_per_call
 from ..utils.flops import full_proposal_budget
 from ..utils.modules import unwrap_model
-from ..utils.allocator import minor_page_faults, page_faults_per_call
 from .timing import _check_dtype, _sync_for, environment_info, image_to_input, precision_context, synthetic_image, time_callable
 
 __all__ = [

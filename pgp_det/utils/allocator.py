@@ -1,17 +1,18 @@
 """Keep the memory a CPU process frees, so that timings do not include the operating system's page
 faults.
 
-PyTorch's CPU tensors come from the C library's ``malloc``. glibc's default hands every block of
-128 KiB to 32 MiB (the threshold adapts) or more straight to and from the operating system
-(``mmap``, or trimming the heap's top), so a detector at a large input maps fresh pages for most
-of its activations at every inference and faults each 4 KiB page in again (the synthetic
-R18-FPN at 800x800 on a 2-core virtual machine: about 49,000 page faults per inference, a fifth of
-its time). A layer timed alone reuses the same few blocks call after call and faults nothing, so a
-latency table of such layers misses that time in a way that depends on which activations cross
-the threshold. :func:`keep_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD``
-to its largest value: freed memory stays in the process and the next inference reuses it. A
-deployment gets the same from the environment before it starts
-(``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``) or from an allocator that caches.
+PyTorch's CPU tensors come from the C library's ``malloc``. By default glibc takes every block
+above a threshold (128 KiB at first, adapting up to 32 MiB) straight from the operating system and
+gives it back when it is freed (``mmap``; smaller blocks too when the heap's top is trimmed), so a
+detector at a large input maps fresh pages for most of its activations at every inference and
+faults each 4 KiB page in again (the synthetic R18-FPN at 800x800 on a 2-core virtual machine:
+about 49,000 page faults per inference, a fifth of its time). A layer timed alone reuses the same
+few blocks call after call and faults nothing, so a latency table of such layers misses that time
+in a way that depends on which activations cross the threshold. :func:`keep_freed_memory` sets
+glibc's ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to its largest value: freed memory stays in
+the process and the next inference reuses it. A deployment gets the same from the environment
+before it starts (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``) or from an allocator
+that caches.
 """
 import ctypes
 import platform
