@@ -975,6 +975,22 @@ def test_the_whole_model_timed_in_a_slow_state_leaves_the_fixed_part_as_it_was(s
     assert table.predict() == pytest.approx(quiet.predict(), rel=1e-9)
 
 
+def test_training_warns_of_a_table_profiled_while_the_model_faulted_many_pages():
+    """A table whose whole model faulted thousands of pages in per inference, profiled without
+    freed memory kept, gets one warning naming the flag; kept, or with few faults, none."""
+    from pgp_det.pruning.settings import latency_table_at_test_settings
+
+    cfg = synthetic_cfg("MODEL.RPN.POST_NMS_TOPK_TEST", "100", "INPUT.MIN_SIZE_TEST", "128")
+    cases = ((49000, False, 1), (49000, True, 0), (40, False, 0))
+    for faults, kept, expected in cases:
+        table = toy_table(page_faults_per_inference=faults, environment={"freed_memory_kept": kept})
+        _, warnings = latency_table_at_test_settings(cfg, table, "t.json")
+        about_faults = [w for w in warnings if "memory pages" in w]
+        assert len(about_faults) == expected, (faults, kept, warnings)
+        for line in about_faults:
+            assert "49000 memory pages" in line and "--keep-freed-memory" in line and "\n" not in line
+
+
 def test_page_faults_are_counted_per_call():
     """A call that maps a fresh 48 MiB block (above what glibc's malloc keeps on its heap) faults
     its pages in; one that reuses a small block faults none."""

@@ -62,7 +62,7 @@ from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import derive_channel_groups, kept_count  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable  # noqa: E402
-from pgp_det.utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, keep_freed_memory  # noqa: E402
+from pgp_det.utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, MANY_PAGE_FAULTS, keep_freed_memory  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
     OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, parse_arguments, parse_input_size,
 )
@@ -72,8 +72,6 @@ from pgp_det.utils.weights import check_weights_available  # noqa: E402
 CONFIGS_DIR = os.path.join(ROOT, "configs")
 # options that set how a table is profiled (``--proposals ""``: a quarter, half and all of the config's count)
 PROFILING_DEFAULTS = {"points": 5, "proposals": "", "passes": 1}
-# measured on a 2-core CPU: tens of faults per inference at 224x224, about 49,000 at 800x800 (a fifth of its time)
-PAGE_FAULTS_WORTH_A_HINT = 1000
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -320,7 +318,7 @@ def main(argv=None, timer=None) -> int:
               f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms "
               f"predicted at {table.reference_proposals} proposals")
         faults = meta.get("page_faults_per_inference", 0)
-        if faults >= PAGE_FAULTS_WORTH_A_HINT and not meta["environment"].get("freed_memory_kept"):
+        if faults >= MANY_PAGE_FAULTS and not meta["environment"].get("freed_memory_kept"):
             print(f"the whole model faulted {faults:.0f} memory pages in per inference, a cost its layers timed alone do "
                   f"not pay and the table cannot predict: profile with --keep-freed-memory (and deploy with "
                   f"{ALLOCATOR_ENVIRONMENT})")

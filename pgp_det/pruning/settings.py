@@ -1,6 +1,7 @@
 """The ``PRUNING`` settings of a config (keys added by :func:`pgp_det.config.add_pruning_config`):
 checked at start-up, and read as per-scope ratios."""
 from ..errors import UserInputError
+from ..utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, MANY_PAGE_FAULTS
 from .allocation import ALLOCATION_REGISTRY
 from .criteria import CRITERION_REGISTRY
 from .groups import SCOPES
@@ -71,7 +72,9 @@ def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
         extrapolated; an ``INPUT.MIN_SIZE_TEST`` other than the shorter side of the table's input
         size means the budget holds at a size the model is not tested at; a
         ``MODEL.RPN.PRE_NMS_TOPK_TEST`` or ``TEST.DETECTIONS_PER_IMAGE`` other than the one the
-        table was profiled with (when it recorded them) means its fixed part is another one.
+        table was profiled with (when it recorded them) means its fixed part is another one; a
+        table profiled on a CPU whose whole model faulted many pages in per inference, without
+        freed memory kept, may miss by their time (:mod:`~pgp_det.utils.allocator`).
     """
     warnings = []
     for key, value, recorded in (("MODEL.RPN.PRE_NMS_TOPK_TEST", cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, "pre_nms_topk_test"),
@@ -94,6 +97,11 @@ def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
         warnings.append(f"latency table {source} was measured at {height}x{width}, but INPUT.MIN_SIZE_TEST {shorter} "
                         f"resizes test images' shorter side to {shorter}: the latency target holds at the table's "
                         "size, not at the tested one; profile at the size the model will be deployed at")
+    faults = table.metadata.get("page_faults_per_inference", 0)
+    if faults >= MANY_PAGE_FAULTS and not table.metadata.get("environment", {}).get("freed_memory_kept"):
+        warnings.append(f"latency table {source} was profiled while the whole model faulted {faults:.0f} memory pages "
+                        "in per inference, which its layer timings cannot show: its predictions may miss by that time; "
+                        f"profile with --keep-freed-memory and deploy with {ALLOCATOR_ENVIRONMENT}")
     return table.with_proposals(proposals), warnings
 
 
