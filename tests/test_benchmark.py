@@ -478,7 +478,7 @@ if sys.argv[1] == "keep":
     keep_freed_memory()  # a second call changes nothing
 faults = []
 for floats in (3 << 20, 12 << 20):  # 12 MiB and 48 MiB of float32: below and above glibc's largest heap threshold
-    for _ in range(20):  # the heap grows until a freed block (with room to align it) is there to reuse
+    for _ in range(20):  # the heap may grow for a few allocations before freed blocks are reused
         torch.ones(floats)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):
