@@ -991,6 +991,17 @@ def test_training_warns_of_a_table_profiled_while_the_model_faulted_many_pages()
             assert "49000 memory pages" in line and "--keep-freed-memory" in line and "\n" not in line
 
 
+def test_keeping_freed_memory_without_glibc_is_refused_in_one_line(monkeypatch):
+    """On a C library other than glibc there is no mallopt to call: one line naming the flag to
+    drop, and nothing changed."""
+    from pgp_det.utils import allocator
+
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("musl", "1.2"))
+    message = one_line_error(allocator.keep_freed_memory)
+    assert "musl" in message and "drop --keep-freed-memory" in message
+    assert allocator.freed_memory_kept() is False
+
+
 def test_page_faults_are_counted_per_call():
     """A call that maps a fresh 48 MiB block (above what glibc's malloc keeps on its heap) faults
     its pages in; one that reuses a small block faults none."""
