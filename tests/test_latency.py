@@ -1002,17 +1002,6 @@ def test_keeping_freed_memory_without_glibc_is_refused_in_one_line(monkeypatch):
     assert allocator.freed_memory_kept() is False
 
 
-def test_page_faults_are_counted_per_call():
-    """A call that maps a fresh 48 MiB block (above what glibc's malloc keeps on its heap) faults
-    its pages in; one that reuses a small block faults none."""
-    from pgp_det.utils.allocator import minor_page_faults, page_faults_per_call
-
-    if minor_page_faults() is None:
-        pytest.skip("the platform counts no page faults")
-    assert page_faults_per_call(lambda: torch.ones(12 << 20)) >= 20  # 12,288 pages of 4 KiB, 24 huge pages at least
-    assert page_faults_per_call(lambda: torch.ones(1 << 10)) <= 2
-
-
 def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp_path, capsys):
     """Three profiles, each slowed 1.6x through a different quarter of its layer timings (whole
     models timed quietly): each alone misprices some groups, the merged table
