@@ -62,7 +62,7 @@ from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import derive_channel_groups, kept_count  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable  # noqa: E402
-from pgp_det.utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, MANY_PAGE_FAULTS, keep_freed_memory  # noqa: E402
+from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
     OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, parse_arguments, parse_input_size,
 )
@@ -150,7 +150,7 @@ def check_args(args) -> None:
         if table.metadata.get("precision") != precision:
             raise UserInputError(f"the table {args.table} was profiled in {table.metadata.get('precision')}, this check "
                                  f"would run in {precision}: {'drop' if args.fp16 else 'pass'} --fp16")
-        kept = bool(table.metadata.get("environment", {}).get("freed_memory_kept", False))
+        kept = table.freed_memory_kept
         if kept != args.keep_freed_memory:
             raise UserInputError(f"the table {args.table} was profiled {'with' if kept else 'without'} freed memory kept, "
                                  f"this check would run {'with' if args.keep_freed_memory else 'without'}: "
@@ -317,11 +317,9 @@ def main(argv=None, timer=None) -> int:
         print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings{again}) on "
               f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms "
               f"predicted at {table.reference_proposals} proposals")
-        faults = meta.get("page_faults_per_inference", 0)
-        if faults >= MANY_PAGE_FAULTS and not meta["environment"].get("freed_memory_kept"):
-            print(f"the whole model faulted {faults:.0f} memory pages in per inference, a cost its layers timed alone do "
-                  f"not pay and the table cannot predict: profile with --keep-freed-memory (and deploy with "
-                  f"{ALLOCATOR_ENVIRONMENT})")
+        faults = table.page_fault_warning(args.output)
+        if faults:
+            print(faults)
     print(headroom_report(table))
     if args.check:
         print(check_report(table))

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import UserInputError
+from ..utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, MANY_PAGE_FAULTS
 from ..utils.io import atomic_write_json
 from .groups import ChannelGroup, PruningRequestError
 
@@ -578,10 +579,26 @@ class LatencyTable:
         """Predicted latency of the unpruned model (at :attr:`proposals`)."""
         return self.predict()
 
+    @property
+    def freed_memory_kept(self) -> bool:
+        """Whether it was profiled with freed memory kept (:mod:`~pgp_det.utils.allocator`)."""
+        return bool(self.metadata.get("environment", {}).get("freed_memory_kept", False))
+
+    def page_fault_warning(self, source: str) -> Optional[str]:
+        """One line when the whole model faulted many memory pages in per inference while it was
+        profiled without freed memory kept (its predictions may miss by their time); else None.
+        ``source``: how the table is named in the line."""
+        faults = self.metadata.get("page_faults_per_inference", 0)
+        if faults < MANY_PAGE_FAULTS or self.freed_memory_kept:
+            return None
+        return (f"latency table {source} was profiled while the whole model faulted {faults:.0f} memory pages in per "
+                "inference, which its layer timings cannot show: its predictions may miss by that time; profile with "
+                f"--keep-freed-memory and deploy with {ALLOCATOR_ENVIRONMENT}")
+
     def describe(self) -> str:
         """One line: device, kind, precision, threads (freed memory kept or not), input size."""
         m = self.metadata
-        kept = ", freed memory kept" if m.get("environment", {}).get("freed_memory_kept") else ""
+        kept = ", freed memory kept" if self.freed_memory_kept else ""
         return (f"{m.get('device_name', '?')} ({self.device_kind}, {m.get('precision', '?')}, "
                 f"{m.get('num_threads', '?')} threads{kept}) at {self.input_size[0]}x{self.input_size[1]}")
 

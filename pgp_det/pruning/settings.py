@@ -1,7 +1,6 @@
 """The ``PRUNING`` settings of a config (keys added by :func:`pgp_det.config.add_pruning_config`):
 checked at start-up, and read as per-scope ratios."""
 from ..errors import UserInputError
-from ..utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT, MANY_PAGE_FAULTS
 from .allocation import ALLOCATION_REGISTRY
 from .criteria import CRITERION_REGISTRY
 from .groups import SCOPES
@@ -97,11 +96,9 @@ def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
         warnings.append(f"latency table {source} was measured at {height}x{width}, but INPUT.MIN_SIZE_TEST {shorter} "
                         f"resizes test images' shorter side to {shorter}: the latency target holds at the table's "
                         "size, not at the tested one; profile at the size the model will be deployed at")
-    faults = table.metadata.get("page_faults_per_inference", 0)
-    if faults >= MANY_PAGE_FAULTS and not table.metadata.get("environment", {}).get("freed_memory_kept"):
-        warnings.append(f"latency table {source} was profiled while the whole model faulted {faults:.0f} memory pages "
-                        "in per inference, which its layer timings cannot show: its predictions may miss by that time; "
-                        f"profile with --keep-freed-memory and deploy with {ALLOCATOR_ENVIRONMENT}")
+    faults = table.page_fault_warning(source)
+    if faults:
+        warnings.append(faults)
     return table.with_proposals(proposals), warnings
 
 
