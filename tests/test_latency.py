@@ -705,6 +705,87 @@ def test_contrasting_copies_keep_the_fitted_rest_steady_on_a_noisy_device():
     assert worst["with halves"] < 0.05 and worst["with halves"] < 0.75 * worst["uniform"], worst
 
 
+class PricedDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """A fake CPU whose clock advances with the work done while it is entered: 1 ms per million
+    multiply-adds of a conv or matrix product, 400 ms per million elements an element-wise
+    operator writes, and ``pooling_price`` per million for max pooling (a stem's pooling over a
+    high-resolution map that leaves the caches). ``clock()`` reads it; ``timer(fn)`` is the
+    time one call takes on it."""
+
+    def __init__(self, pooling_price=4000.0):
+        super().__init__()
+        self.ms = 0.0
+        self.pooling_price = pooling_price
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if func.overloadpacket == torch.ops.aten.convolution:
+            self.ms += first.numel() * args[1][0].numel() / 1e6
+        elif func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.mm):
+            self.ms += first.numel() * args[-1].shape[0] / 1e6
+        elif func.overloadpacket == torch.ops.aten.max_pool2d_with_indices:
+            self.ms += self.pooling_price * first.numel() / 1e6
+        elif func.overloadpacket in ELEMENT_WISE:
+            self.ms += 400 * first.numel() / 1e6
+        return out
+
+    def clock(self):
+        return self.ms
+
+    def timer(self, fn):
+        start = self.ms
+        fn()
+        return self.ms - start
+
+
+def test_element_wise_work_timed_between_layers_prices_each_groups_cut():
+    """On a device where the stem's max pooling costs ten times what a block's sum does per
+    element, element counts price cutting the stem's group too low: a model pruned only there is
+    over-predicted (by 14%), one pruned only in the deep blocks under-predicted. Timed between the layers
+    in the whole model (a clock), each group's element-wise work is priced as the device charges
+    it: both models, and a uniformly pruned one, within 1.5%; per group, the time timed after its
+    layers matches what the device charged for the operators that follow them."""
+    from pgp_det.benchmark.latency_profile import (_axis_groups, _pruned_copy, check_latency, profile_latency,
+                                                   time_between_layers)
+
+    model = synthetic_model(synthetic_cfg())
+    groups = derive_channel_groups(model, allow_frozen=True)
+    stem = "backbone.bottom_up.res2.stream"  # the stem's output channels and the res2 blocks' sums
+    deep = [name for name in groups if groups[name].prunable and ("res4" in name or "res5" in name)]
+    cuts = {"stem only": {stem: groups[stem].size // 4},
+            "deep only": {name: groups[name].size // 4 for name in deep}}
+    with PricedDevice() as device:
+        timed = profile_latency(model, SIZE, timer=device.timer, points=3, clock=device.clock)
+        counted = profile_latency(model, SIZE, timer=device.timer, points=3)
+        trained = {label: _pruned_copy(model, groups, widths, "cpu") for label, widths in cuts.items()}
+        rows = {name: check_latency(model, table, (0.5,), trained=trained, timer=device.timer)
+                for name, table in (("timed", timed), ("counted", counted))}
+        between = time_between_layers(model, {name: _axis_groups(groups).get((name, 0), (None, 1))[0]
+                                              for name, m in model.named_modules()
+                                              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))},
+                                      SIZE, device.clock, runs=1)
+    assert timed.metadata["activation_weights"] == "ms between layers"
+    assert counted.metadata["activation_weights"] == "elements written"
+    errors = {name: {row.get("label", "uniform"): row["error_percent"] for row in table_rows}
+              for name, table_rows in rows.items()}
+    for label, error in errors["timed"].items():
+        assert abs(error) < 1.5, (label, errors)
+    assert errors["counted"]["stem only"] > 3.0, errors
+    assert errors["counted"]["deep only"] < -1.0, errors
+    # the stem group: its stem's ReLU (in place, every element of the stem's map) and max pooling,
+    # then each block's sum and ReLU on the pooled map
+    stem_conv = dict(model.named_modules())["backbone.bottom_up.stem.conv1"]
+    with torch.no_grad():
+        stem_map = stem_conv(torch.zeros(1, 3, *SIZE)).shape
+    pooled = (stem_map[-2] // 2) * (stem_map[-1] // 2)
+    blocks = sum(1 for name, m in model.named_modules() if name.startswith("backbone.bottom_up.res2.") and
+                 name.count(".") == 3)
+    stem_size = stem_map[1] * stem_map[2] * stem_map[3]
+    expected = (400 * stem_size + 4000 * stem_map[1] * pooled + blocks * 2 * 400 * stem_map[1] * pooled) / 1e6
+    assert between[stem] == pytest.approx(expected, rel=1e-6)
+
+
 class HostBoundDevice:
     """A fake GPU at batch 1: the host issues every operator (``launch_ms`` each) while the device
     computes (1 ms per MFLOP); a call takes the longer of the two. Whole models issue many
@@ -754,11 +835,14 @@ def test_fitted_rest_shows_only_the_savings_a_host_bound_device_turns_into_speed
 
 def test_profile_check_times_trained_checkpoints_of_the_architecture(r18_table, tmp_path, capsys):
     """--check-weights: a pruned checkpoint is predicted at its own widths and timed with its own
-    proposals; with the fake timer (bilinear FLOPs) the prediction is exact."""
+    proposals; with the fake timer (bilinear FLOPs) the prediction is exact. A profile of
+    randomly initialised weights says that trained proposals pool differently; one of --weights
+    does not."""
     from pgp_det.checkpoint import PrunedCheckpointer
 
     cfg = synthetic_cfg()
     model = synthetic_model(cfg)
+    PrunedCheckpointer(model, str(tmp_path)).save("unpruned")
     groups = derive_channel_groups(model)
     removals = {name: list(range(g.size // 2)) for name, g in groups.items() if g.prunable and g.size >= 32}
     hard_prune(model, removals, groups=groups)
@@ -770,6 +854,12 @@ def test_profile_check_times_trained_checkpoints_of_the_architecture(r18_table, 
                       "--check-weights", str(tmp_path / "pruned.pth"), *OVERRIDES], timer=flop_timer) == 0
     out = capsys.readouterr().out
     assert "pruned.pth" in out and "is all that channel pruning can remove on this device" in out
+    assert "profiled with randomly initialised weights: the ROI pooler's time" in out
+    assert tool.main(["--config", CONFIG, "--device", "cpu", "--input-size", "128x160", "--points", "2",
+                      "--images", "1", "--weights", str(tmp_path / "unpruned.pth"), "--output",
+                      str(tmp_path / "trained.json"), *OVERRIDES], timer=flop_timer) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "randomly initialised" not in out
     table = LatencyTable.load(str(table_path))
     assert table.metadata["images"] == 2 and table.metadata["images_from"] != "noise"
     row = table.metadata["check"][-1]

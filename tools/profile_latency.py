@@ -54,7 +54,7 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
-from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency  # noqa: E402
+from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency, wall_clock_ms  # noqa: E402
 from pgp_det.benchmark.measure import fixed_size_images  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.checkpoint import load_model  # noqa: E402
@@ -216,6 +216,8 @@ def profile(cfg, args, timer=None):
     checked = {path: load_model(cpu, path, strict=False, trusted=args.trust_weights) for path in args.check_weights}
     images, source = profile_images(cfg, args)
     dtype = "fp16" if args.fp16 else "fp32"
+    # the host's clock weighs the element-wise work between a CPU's layers; a GPU's is counted
+    clock = wall_clock_ms if timer is None and args.device == "cpu" else None
     # whole models that are compared (other proposal counts, the calibration copies, the check's
     # models) are timed in --runs interleaved rounds, one call each a round after a warm-up call: see time_interleaved
     whole_timer = timer or default_timer(args.device, warmup=1, runs=1)
@@ -240,6 +242,7 @@ def profile(cfg, args, timer=None):
             images=images,
             whole_timer=whole_timer,
             rounds=args.runs,
+            clock=clock,
             metadata={
                 "config": args.config or args.config_file, "weights": weights, "overrides": list(args.opts),
                 "images_from": source,
@@ -320,6 +323,11 @@ def main(argv=None, timer=None) -> int:
         faults = table.page_fault_warning(args.output)
         if faults:
             print(faults)
+        if not meta.get("weights"):
+            pooled = sum(e.ms[-1][-1] for e in table.entries if e.kind == "roi_pooler")
+            print(f"profiled with randomly initialised weights: the ROI pooler's time ({pooled:.3f} ms here) follows "
+                  "the sizes of the RPN's proposals, which training changes; profile with --weights of a trained "
+                  "model of this architecture to predict trained ones")
     print(headroom_report(table))
     if args.check:
         print(check_report(table))

@@ -9,7 +9,10 @@ proposals; then times, for every conv and linear layer with a prunable channel g
 to every allowed width of each axis with the other at full width (the steps), called on random
 inputs of the recorded shapes (every call one inference makes: all FPN levels of a shared head);
 the whole model before and after those (the faster kept; the rest is the difference at full
-width; on a CPU also its page faults per inference, see :mod:`~pgp_det.utils.allocator`); and
+width; on a CPU also its page faults per inference, see :mod:`~pgp_det.utils.allocator`, and
+what cutting each group saves of the time it spends after the group's layers until the next
+layer starts, which weighs the element-wise work of each group's channels, see
+:func:`element_wise_ms_per_channel`); and
 last, timed in turn with it round after round (:func:`time_interleaved`), the whole model at the
 other proposal counts and the model pruned uniformly at a few ratios and two copies that each
 cut half of the groups (:func:`contrast_cuts`), their ROI heads fed the unpruned model's
@@ -49,13 +52,17 @@ from ..utils.modules import unwrap_model
 from .timing import _check_dtype, _sync_for, environment_info, image_to_input, precision_context, synthetic_image, time_callable
 
 __all__ = [
-    "CALIBRATION_RATIOS", "Timer", "check_latency", "contrast_cuts", "default_timer", "grid_widths", "profile_latency",
-    "time_interleaved", "time_whole_model",
+    "CALIBRATION_RATIOS", "Clock", "Timer", "check_latency", "contrast_cuts", "default_timer",
+    "element_wise_ms_per_channel", "grid_widths", "profile_latency", "time_between_layers", "time_interleaved",
+    "time_whole_model", "wall_clock_ms",
 ]
 
 Timer = Callable[[Callable[[], object]], float]
+Clock = Callable[[], float]
 _LAYERS = (nn.Conv2d, nn.Linear)
 CALIBRATION_RATIOS = (0.2, 0.45, 0.7)  # apart from --check's default ratios, so that the check tests the fit
+# what a table's ``activations`` weigh a group's channels by, without and with a clock
+ACTIVATION_WEIGHTS = ("elements written", "ms between layers")
 CONTRAST_RATIO = 0.5  # the two contrast_cuts copies cut half the groups each, at this ratio
 
 
@@ -64,6 +71,11 @@ def default_timer(device="cpu", warmup: int = 2, runs: int = 7) -> Timer:
     CUDA around each)."""
     sync = _sync_for(torch.device(device))
     return lambda fn: time_callable(fn, warmup=warmup, runs=runs, sync=sync).median
+
+
+def wall_clock_ms() -> float:
+    """A :data:`Clock` of the host: milliseconds, monotonic (a CPU's own work is done when read)."""
+    return time.perf_counter() * 1e3
 
 
 def grid_widths(size: int, points: int = 5, multiple: int = 8, floor: int = 8, channel_multiple: int = 1) -> List[int]:
@@ -177,6 +189,81 @@ def time_whole_model(model: nn.Module, input_size: Sequence[int], timer: Timer, 
                 _proposal_count(model, proposals), _pinned_proposals(model, pinned[i] if pinned else None):
             total += float(timer(lambda: model(inputs)))
     return total / len(images)
+
+
+def time_between_layers(model: nn.Module, out_groups: Mapping[str, Optional[str]], input_size: Sequence[int],
+                        clock: Clock, device="cpu", dtype: str = "fp32", proposals: Optional[int] = None,
+                        images: Optional[Sequence[np.ndarray]] = None, runs: int = 5) -> Dict[str, float]:
+    """``{group: ms}``: the time the whole model spends after the layers whose output channels
+    are a group's (``out_groups``: ``{module name: group or None}`` for every conv, linear and ROI
+    pooler) until the next of those layers starts, per inference: the element-wise work that
+    follows a layer (ReLUs, residual sums, max pooling, FPN's upsampling and sums), which timing
+    the layers alone leaves out and which pruning the group shrinks. ``clock`` is read in forward
+    hooks around the layers, so it has to show work done when read: the host's clock for a CPU
+    (on a CUDA device kernels still run when the hooks fire). Mean over ``images`` of the median
+    over ``runs`` inferences after one warm-up, at the full budget of ``proposals`` proposals."""
+    device = torch.device(device)
+    images = _check_images(images, input_size)
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    ended: List[Optional[Tuple[Optional[str], float]]] = [None]  # the last layer's group and when it ended
+    spent: Dict[str, float] = {}
+
+    def started(module, args, name):
+        if ended[0] is not None and ended[0][0] is not None:
+            group, at = ended[0]
+            spent[group] = spent.get(group, 0.0) + clock() - at
+        ended[0] = None
+
+    def finished(module, args, output, name):
+        ended[0] = (out_groups.get(name), clock())
+
+    handles = []
+    for name, module in model.named_modules():
+        if name in out_groups:
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: started(m, args, name)))
+            handles.append(module.register_forward_hook(lambda m, args, out, name=name: finished(m, args, out, name)))
+    per_image = []
+    try:
+        for image in images:
+            inputs = _inputs(model, image, device)
+            samples = []
+            for run in range(runs + 1):
+                spent.clear()
+                ended[0] = None
+                with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
+                        _proposal_count(model, proposals):
+                    model(inputs)
+                if run:
+                    samples.append(dict(spent))
+            groups = set().union(*samples)
+            per_image.append({g: float(np.median([s.get(g, 0.0) for s in samples])) for g in groups})
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups = set().union(*per_image)
+    return {g: sum(p.get(g, 0.0) for p in per_image) / len(per_image) for g in groups}
+
+
+def element_wise_ms_per_channel(model: nn.Module, groups, axes, layer_names: Sequence[str], input_size: Sequence[int],
+                                clock: Clock, device="cpu", dtype: str = "fp32", proposals: Optional[int] = None,
+                                images: Optional[Sequence[np.ndarray]] = None, multiple: int = 8,
+                                floor: int = 8) -> Dict[str, float]:
+    """``{group: ms per channel}``: what each channel of a group costs in the element-wise work
+    that follows its layers (:func:`time_between_layers`), from the model and a copy of it cut
+    uniformly at :data:`CONTRAST_RATIO`: the time saved after each group's layers over the
+    channels cut. Measured, not counted: elements differ in what follows them (a stem's max
+    pooling, a block's sum and ReLU) and in where they are held (a high-resolution map leaves the
+    caches); and the difference leaves out what follows a layer but does not shrink with its
+    channels (the hooks' own time, code between modules). Groups the cut leaves whole, and
+    savings below zero (noise), weigh nothing."""
+    out_groups = {name: axes.get((name, 0), (None, 1))[0] for name in layer_names}
+    cut = dict(uniform_sizes(groups, CONTRAST_RATIO, multiple, floor))
+    full = time_between_layers(model, out_groups, input_size, clock, device, dtype, proposals, images)
+    halved = time_between_layers(_pruned_copy(model, groups, cut, device), out_groups, input_size, clock, device, dtype,
+                                 proposals, images)
+    return {name: max(full[name] - halved.get(name, 0.0), 0.0) / (groups[name].size - cut[name])
+            for name in full if name in cut and cut[name] < groups[name].size}
 
 
 def time_interleaved(models: Sequence[Tuple[nn.Module, Optional[Sequence[list]]]], input_size: Sequence[int],
@@ -368,6 +455,7 @@ def profile_latency(
     contrast: bool = True,
     whole_timer: Optional[Timer] = None,
     rounds: int = 1,
+    clock: Optional[Clock] = None,
     metadata: Optional[Mapping] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> LatencyTable:
@@ -402,6 +490,12 @@ def profile_latency(
             calibration copies are timed against the unpruned model at the reference count in
             ``rounds`` interleaved rounds (:func:`time_interleaved`), each once a round with
             ``whole_timer`` (default ``timer``), and enter the table as shares of its time.
+        clock: what the element-wise work a group's pruning shrinks is weighed by (the table's
+            ``activations``): with a clock (:func:`wall_clock_ms` on a CPU), what cutting the
+            group saves of the time the whole model spends after its layers
+            (:func:`element_wise_ms_per_channel`); without, the activation elements the group's
+            layers write (on a CUDA device, where hooks cannot time that work without
+            synchronising it).
         metadata: recorded in the table besides the environment (config, weights, ...).
         progress: called with a line of progress now and then.
 
@@ -510,6 +604,9 @@ def profile_latency(
                                     in_steps, out_steps))
         say(f"{name}: {len(in_widths)} x {len(out_widths)} widths, {ms[-1][-1]:.3f} ms at full width")
 
+    if clock is not None:
+        activations = element_wise_ms_per_channel(model, groups, axes, list(calls[reference]), input_size, clock,
+                                                  device, dtype, reference, images, multiple, floor)
     environment = environment_info(device)
     info = {
         "device_name": environment["device_name"],
@@ -527,6 +624,7 @@ def profile_latency(
         "layer_repeat": layer_repeat,
         "images": len(images),
         "layer_passes": passes,
+        "activation_weights": ACTIVATION_WEIGHTS[clock is not None],
         "distinct_layer_timings": len(layers.cache),
         "repeated_layer_timings": repeated,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -615,8 +713,8 @@ def contrast_cuts(table: LatencyTable, uniform_cut: Mapping[str, int]) -> List[T
     Uniformly pruned copies shrink the element-wise work between the layers and the layers' own
     times nearly in step, so their timings alone cannot say which of the two the rest follows:
     profiles of one device then flip between ``activation_ms`` and ``layer_overhead``. Here each
-    group is ranked by the activation elements its cut alone removes (share of all) over the
-    layer time it saves (ms, ``table``'s entries); one copy cuts the half with the most
+    group is ranked by the element-wise work its cut alone removes (share of all, by the
+    table's ``activations``) over the layer time it saves (ms, ``table``'s entries); one copy cuts the half with the most
     element-wise work per layer time, the other copy the rest.
     """
     cut = {name: kept for name, kept in uniform_cut.items() if kept < table.groups[name]}

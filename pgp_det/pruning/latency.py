@@ -30,8 +30,13 @@ A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one in
 
       rest_saved = activation_ms * (1 - A(widths) / A(full)) + layer_overhead * (L(full) - L(widths))
 
-  ``A`` counts activation elements (``activations[g]`` elements per channel of group ``g``, times
-  its kept channels): the element-wise work between the layers. ``L`` is the sum of the conv and
+  ``A`` weighs the element-wise work between the layers: ``activations[g]`` per channel of group
+  ``g``, times its kept channels. On a CPU ``activations[g]`` is measured in the whole model: the
+  time it spends after ``g``'s layers until the next layer starts, less that time in a copy cut
+  uniformly in half, per channel cut (a stem's max pooling over a high-resolution map costs far
+  more per element than a block's sum at a coarse one); on a GPU, where that cannot be timed
+  without synchronising, the activation elements per channel those layers write
+  (``metadata["activation_weights"]`` says which). ``L`` is the sum of the conv and
   linear entries' times: a layer inside the whole model costs ``1 + layer_overhead`` times its
   time alone (cold caches, the activation that follows). The two coefficients are fitted, by
   non-negative least squares, to whole-model timings of pruned copies made while profiling:
@@ -253,13 +258,14 @@ def fit_rest(table: "LatencyTable", measured: Sequence[Tuple[Mapping[str, int], 
 
 # what profiles of one model on one device must share to be merged (metadata keys)
 _SAME_PROFILE_SETTINGS = ("device_kind", "device_name", "num_threads", "precision", "channel_multiple", "min_channels",
-                          "pre_nms_topk_test", "detections_per_image")
+                          "pre_nms_topk_test", "detections_per_image", "activation_weights")
 
 
 def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
     """One table from several profiles of the same model at the same settings on the same device:
-    every layer timing (grid, steps, proposal counts) and the unpruned model's time at each
-    proposal count is the median over the profiles (the fixed rest is what the merged layers leave
+    every layer timing (grid, steps, proposal counts), every group's element-wise weight
+    (``activations``) and the unpruned model's time at each proposal count is the median over
+    the profiles (the fixed rest is what the merged layers leave
     of that time), and the rest that shrinks with the channels is fitted again
     (:func:`fit_rest`) to all their calibration copies together, each its share of its own
     profile's unpruned model times the merged unpruned model. Two profiles of a noisy device
@@ -287,7 +293,7 @@ def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
         for what, a, b in (("channel groups", first.groups, table.groups), ("input size", first.input_size, table.input_size),
                            ("proposal counts", first.proposal_counts, table.proposal_counts),
                            ("reference proposal count", first.reference_proposals, table.reference_proposals),
-                           ("activation counts", first.activations, table.activations)):
+                           ("groups with element-wise work", sorted(first.activations), sorted(table.activations))):
             if a != b:
                 refuse(table, what)
         for key in _SAME_PROFILE_SETTINGS:
@@ -324,7 +330,8 @@ def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
         for t in tables]
     merged = LatencyTable(first.groups, first.input_size, entries, first.proposal_counts,
                           [0.0] * len(first.proposal_counts), first.reference_proposals, metadata,
-                          activations=first.activations)
+                          activations={name: statistics.median([t.activations[name] for t in tables])
+                                       for name in first.activations})
     # the whole model was measured, the fixed rest is what the layers leave of it: the merged rest
     # is the median whole model less the merged layers (the prediction while the rest is zero)
     merged.fixed_ms = tuple(statistics.median([t.predict(proposals=n) for t in tables]) - merged.predict(proposals=n)
@@ -359,8 +366,10 @@ class LatencyTable:
         source: the file it was loaded from ("" when built in memory).
         proposals: the proposal count :meth:`predict` uses when none is given (default: the
             reference; :meth:`with_proposals` makes a copy with another).
-        activations: ``{group name: activation elements per channel}`` in one inference (all
-            the outputs of the layers producing the group's channels); groups not named have none.
+        activations: ``{group name: weight per channel of the element-wise work that follows
+            its layers}`` in one inference (ms between layers, or the elements they write: see the
+            module docstring), relative: only ``A(widths) / A(full)`` uses them; groups not named
+            have none.
         activation_ms, layer_overhead: the coefficients of ``rest_saved`` (module docstring):
             ms of element-wise work at full width, and the in-model overhead per ms of layer time
             (``>= -1``; negative where the device hides part of the layers' time).
@@ -405,7 +414,7 @@ class LatencyTable:
             self._fail(f"reference proposal count {self.reference_proposals} is not among {list(counts)}")
         for name, count in self.activations.items():
             if name not in self.groups or not math.isfinite(count) or count < 0:
-                self._fail(f"activations: {name} must be a known channel group with a count >= 0")
+                self._fail(f"activations: {name} must be a known channel group with a weight >= 0")
         for label, value, least in (("activation_ms", self.activation_ms, 0.0),
                                     ("layer_overhead", self.layer_overhead, -1.0)):
             if not math.isfinite(value) or value < least:
@@ -541,7 +550,7 @@ class LatencyTable:
         return sum(times[e.name] for e in self.entries if e.kind != "roi_pooler")
 
     def activation_fraction(self, widths: Optional[Mapping[str, int]] = None) -> float:
-        """``A(widths) / A(full)``: the fraction of activation elements kept (1 without activations)."""
+        """``A(widths) / A(full)``: the fraction of the element-wise work kept (1 without activations)."""
         kept = self._widths(widths)
         full = sum(count * self.groups[name] for name, count in self.activations.items())
         if full <= 0:
