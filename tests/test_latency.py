@@ -1163,8 +1163,9 @@ def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, 
 def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_path, capsys):
     """``--table T`` times the check models against T's predictions, not a fresh profile's: the
     profiler's own table predicts the fake device exactly, a copy whose layers cost twice as much
-    is off by the layers' share; the input is left as it was. An input size or test-time setting
-    other than the table's is refused in one line, with nothing written."""
+    is off by the layers' share; the input is left as it was. An input size, test-time setting or
+    kind of weights (random or trained) other than the table's is refused in one line, with
+    nothing written."""
     tool = load_tool("profile_latency")
     data = LatencyTable.load(r18_table).to_dict()
     for entry in data["entries"]:
@@ -1214,3 +1215,21 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "pass --keep-freed-memory" in err, err
     assert not output.exists()
+    # a table of random weights checked on trained ones, and the other way round: other proposals
+    from pgp_det.checkpoint import PrunedCheckpointer
+
+    PrunedCheckpointer(synthetic_model(synthetic_cfg()), str(tmp_path)).save("trained")
+    trained = str(tmp_path / "trained.pth")
+    data = LatencyTable.load(r18_table).to_dict()
+    data["metadata"]["weights"] = trained
+    of_trained = str(tmp_path / "of_trained.json")
+    LatencyTable.from_dict(data).save(of_trained)
+    for path, options, message in ((r18_table, ["--weights", trained], "profiled with randomly initialised weights, "
+                                    "this check would time the unpruned model with trained weights: pass --weights ''"),
+                                   (of_trained, [], f"profiled with trained weights, this check would time the "
+                                    f"unpruned model with randomly initialised weights: pass --weights {trained}")):
+        assert tool.main(["--config", CONFIG, "--table", path, "--output", str(output), *options, *OVERRIDES],
+                         timer=flop_timer) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and message in err, err
+        assert not output.exists()

@@ -209,6 +209,14 @@ def profile(cfg, args, timer=None):
     weights = cfg.MODEL.WEIGHTS if args.weights is None else args.weights
     if weights:
         weights = check_weights_available(weights)
+    profiled_with = args.table_to_check.metadata.get("weights") if args.table else None
+    if profiled_with is not None and bool(profiled_with) != bool(weights):
+        # a random and a trained model differ in proposal boxes and detections, which set the
+        # pooler's and the post-processing's time: the share column would compare other models
+        described = {True: "trained weights", False: "randomly initialised weights"}
+        fix = f"--weights {profiled_with}" if profiled_with else "--weights ''"
+        raise UserInputError(f"the table {args.table} was profiled with {described[bool(profiled_with)]}, this check "
+                             f"would time the unpruned model with {described[bool(weights)]}: pass {fix}")
     cpu = cfg.clone()
     cpu.defrost()
     cpu.MODEL.DEVICE = "cpu"  # built on the CPU, measured on --device

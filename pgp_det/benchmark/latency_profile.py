@@ -209,20 +209,20 @@ def time_between_layers(model: nn.Module, out_groups: Mapping[str, Optional[str]
     ended: List[Optional[Tuple[Optional[str], float]]] = [None]  # the last layer's group and when it ended
     spent: Dict[str, float] = {}
 
-    def started(module, args, name):
+    def started(*_):
         if ended[0] is not None and ended[0][0] is not None:
             group, at = ended[0]
             spent[group] = spent.get(group, 0.0) + clock() - at
         ended[0] = None
 
-    def finished(module, args, output, name):
+    def finished(name: str):
         ended[0] = (out_groups.get(name), clock())
 
     handles = []
     for name, module in model.named_modules():
         if name in out_groups:
-            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: started(m, args, name)))
-            handles.append(module.register_forward_hook(lambda m, args, out, name=name: finished(m, args, out, name)))
+            handles.append(module.register_forward_pre_hook(started))
+            handles.append(module.register_forward_hook(lambda m, args, out, name=name: finished(name)))
     per_image = []
     try:
         for image in images:
@@ -714,8 +714,8 @@ def contrast_cuts(table: LatencyTable, uniform_cut: Mapping[str, int]) -> List[T
     times nearly in step, so their timings alone cannot say which of the two the rest follows:
     profiles of one device then flip between ``activation_ms`` and ``layer_overhead``. Here each
     group is ranked by the element-wise work its cut alone removes (share of all, by the
-    table's ``activations``) over the layer time it saves (ms, ``table``'s entries); one copy cuts the half with the most
-    element-wise work per layer time, the other copy the rest.
+    table's ``activations``) over the layer time it saves (ms, ``table``'s entries); one copy
+    cuts the half with the most element-wise work per layer time, the other copy the rest.
     """
     cut = {name: kept for name, kept in uniform_cut.items() if kept < table.groups[name]}
     if not table.activations or len(cut) < 2:
