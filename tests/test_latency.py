@@ -1132,6 +1132,30 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
         assert half_group_saving(merged, g) == pytest.approx(half_group_saving(quiet, g), rel=1e-2), g
 
 
+def test_merging_takes_each_groups_median_element_wise_weight(r18_table):
+    """Profiles of a CPU time each group's element-wise work, so the weights differ from profile to
+    profile: they merge, each group at its median weight; a table weighed the other way
+    (element counts against times) is refused in one line."""
+    from pgp_det.pruning.latency import merge_tables
+
+    base = LatencyTable.load(r18_table)
+    assert base.metadata["activation_weights"] == "elements written"
+    group = max(base.activations, key=lambda g: base.activations[g] * base.groups[g])
+    tables = []
+    for k, factor in enumerate((1.0, 3.0, 2.0)):
+        table = copy.deepcopy(base)
+        table.activations[group] *= factor
+        table.source = f"profile_{k}.json"
+        tables.append(table)
+    merged = merge_tables(tables)
+    for name, weight in base.activations.items():
+        assert merged.activations[name] == pytest.approx((2.0 if name == group else 1.0) * weight), name
+    timed = copy.deepcopy(base)
+    timed.metadata["activation_weights"] = "ms between layers"
+    with pytest.raises(UserInputError, match="differ in activation_weights: merge only profiles of one model"):
+        merge_tables([base, timed])
+
+
 def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, tmp_path, capsys):
     """Tables of another input size or thread count, a single table, a file that is not JSON, or
     an output that is one of the inputs: one error line, exit code 2, no file."""
