@@ -20,7 +20,8 @@ slows the device for a few seconds then spoils no layer's price); the whole mode
 proposal counts (``--proposals``; the config's ``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest
 of the model is the difference, and the part of it that shrinks with the channels is fitted to
 whole-model timings of pruned copies (uniform ones, and two that each cut half of the groups; see
-``pgp_det.pruning.latency``). Inputs are the first ``--images`` images of the config's test
+``pgp_det.pruning.latency``), each group weighed, on a CPU, by what cutting it saves of the time
+the whole model spends after its layers (ReLUs, sums, pooling), timed in the model. Inputs are the first ``--images`` images of the config's test
 set stretched to ``--input-size`` (noise images with ``--noise-images`` or when the set is not at
 hand), with every proposal kept (the worst case of the proposal count). Their proposals set the
 ROI pooler's work, which follows the boxes' sizes: use trained weights and images like the
@@ -34,8 +35,9 @@ processes) moves them together, and the check also prints each model's share of 
 model's time, predicted against measured, which such a drift leaves out. A pruned
 checkpoint as ``--weights`` gives a table for its pruned architecture, which a config's unpruned
 model will refuse. ``--table T`` checks an existing table instead of profiling (one made here
-earlier, or merged by ``tools/merge_latency_tables.py``): the model, input size, precision and
-test-time settings must be the table's, and the table with the check rows goes to ``--output``.
+earlier, or merged by ``tools/merge_latency_tables.py``): the model, input size, precision,
+test-time settings and kind of weights (trained or random) must be the table's, and the table
+with the check rows goes to ``--output``.
 On a CPU, ``--keep-freed-memory`` times with the memory the process frees kept for reuse
 (``pgp_det.utils.allocator``): at large inputs the whole model otherwise pays page faults that
 layers timed alone do not, and the table cannot see them. A table records whether it was made so;
