@@ -138,6 +138,16 @@ def _pinned_proposals(model: nn.Module, proposals: Optional[list]):
         handle.remove()
 
 
+@contextmanager
+def _inference(model: nn.Module, device, dtype: str, proposals: Optional[int] = None, pinned: Optional[list] = None):
+    """How every inference here runs: no gradients, ``dtype`` on ``device``, the full budget of
+    ``proposals`` proposals (:func:`~pgp_det.utils.flops.full_proposal_budget`), and the ROI heads
+    fed ``pinned`` proposals when given (:func:`_pinned_proposals`)."""
+    with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
+            _proposal_count(model, proposals), _pinned_proposals(model, pinned):
+        yield
+
+
 def _record_calls(model: nn.Module, inputs: List[dict], proposals: int, device, dtype):
     """One inference at ``proposals`` proposals: ``({module name: [positional inputs of each
     call]}, {module name: output elements per channel}, the RPN's proposals)`` for every conv,
@@ -164,8 +174,7 @@ def _record_calls(model: nn.Module, inputs: List[dict], proposals: int, device, 
     if rpn is not None:
         handles.append(rpn.register_forward_hook(lambda m, args, output: recorded.append(output[0])))
     try:
-        with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
-                _proposal_count(model, proposals):
+        with _inference(model, device, dtype, proposals):
             model(inputs)
     finally:
         for handle in handles:
@@ -185,8 +194,7 @@ def time_whole_model(model: nn.Module, input_size: Sequence[int], timer: Timer, 
     total = 0.0
     for i, image in enumerate(images):
         inputs = _inputs(model, image, device)
-        with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
-                _proposal_count(model, proposals), _pinned_proposals(model, pinned[i] if pinned else None):
+        with _inference(model, device, dtype, proposals, pinned[i] if pinned else None):
             total += float(timer(lambda: model(inputs)))
     return total / len(images)
 
@@ -231,8 +239,7 @@ def time_between_layers(model: nn.Module, out_groups: Mapping[str, Optional[str]
             for run in range(runs + 1):
                 spent.clear()
                 ended[0] = None
-                with torch.no_grad(), precision_context(dtype, device), full_proposal_budget(model), \
-                        _proposal_count(model, proposals):
+                with _inference(model, device, dtype, proposals):
                     model(inputs)
                 if run:
                     samples.append(dict(spent))
