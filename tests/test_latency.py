@@ -1134,8 +1134,8 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
 
 def test_merging_takes_each_groups_median_element_wise_weight(r18_table):
     """Profiles of a CPU time each group's element-wise work, so the weights differ from profile to
-    profile: they merge, each group at its median weight; a table weighed the other way
-    (element counts against times) is refused in one line."""
+    profile: they merge, each group at its median weight (0 where a profile has none); a table
+    weighed the other way (element counts against times) is refused in one line."""
     from pgp_det.pruning.latency import merge_tables
 
     base = LatencyTable.load(r18_table)
@@ -1150,6 +1150,12 @@ def test_merging_takes_each_groups_median_element_wise_weight(r18_table):
     merged = merge_tables(tables)
     for name, weight in base.activations.items():
         assert merged.activations[name] == pytest.approx((2.0 if name == group else 1.0) * weight), name
+    # a timed profile drops a group whose saving its noise put at zero: weighed 0 there, merged
+    other = min(base.activations, key=lambda g: base.activations[g] * base.groups[g])
+    del tables[1].activations[other]
+    assert merge_tables(tables).activations[other] == pytest.approx(base.activations[other])
+    del tables[2].activations[other]
+    assert merge_tables(tables).activations[other] == 0.0
     timed = copy.deepcopy(base)
     timed.metadata["activation_weights"] = "ms between layers"
     with pytest.raises(UserInputError, match="differ in activation_weights: merge only profiles of one model"):
