@@ -168,7 +168,8 @@ def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: st
     user datasets of ``--register-voc`` / ``--register-coco`` appended; not frozen.
 
     Raises:
-        UserInputError: the file is missing, or the file or an override is invalid.
+        UserInputError: the file is missing, the file or an override is invalid, or a test-time
+            setting is one no detector runs with (an RPN keeping no proposal, a negative test size).
     """
     where = f"{label}: " if label else ""
     if not os.path.isfile(path):
@@ -192,9 +193,25 @@ def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: st
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError, TypeError) as e:
         raise UserInputError(f"{where}bad override in {list(opts)}: {_first_line(e)}") from None
+    _check_test_time_settings(cfg, where)
     cfg.DATASETS.CUSTOM_VOC.extend([list(entry) for entry in register_voc or ()])
     cfg.DATASETS.CUSTOM_COCO.extend([list(entry) for entry in register_coco or ()])
     return cfg
+
+
+def _check_test_time_settings(cfg: CN, where: str) -> None:
+    """Refuse test-time settings no detector runs with: an RPN that keeps no box before or after
+    its NMS (nothing would be detected, and a latency per proposal count has no count), and a
+    negative test size (``INPUT.MIN_SIZE_TEST`` 0 is detectron2's "images at their own size")."""
+    for key in ("PRE_NMS_TOPK_TEST", "POST_NMS_TOPK_TEST"):
+        value = cfg.MODEL.RPN.get(key)
+        if not isinstance(value, int) or value < 1:
+            raise UserInputError(f"{where}MODEL.RPN.{key} {value!r} keeps no proposal, so nothing would be detected: "
+                                 f"use a whole number >= 1")
+    size = cfg.INPUT.MIN_SIZE_TEST
+    if not isinstance(size, int) or size < 0:
+        raise UserInputError(f"{where}INPUT.MIN_SIZE_TEST {size!r} is not a size: use the shorter side in pixels, or 0 "
+                             f"to test images at their own size")
 
 
 def _first_line(error) -> str:

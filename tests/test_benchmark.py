@@ -328,6 +328,11 @@ def test_eval_map_fps_sweeps_test_time_knobs_and_marks_the_pareto_front(tiny_voc
 @pytest.mark.parametrize("sweep, message", [
     ("MODEL.RPN.POST_NMS_TOPK_TEST", "expected KEY=VALUE1,VALUE2"),
     ("MODEL.NO_SUCH_KEY=1,2", "NO_SUCH_KEY"),
+    # the second point is refused before the first is timed: nothing is written
+    ("MODEL.RPN.POST_NMS_TOPK_TEST=100,0", "MODEL.RPN.POST_NMS_TOPK_TEST 0 keeps no proposal"),
+    ("MODEL.RPN.PRE_NMS_TOPK_TEST=100,-1", "MODEL.RPN.PRE_NMS_TOPK_TEST -1 keeps no proposal"),
+    ("INPUT.MIN_SIZE_TEST=128,-5", "INPUT.MIN_SIZE_TEST -5 is not a size"),
+    ("INPUT.MIN_SIZE_TEST=128,0", "leaves no size to time the model at: pass --input-size"),
 ])
 def test_bad_sweep_is_one_line(tiny_models, tmp_path, sweep, message):
     config, weights = tiny_models["wide"]

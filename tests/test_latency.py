@@ -469,6 +469,12 @@ def test_profile_tool_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
         assert tool.main(base + extra + OVERRIDES, timer=flop_timer) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
+    # an override's test-time setting is checked with the config, before anything is measured
+    assert tool.main(base + ["--input-size", "128x160"] + OVERRIDES + ["MODEL.RPN.POST_NMS_TOPK_TEST", "0"],
+                     timer=flop_timer) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MODEL.RPN.POST_NMS_TOPK_TEST 0 keeps no proposal" in err[0], err
+    assert not list(tmp_path.iterdir())
     out.write_text("{}")
     assert tool.main(base + ["--input-size", "128x160"] + OVERRIDES, timer=flop_timer) == 2
     assert "already exists: pass --overwrite" in capsys.readouterr().err

@@ -160,6 +160,9 @@ class PreparedModel:
 def prepare_model(spec: ModelSpec, args) -> PreparedModel:
     """Check one model's config, dataset (and its class count) and weights, and load it; writes nothing."""
     cfg = build_cfg(spec, args)
+    if not args.input_size and cfg.INPUT.MIN_SIZE_TEST == 0:
+        raise UserInputError(f"model '{spec.label}': INPUT.MIN_SIZE_TEST 0 tests images at their own size, which leaves "
+                             f"no size to time the model at: pass --input-size HxW")
     register_custom_datasets(cfg)
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
     if not args.skip_eval or args.dataset_images > 0:
