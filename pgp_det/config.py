@@ -4,6 +4,7 @@ A leaf: it imports nothing of pgp_det but :mod:`pgp_det.errors`, and importing i
 dataset. The ``PRUNING`` keys are validated by :func:`pgp_det.pruning.settings.check_pruning_config`.
 """
 import os
+import re
 
 import yaml
 
@@ -188,11 +189,11 @@ def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: st
         problem = getattr(e, "problem", None) or _first_line(e)
         raise UserInputError(f"{where}config {path} is not valid YAML: {problem}{at}; fix the file") from None
     except (KeyError, ValueError, AssertionError, TypeError, OSError) as e:
-        raise UserInputError(f"{where}bad config {path}: {_first_line(e)}") from None
+        raise UserInputError(f"{where}bad config {path}: {_first_line(e)}{_number_hint(e)}") from None
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError, TypeError) as e:
-        raise UserInputError(f"{where}bad override in {list(opts)}: {_first_line(e)}") from None
+        raise UserInputError(f"{where}bad override in {list(opts)}: {_first_line(e)}{_number_hint(e)}") from None
     _check_test_time_settings(cfg, where)
     cfg.DATASETS.CUSTOM_VOC.extend([list(entry) for entry in register_voc or ()])
     cfg.DATASETS.CUSTOM_COCO.extend([list(entry) for entry in register_coco or ()])
@@ -212,6 +213,13 @@ def _check_test_time_settings(cfg: CN, where: str) -> None:
     if not isinstance(size, int) or size < 0:
         raise UserInputError(f"{where}INPUT.MIN_SIZE_TEST {size!r} is not a size: use the shorter side in pixels, or 0 "
                              f"to test images at their own size")
+
+
+def _number_hint(error) -> str:
+    """The fix for a whole number given to a key that holds a float (yacs does not convert it)."""
+    found = re.search(r"\(<class 'float'> vs\. <class 'int'>\) with values \(\S+ vs\. (-?\d+)\) for config key: (\S+)",
+                      str(error))
+    return f"; {found.group(2)} holds a float: write {found.group(1)}.0" if found else ""
 
 
 def _first_line(error) -> str:

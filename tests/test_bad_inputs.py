@@ -355,6 +355,16 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
     assert_one_line_error(proc, "is not valid YAML")
 
 
+def test_whole_number_for_a_float_key_names_the_fix(tmp_path):
+    with pytest.raises(UserInputError, match=r"PRUNING\.TARGET_FPS holds a float: write 40\.0$"):
+        load_config(CONFIG, ["PRUNING.TARGET_FPS", "40"])
+    config = tmp_path / "lr.yaml"
+    config.write_text(f'_BASE_: "{os.path.abspath(CONFIG)}"\nSOLVER:\n  BASE_LR: 1\n')
+    with pytest.raises(UserInputError, match=r"SOLVER\.BASE_LR holds a float: write 1\.0$"):
+        load_config(str(config))
+    load_config(CONFIG, ["PRUNING.TARGET_FPS", "40.0"])  # the float itself is taken
+
+
 def test_option_after_the_overrides_gets_a_hint(tmp_path):
     proc = run_tool("train_net.py", "--config-file", CONFIG, "SOLVER.MAX_ITER", "2", "--eval-only")
     assert_one_line_error(proc, "option --eval-only comes after the KEY VALUE config overrides")
