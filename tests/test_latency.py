@@ -1169,8 +1169,9 @@ def test_merging_takes_each_groups_median_element_wise_weight(r18_table):
 
 
 def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, tmp_path, capsys):
-    """Tables of another input size or thread count, a single table, a file that is not JSON, or
-    an output that is one of the inputs: one error line, exit code 2, no file."""
+    """Tables of another input size, thread count or kind of weights (trained or random), a single
+    table, a file that is not JSON, or an output that is one of the inputs: one error line, exit
+    code 2, no file."""
     merge_tool = load_tool("merge_latency_tables")
     table = LatencyTable.load(r18_table)
     other_threads = copy.deepcopy(table)
@@ -1179,11 +1180,15 @@ def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, 
                               table.reference_proposals, table.metadata, activations=table.activations)
     threads_path = other_threads.save(str(tmp_path / "threads.json"))
     size_path = other_size.save(str(tmp_path / "size.json"))
+    other_weights = copy.deepcopy(table)
+    other_weights.metadata["weights"] = "" if table.metadata.get("weights") else "trained.pth"
+    weights_path = other_weights.save(str(tmp_path / "weights.json"))
     garbled = tmp_path / "garbled.json"
     garbled.write_text("{not json")
     output = tmp_path / "merged.json"
     for argv, message in (([r18_table, threads_path], "differ in num_threads"),
                           ([r18_table, size_path], "differ in input size"),
+                          ([r18_table, weights_path], "differ in weights (one profiled trained weights"),
                           ([r18_table], "at least two latency tables"),
                           ([r18_table, str(garbled)], "is not valid JSON"),
                           ([r18_table, threads_path, "--output", threads_path], "is one of the tables")):

@@ -273,8 +273,9 @@ def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
 
     Raises:
         UserInputError: fewer than two tables, or tables that differ in architecture, input size,
-            proposal counts, layers or their grids, device, threads, precision or test-time
-            settings, or that mix profiles with and without calibration copies (one line).
+            proposal counts, layers or their grids, device, threads, precision, test-time
+            settings or kind of weights (trained or random), or that mix profiles with and without
+            calibration copies (one line).
     """
     if len(tables) < 2:
         raise UserInputError(f"merging needs at least two latency tables, got {len(tables)}: profile again "
@@ -298,6 +299,9 @@ def merge_tables(tables: Sequence["LatencyTable"]) -> "LatencyTable":
         for key in _SAME_PROFILE_SETTINGS:
             if first.metadata.get(key) != table.metadata.get(key):
                 refuse(table, key)
+        if bool(first.metadata.get("weights")) != bool(table.metadata.get("weights")):
+            # a random RPN proposes other boxes than a trained one: the pooler's work differs
+            refuse(table, "weights (one profiled trained weights, the other randomly initialised ones)")
         if layout(table) != layout(first):
             refuse(table, "their layers or the widths they were timed at")
     calibrated = [bool(t.metadata.get("calibration")) for t in tables]
