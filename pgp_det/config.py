@@ -170,7 +170,8 @@ def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: st
 
     Raises:
         UserInputError: the file is missing, the file or an override is invalid, or a test-time
-            setting is one no detector runs with (an RPN keeping no proposal, a negative test size).
+            setting is one no detector runs with (an RPN keeping no proposal, no detection kept, a
+            negative test size).
     """
     where = f"{label}: " if label else ""
     if not os.path.isfile(path):
@@ -202,13 +203,18 @@ def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: st
 
 def _check_test_time_settings(cfg: CN, where: str) -> None:
     """Refuse test-time settings no detector runs with: an RPN that keeps no box before or after
-    its NMS (nothing would be detected, and a latency per proposal count has no count), and a
-    negative test size (``INPUT.MIN_SIZE_TEST`` 0 is detectron2's "images at their own size")."""
+    its NMS (nothing would be detected, and a latency per proposal count has no count), no
+    detection kept per image, and a negative test size (``INPUT.MIN_SIZE_TEST`` 0 is detectron2's
+    "images at their own size")."""
     for key in ("PRE_NMS_TOPK_TEST", "POST_NMS_TOPK_TEST"):
         value = cfg.MODEL.RPN.get(key)
         if not isinstance(value, int) or value < 1:
             raise UserInputError(f"{where}MODEL.RPN.{key} {value!r} keeps no proposal, so nothing would be detected: "
                                  f"use a whole number >= 1")
+    kept = cfg.TEST.DETECTIONS_PER_IMAGE
+    if kept == 0:  # detectron2 keeps every detection below 0
+        raise UserInputError(f"{where}TEST.DETECTIONS_PER_IMAGE 0 keeps no detection: use a whole number >= 1, or -1 to "
+                             f"keep them all")
     size = cfg.INPUT.MIN_SIZE_TEST
     if not isinstance(size, int) or size < 0:
         raise UserInputError(f"{where}INPUT.MIN_SIZE_TEST {size!r} is not a size: use the shorter side in pixels, or 0 "

@@ -332,6 +332,7 @@ def test_eval_map_fps_sweeps_test_time_knobs_and_marks_the_pareto_front(tiny_voc
     ("MODEL.RPN.POST_NMS_TOPK_TEST=100,0", "MODEL.RPN.POST_NMS_TOPK_TEST 0 keeps no proposal"),
     ("MODEL.RPN.PRE_NMS_TOPK_TEST=100,-1", "MODEL.RPN.PRE_NMS_TOPK_TEST -1 keeps no proposal"),
     ("INPUT.MIN_SIZE_TEST=128,-5", "INPUT.MIN_SIZE_TEST -5 is not a size"),
+    ("TEST.DETECTIONS_PER_IMAGE=100,0", "TEST.DETECTIONS_PER_IMAGE 0 keeps no detection"),
     ("INPUT.MIN_SIZE_TEST=128,0", "leaves no size to time the model at: pass --input-size"),
 ])
 def test_bad_sweep_is_one_line(tiny_models, tmp_path, sweep, message):
