@@ -377,8 +377,10 @@ def test_option_after_the_overrides_gets_a_hint(tmp_path):
     [
         (["--sample-image", "{notimage}"], "is not an image"),
         (["--sample-image", "{image}", "--input-size", "0x0"], "--input-size '0x0': height and width must each be >= 32"),
+        (["--sample-image", "{image}", "--box-atol", "-1"], "--box-atol -1.0: a tolerance is a number >= 0"),
+        (["--sample-image", "{image}", "--score-atol", "nan"], "--score-atol nan: a tolerance is a number >= 0"),
     ],
-    ids=["not-an-image", "zero-size"],
+    ids=["not-an-image", "zero-size", "negative-tolerance", "nan-tolerance"],
 )
 def test_export_bad_inputs_are_one_line(files, tmp_path, args, message):
     (tmp_path / "not_an_image.jpg").write_text("plain text")

@@ -83,6 +83,9 @@ def main(argv=None) -> int:
             raise UserInputError(f"--opset {args.opset}: RoiAlign as detectron2 uses it needs opset 16 or later")
         if args.num_images < 1 or args.runs < 1 or args.warmup < 0:
             raise UserInputError("--num-images and --runs must be >= 1, --warmup >= 0")
+        for option, tolerance in (("--box-atol", args.box_atol), ("--score-atol", args.score_atol)):
+            if not tolerance >= 0:  # also refuses nan
+                raise UserInputError(f"{option} {tolerance}: a tolerance is a number >= 0")
         size = parse_input_size(args.input_size) if args.input_size else None
         output = claim_output_dir(args.output, "--output")
         cfg = build_cfg(args)
