@@ -55,6 +55,14 @@ def test_oneshot_sweep_writes_the_report(tmp_path):
         (["--ratios", "0.5,1.5"], "--ratios: 1.5 is outside (0, 1)"),
         ([], "nothing to run"),
         (["--ratios", "0.5", "--variant", "broken"], "--variant 'broken'"),
+        # the measurement's arguments are checked before the first run trains
+        (["--ratios", "0.5", "--eval-args", "--runs 0"], "--eval-args: --runs must be >= 1"),
+        (["--ratios", "0.5", "--eval-args", "--no-such-option 1"], "--eval-args: unrecognized arguments: --no-such-option"),
+        (["--ratios", "0.5", "--eval-args", "--sweep MODEL.RPN.POST_NMS_TOPK_TEST=100,0"],
+         "--eval-args: model 'pgp_ratio0.5[POST_NMS_TOPK_TEST=0]': MODEL.RPN.POST_NMS_TOPK_TEST 0 keeps no proposal"),
+        (["--ratios", "0.5", "--eval-args", "MODEL.NO_SUCH_KEY 1"],
+         "--eval-args: model 'pgp_ratio0.5': bad override in ['MODEL.NO_SUCH_KEY', '1']"),
+        (["--ratios", "0.5", "--eval-args", "--reference nobody"], "--eval-args: --reference 'nobody' is not a run's label"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, message):

@@ -45,7 +45,9 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 from pgp_det.benchmark.measure import (  # noqa: E402
     SEED,
     ModelSpec,
+    add_measurement_arguments,
     benchmark_model,
+    check_measurement_options,
     expand_sweeps,
     mark_pareto_front,
     parse_model_spec,
@@ -55,12 +57,9 @@ from pgp_det.benchmark.measure import (  # noqa: E402
 )
 from pgp_det.benchmark.report import reproducibility_record, write_report  # noqa: E402
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
-from pgp_det.data import add_dataset_arguments  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
-from pgp_det.utils.cli import (  # noqa: E402
-    OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, check_overrides, parse_input_size,
-)
+from pgp_det.utils.cli import OneLineArgumentParser, check_overrides  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 
@@ -70,32 +69,8 @@ def argument_parser():
                         help="a model to measure (repeatable); WEIGHTS defaults to the config's MODEL.WEIGHTS")
     parser.add_argument("--run-dir", action="append", default=[], metavar="DIR",
                         help="a training output folder (DIR/config.yaml, DIR/model_final.pth; label: folder name)")
-    parser.add_argument("--dataset", default="",
-                        help="dataset to evaluate and time on (default: the config's DATASETS.TEST[0])")
-    parser.add_argument("--input-size", default="", metavar="HxW",
-                        help="fixed timing/FLOPs input (default: MIN_SIZE_TEST square of each config)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--fp16", action="store_true", help="half precision (CUDA autocast), for mAP and timing")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs at the fixed input size")
-    parser.add_argument("--dataset-images", type=int, default=20, metavar="N",
-                        help="time the first N dataset images once each (0: skip)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--skip-eval", action="store_true", help="only time and count; no mAP")
-    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="measure every model at each value of a test-time config key (repeatable: all "
-                             "combinations), e.g. MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 or INPUT.MIN_SIZE_TEST=256,192; "
-                             "every point goes on the plots and the Pareto front")
-    parser.add_argument("--reference", default="", metavar="LABEL",
-                        help="a model's label: every model is timed on the dataset images in turn with it (at its "
-                             "config's own settings) and gets a speedup column, which a drift of the device's speed "
-                             "leaves out")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for results.* and the plots")
-    add_dataset_arguments(parser)
-    add_keep_freed_memory_argument(parser)
-    add_trust_argument(parser)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="KEY VALUE config overrides applied to every model")
+    add_measurement_arguments(parser)
     return parser
 
 
@@ -112,18 +87,9 @@ def check_args(args) -> List[ModelSpec]:
             raise UserInputError(f"model '{spec.label}': config file '{spec.config}' does not exist")
         if spec.weights is not None and not os.path.isfile(spec.weights):
             raise UserInputError(f"model '{spec.label}': weights file '{spec.weights}' does not exist")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda: CUDA is not available on this machine")
-    if args.fp16 and args.device != "cuda":
-        raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
-    if args.input_size:
-        parse_input_size(args.input_size)
-    if args.runs < 1 or args.warmup < 0 or args.dataset_images < 0 or args.threads < 0:
-        raise UserInputError("--runs must be >= 1; --warmup, --dataset-images and --threads >= 0")
+    check_measurement_options(args)
     if args.reference and args.reference not in labels:
         raise UserInputError(f"--reference '{args.reference}' is not a model's label; the labels are: {', '.join(labels)}")
-    if args.reference and args.dataset_images < 1:
-        raise UserInputError("--reference times the models on dataset images: pass --dataset-images N with N >= 1")
     return specs
 
 

@@ -6,6 +6,7 @@ and every figure of one model (:func:`benchmark_model`: mAP, latency, FLOPs, siz
 ``opts``, ``register_voc``, ``register_coco``, ``device``, ``dataset``, ``skip_eval``,
 ``dataset_images``, ``input_size``, ``fp16``, ``warmup``, ``runs`` and ``trust_weights``.
 """
+import argparse
 import dataclasses
 import itertools
 import os
@@ -21,10 +22,10 @@ from detectron2.evaluation import inference_on_dataset
 
 from ..checkpoint import load_model
 from ..config import load_config
-from ..data import check_dataset_available, check_num_classes, register_custom_datasets
+from ..data import add_dataset_arguments, check_dataset_available, check_num_classes, register_custom_datasets
 from ..errors import UserInputError
 from ..evaluation import build_evaluator
-from ..utils.cli import parse_input_size
+from ..utils.cli import add_keep_freed_memory_argument, add_trust_argument, parse_input_size
 from .flops import FAMILIES, count_flops
 from .report import pareto_front
 from .timing import (
@@ -33,8 +34,9 @@ from .timing import (
 )
 
 __all__ = [
-    "ModelSpec", "PreparedModel", "benchmark_model", "expand_sweeps", "headline_metrics", "mark_pareto_front",
-    "parse_model_spec", "parse_sweeps", "prepare_model", "run_dir_spec",
+    "ModelSpec", "PreparedModel", "add_measurement_arguments", "benchmark_model", "check_eval_arguments",
+    "check_measurement_options", "expand_sweeps", "headline_metrics", "mark_pareto_front", "parse_model_spec",
+    "parse_sweeps", "prepare_model", "run_dir_spec",
 ]
 
 SEED = 0  # of the noise image used when no dataset image is at hand
@@ -46,6 +48,84 @@ class ModelSpec:
     config: str
     weights: Optional[str]  # None: the config's MODEL.WEIGHTS
     overrides: Tuple[str, ...] = ()  # test-time KEY VALUE pairs of one --sweep point
+
+
+def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tools/eval_map_fps.py`` besides its models and ``--output``, and its
+    trailing ``KEY VALUE`` overrides (added last). ``tools/sweep.py`` parses its ``--eval-args``
+    with them too, to check them before anything trains."""
+    parser.add_argument("--dataset", default="",
+                        help="dataset to evaluate and time on (default: the config's DATASETS.TEST[0])")
+    parser.add_argument("--input-size", default="", metavar="HxW",
+                        help="fixed timing/FLOPs input (default: MIN_SIZE_TEST square of each config)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--fp16", action="store_true", help="half precision (CUDA autocast), for mAP and timing")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs at the fixed input size")
+    parser.add_argument("--dataset-images", type=int, default=20, metavar="N",
+                        help="time the first N dataset images once each (0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--skip-eval", action="store_true", help="only time and count; no mAP")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="measure every model at each value of a test-time config key (repeatable: all "
+                             "combinations), e.g. MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 or INPUT.MIN_SIZE_TEST=256,192; "
+                             "every point goes on the plots and the Pareto front")
+    parser.add_argument("--reference", default="", metavar="LABEL",
+                        help="a model's label: every model is timed on the dataset images in turn with it (at its "
+                             "config's own settings) and gets a speedup column, which a drift of the device's speed "
+                             "leaves out")
+    add_dataset_arguments(parser)
+    add_keep_freed_memory_argument(parser)
+    add_trust_argument(parser)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="KEY VALUE config overrides applied to every model")
+
+
+def check_measurement_options(args) -> None:
+    """Reject the options of :func:`add_measurement_arguments` that are bad whatever the models
+    (one line each)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: CUDA is not available on this machine")
+    if args.fp16 and args.device != "cuda":
+        raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
+    if args.input_size:
+        parse_input_size(args.input_size)
+    if args.runs < 1 or args.warmup < 0 or args.dataset_images < 0 or args.threads < 0:
+        raise UserInputError("--runs must be >= 1; --warmup, --dataset-images and --threads >= 0")
+    if args.reference and args.dataset_images < 1:
+        raise UserInputError("--reference times the models on dataset images: pass --dataset-images N with N >= 1")
+    parse_sweeps(args.sweep)
+
+
+def check_eval_arguments(argv: List[str], config_path: str, labels: List[str], opts=()) -> None:
+    """Check ``tools/sweep.py``'s ``--eval-args`` (``argv``) before its first run trains, as
+    ``tools/eval_map_fps.py`` will check them on the runs: the options
+    (:func:`check_measurement_options`), ``--reference`` among the runs' ``labels``, and the
+    config ``config_path`` with the sweep's ``opts``, the measurement's overrides and each
+    ``--sweep`` point (:func:`load_config`, and the timing size of :func:`_check_timing_size`).
+
+    Raises:
+        UserInputError: one line, naming ``--eval-args``.
+    """
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UserInputError(f"--eval-args: {message}")
+
+    parser = Parser(prog="eval_map_fps.py", add_help=False)
+    add_measurement_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_measurement_options(args)
+        if args.reference and args.reference not in labels:
+            raise UserInputError(f"--reference '{args.reference}' is not a run's label; the labels are: "
+                                 f"{', '.join(labels)}")
+        # every run shares the config: the first run's label names the point that fails
+        for point in expand_sweeps(ModelSpec(labels[0] if labels else "", config_path, None), parse_sweeps(args.sweep)):
+            cfg = load_config(config_path, [*opts, *args.opts, *point.overrides], args.register_voc,
+                              args.register_coco, label=f"model '{point.label}'")
+            _check_timing_size(cfg, args, point.label)
+    except UserInputError as e:
+        raise UserInputError(f"--eval-args: {e}") from None
 
 
 def parse_sweeps(texts: List[str]) -> List[Tuple[str, List[str]]]:
@@ -157,12 +237,18 @@ class PreparedModel:
         return inputs
 
 
+def _check_timing_size(cfg, args, label: str) -> None:
+    """A model is timed at ``--input-size``, else at its ``INPUT.MIN_SIZE_TEST`` square: 0 there
+    (detectron2: images at their own size) leaves no size."""
+    if not args.input_size and cfg.INPUT.MIN_SIZE_TEST == 0:
+        raise UserInputError(f"model '{label}': INPUT.MIN_SIZE_TEST 0 tests images at their own size, which leaves "
+                             f"no size to time the model at: pass --input-size HxW")
+
+
 def prepare_model(spec: ModelSpec, args) -> PreparedModel:
     """Check one model's config, dataset (and its class count) and weights, and load it; writes nothing."""
     cfg = build_cfg(spec, args)
-    if not args.input_size and cfg.INPUT.MIN_SIZE_TEST == 0:
-        raise UserInputError(f"model '{spec.label}': INPUT.MIN_SIZE_TEST 0 tests images at their own size, which leaves "
-                             f"no size to time the model at: pass --input-size HxW")
+    _check_timing_size(cfg, args, spec.label)
     register_custom_datasets(cfg)
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
     if not args.skip_eval or args.dataset_images > 0:
