@@ -1,4 +1,6 @@
-"""Measuring detectors for ``tools/eval_map_fps.py``: which models and test-time settings to
+"""Measuring detectors for ``tools/eval_map_fps.py``: its options and their checks
+(:func:`add_measurement_arguments`, :func:`check_measurement_options`; ``tools/sweep.py`` checks
+its ``--eval-args`` with :func:`check_eval_arguments`), which models and test-time settings to
 measure (:class:`ModelSpec`, ``--sweep`` grids), their checks and loading (:func:`prepare_model`),
 and every figure of one model (:func:`benchmark_model`: mAP, latency, FLOPs, size).
 
