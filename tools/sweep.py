@@ -36,9 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
-from pgp_det.benchmark.measure import check_eval_arguments  # noqa: E402
 from pgp_det.benchmark.sweep import check_runs, plan_runs, run, run_parallel, write_seed_summary  # noqa: E402
-from pgp_det.config import resolve_config_path  # noqa: E402
 from pgp_det.engine.preflight import existing_run_files  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
@@ -79,13 +77,11 @@ def main(argv=None) -> int:
         check_overrides(parser, args.opts)
         config = config_argument(args)
         runs = plan_runs(args)
-        check_runs(args, runs, os.path.join(ROOT, "configs"))
         try:
             eval_args = shlex.split(args.eval_args)
         except ValueError as e:
             raise UserInputError(f"--eval-args '{args.eval_args}': {e}") from None
-        config_path = resolve_config_path(args.config, args.config_file, os.path.join(ROOT, "configs"))
-        check_eval_arguments(eval_args, config_path, [label for label, _ in runs], args.opts)
+        check_runs(args, runs, os.path.join(ROOT, "configs"), eval_args)
         if args.parallel < 1:
             raise UserInputError(f"--parallel {args.parallel}: give the number of runs at a time, >= 1")
         trust = ["--trust-weights"] if args.trust_weights else []

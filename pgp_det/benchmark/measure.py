@@ -104,7 +104,7 @@ def check_eval_arguments(argv: List[str], config_path: str, labels: List[str], o
     ``tools/eval_map_fps.py`` will check them on the runs: the options
     (:func:`check_measurement_options`), ``--reference`` among the runs' ``labels``, and the
     config ``config_path`` with the sweep's ``opts``, the measurement's overrides and each
-    ``--sweep`` point (:func:`load_config`, and the timing size of :func:`_check_timing_size`).
+    ``--sweep`` point (:func:`build_cfg`, and the timing size of :func:`_check_timing_size`).
 
     Raises:
         UserInputError: one line, naming ``--eval-args``.
@@ -121,11 +121,11 @@ def check_eval_arguments(argv: List[str], config_path: str, labels: List[str], o
         if args.reference and args.reference not in labels:
             raise UserInputError(f"--reference '{args.reference}' is not a run's label; the labels are: "
                                  f"{', '.join(labels)}")
-        # every run shares the config: the first run's label names the point that fails
+        # every run's config is this one with the sweep's opts: the first run's label names the
+        # point that fails
+        args.opts = [*opts, *args.opts]
         for point in expand_sweeps(ModelSpec(labels[0] if labels else "", config_path, None), parse_sweeps(args.sweep)):
-            cfg = load_config(config_path, [*opts, *args.opts, *point.overrides], args.register_voc,
-                              args.register_coco, label=f"model '{point.label}'")
-            _check_timing_size(cfg, args, point.label)
+            _check_timing_size(build_cfg(point, args), args, point.label)
     except UserInputError as e:
         raise UserInputError(f"--eval-args: {e}") from None
 

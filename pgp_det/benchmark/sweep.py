@@ -17,6 +17,7 @@ from ..errors import UserInputError
 from ..pruning.settings import check_pruning_config
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.output_dir import check_output_dir
+from .measure import check_eval_arguments
 from .report import seed_summary_markdown, summarize_seeds
 
 __all__ = ["check_runs", "parse_fractions", "parse_variant", "plan_runs", "run", "run_parallel", "write_seed_summary"]
@@ -75,11 +76,13 @@ def plan_runs(args) -> List[Tuple[str, List[str]]]:
     return runs
 
 
-def check_runs(args, runs: List[Tuple[str, List[str]]], configs_dir: str) -> None:
-    """Check every run's config with its overrides, and its output folder, before the first one
-    starts (a bad variant must not surface hours into a sweep)."""
+def check_runs(args, runs: List[Tuple[str, List[str]]], configs_dir: str, eval_args: List[str]) -> None:
+    """Check every run's config with its overrides, its output folder, and the arguments the
+    measurement after them gets (``eval_args``, :func:`~.measure.check_eval_arguments`) before the
+    first run starts (a bad variant must not surface hours into a sweep)."""
     path = resolve_config_path(args.config, args.config_file, configs_dir)
     check_output_dir(args.output, "--output")
+    check_eval_arguments(eval_args, path, [label for label, _ in runs], args.opts)
     for label, extra in runs:
         out = os.path.join(args.output, label)
         if args.oneshot:  # prune_net checks its own arguments; its runs take seconds
