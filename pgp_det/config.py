@@ -78,13 +78,15 @@ def add_pruning_config(cfg: CN) -> CN:
         REMOVE_RATIO [0.5]: share of each step's weak channels removed physically; the rest is
             zeroed and may recover. 1.0: hard pruning only; 0.0: soft only (SFP/PSFP). At the last
             step every weak channel is removed.
-        SOFT_MODE ["pgp"]: how channels are zeroed (soft pruning). Both modes zero the filter
-            weights (conv/linear rows computing the channel) and keep the layer's bias and its
-            norm's scale, shift and running statistics, which carry the gradient back so the
-            channel can grow back. ``"pgp"``: also clear the optimizer state (momentum) of the
-            zeroed filter rows, so momentum alone cannot revive them (PGP); ``"sfp"``: leave the
-            optimizer state untouched (SFP/PSFP). A zeroed channel outputs a constant (its shift
-            after the activation); when it is removed later this constant is folded into the
+        SOFT_MODE ["pgp"]: how the weak channels that are not removed are zeroed (soft pruning;
+            see ``pgp_det.pruning.surgery``). ``"pgp"``: zero the filter weights (conv/linear rows
+            computing the channel) and their optimizer state (momentum), keep the bias and the
+            norm's scale, shift and statistics, so the channel keeps receiving gradient and may
+            grow back (the PGP paper's text); ``"sfp"``: the same with the optimizer state kept
+            (SFP/PSFP); ``"zero_path"``: zero filter, bias, norm scale, shift and statistics and
+            the momentum of all of them, so the filter gets no gradient and the channel waits,
+            dead, for the next step to remove it (the PGP authors' public code). A removed
+            channel's constant output (its shift after the activation) is folded into its
             consumers (exact for linear and 1x1-conv consumers, see ``pgp_det.pruning.fold``).
         KEEP_ZEROED [False]: hold zeroed channels' filter weights at zero until the next step
             (masked after every iteration, in ``SOFT_MODE``; their bias and norm are kept)

@@ -422,7 +422,7 @@ def test_every_criterion_scores_every_prunable_group_of_a_detector():
     zeroed = ["backbone.bottom_up.res3.stream", "backbone.bottom_up.res4.0.conv1", "backbone.fpn.out",
               "roi_heads.box_head.fc1"]
     for name in zeroed:
-        soft_prune(model, groups[name], [3], mode="output")  # the whole output 0, norms included
+        soft_prune(model, groups[name], [3], mode="zero_path")  # the whole output 0, norms included
     criteria = {name: attached(name, model, groups) for name in ALL}
     model.train()
     torch.manual_seed(0)

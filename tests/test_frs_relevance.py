@@ -188,7 +188,7 @@ def test_frs_scores_every_group_l2_per_layer_and_dead_channels_get_none(detector
     model = copy.deepcopy(model)
     groups = derive_channel_groups(model)
     for name in DEAD:
-        soft_prune(model, groups[name], [3], mode="output")  # channel 3 outputs exactly 0
+        soft_prune(model, groups[name], [3], mode="zero_path")  # channel 3 outputs exactly 0
     model.eval()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}

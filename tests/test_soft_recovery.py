@@ -126,12 +126,12 @@ def test_zeroed_channel_gets_gradient_and_regrows_in_every_group(arch, norm):
 
 
 def test_zeroing_the_whole_output_stops_recovery():
-    """The control: with the norm's scale and shift zeroed too (mode "output"), BatchNorm and
+    """The control: with the norm's scale and shift zeroed too (mode "zero_path"), BatchNorm and
     FrozenBN channels get no gradient at all."""
     model = build("R18-FPN", "FrozenBN")
     groups = derive_channel_groups(model)
     for group in groups.values():
-        soft_prune(model, group, [CHANNEL], mode="output")
+        soft_prune(model, group, [CHANNEL], mode="zero_path")
     training_loss(model).backward()
     stream = groups["backbone.bottom_up.res3.stream"]
     assert all(row_norm(model, piece, CHANNEL, gradient=True) == 0 for piece in filter_slices(stream))

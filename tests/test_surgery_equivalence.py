@@ -1,7 +1,7 @@
 """Soft pruning followed by hard pruning of the same channels must not change what the detector
 computes: proposals, boxes and scores in eval mode, losses in training mode (fixed seeds).
 
-Here channels are zeroed in soft-pruning mode ``"output"`` (the whole output held at 0), which
+Here channels are zeroed in soft-pruning mode ``"zero_path"`` (the whole output held at 0), which
 makes removal exact through every layer kind: these tests check that hard pruning slices every
 tensor consistently. The default modes keep norms and biases so channels can recover; what they
 leave behind, and how removal folds it, is tested in ``test_soft_recovery.py``.
@@ -103,7 +103,7 @@ def soft_then_hard(model, removals, check_losses):
     """Zero the outputs of ``removals``, record outputs, hard-prune them, compare."""
     groups = derive_channel_groups(model, allow_frozen=True)
     for name, indices in removals.items():
-        soft_prune(model, groups[name], indices, mode="output")
+        soft_prune(model, groups[name], indices, mode="zero_path")
     image = make_image()
     soft_outputs = eval_outputs(model, image)
     soft_losses = training_losses(model) if check_losses else None

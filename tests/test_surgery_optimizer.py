@@ -141,8 +141,8 @@ def test_soft_prune_zeroes_optimizer_state(kind):
         assert optimizer.state[conv.weight][key][0].abs().sum() > 0  # other channels untouched
     # the FrozenBN after the zeroed filters is kept: it carries the gradient back to them
     assert all(torch.equal(b, norm[name]) for name, b in conv.norm.named_buffers())
-    # mode "output" zeroes the whole output: FrozenBN scale 0, variance 1
-    soft_prune(model, groups["backbone.bottom_up.res3.1.conv1"], channels, optimizer, mode="output")
+    # mode "zero_path" zeroes the whole output: FrozenBN scale 0, variance 1
+    soft_prune(model, groups["backbone.bottom_up.res3.1.conv1"], channels, optimizer, mode="zero_path")
     assert conv.norm.weight[channels].abs().sum() == 0 and torch.all(conv.norm.running_var[channels] == 1)
 
 

@@ -58,7 +58,7 @@ class ChannelSlice:
             for a linear layer reading a flattened ``(C, H, W)`` map (channel ``c`` owns columns
             ``c * expand .. c * expand + expand - 1``).
         pruned_value: the value written when a channel's whole output is zeroed (soft pruning
-            mode ``"output"``): 0; 1 for ``running_var`` so the statistic stays a valid variance.
+            mode ``"zero_path"``): 0; 1 for ``running_var`` so the statistic stays a valid variance.
         role: what the slice is to its channels: ``"filter"`` (conv/linear weight rows computing
             them), ``"bias"`` (that layer's bias), ``"norm"`` (scale, shift or running statistic
             of the norm after the layer), ``"input"`` (a consumer's weight columns). Soft

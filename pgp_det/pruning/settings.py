@@ -5,6 +5,7 @@ from .allocation import ALLOCATION_REGISTRY
 from .criteria import CRITERION_REGISTRY
 from .groups import SCOPES
 from .latency import DEVICE_KINDS, LatencyTable, target_latency_ms
+from .surgery import SOFT_MODES
 from .schedules import SCHEDULE_REGISTRY, resolve_pruning_iterations
 
 __all__ = ["check_latency_settings", "check_pruning_config", "latency_table_at_test_settings", "pruning_scope_ratios"]
@@ -160,8 +161,9 @@ def check_pruning_config(cfg) -> None:
         fail("INTERVAL", p.INTERVAL, "use a positive interval, or -1 for a tenth of END - START")
     if not 0.0 <= p.REMOVE_RATIO <= 1.0:
         fail("REMOVE_RATIO", p.REMOVE_RATIO, "use a fraction in [0, 1]")
-    if p.SOFT_MODE not in ("pgp", "sfp"):
-        fail("SOFT_MODE", p.SOFT_MODE, "use 'pgp' (clear the zeroed filters' momentum) or 'sfp' (keep it)")
+    if p.SOFT_MODE not in SOFT_MODES:
+        fail("SOFT_MODE", p.SOFT_MODE, "use 'pgp' (zero filters and their momentum; they may recover), 'sfp' (zero "
+             "filters, keep momentum) or 'zero_path' (zero filter, bias, norm and momentum: the PGP authors' code)")
     if p.CHANNEL_MULTIPLE < 1:
         fail("CHANNEL_MULTIPLE", p.CHANNEL_MULTIPLE, "use an integer >= 1")
     if p.MIN_CHANNELS < 1:

@@ -3,17 +3,25 @@
 Both work on channel *indices* of :class:`~pgp_det.pruning.groups.ChannelGroup` s, and both keep
 an optimizer consistent with the model:
 
-* :func:`soft_prune` zeroes the channels' filters (the conv/linear weight rows computing them,
-  slices of role ``"filter"``) and keeps what carries the gradient back to them: the layers'
-  biases and their norms' scale, shift and running statistics. A zeroed channel then still
-  receives gradient and can grow back, as in SFP (He et al., IJCAI 2018) and PGP. Modes
-  (:data:`SOFT_MODES`): ``"pgp"`` (default) also clears the optimizer state of the zeroed filter
-  rows (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``, ...) so momentum alone cannot
-  revive them; ``"sfp"`` leaves every optimizer state as it is; ``"output"`` zeroes every
-  producing tensor (filters, biases, norm scale, shift and mean; variance 1) and its optimizer
-  state, so the channel outputs exactly 0 and, behind a ReLU or a zero norm scale, never
-  recovers. :class:`ChannelMasks` remembers soft-pruned channels and re-zeroes them after
-  optimizer steps, in the same modes.
+* :func:`soft_prune` zeroes channels in place, in one of three modes (:data:`SOFT_MODES`):
+
+  - ``"pgp"`` (recoverable; the PGP paper's wording): zero the filter rows (slices of role
+    ``"filter"``) and their optimizer state (SGD ``momentum_buffer``, Adam moments), keep the
+    layer's bias and the norm's scale, shift and running statistics. The channel outputs a
+    constant and still receives gradient, so it can grow back. Under a BatchNorm in training
+    mode that gradient is large: the zeroed channel's batch variance is 0, so the norm scales
+    the gradient reaching the filter by ``gamma / sqrt(eps)`` (about 300 ``gamma`` at
+    ``eps = 1e-5``), and the channel comes back at full strength after one step.
+  - ``"sfp"`` (SFP/PSFP, He et al., IJCAI 2018): as ``"pgp"`` but every optimizer state is
+    left untouched, so momentum moves the zeroed filter again at once.
+  - ``"zero_path"`` (the PGP authors' public code): zero every producing tensor of the channel
+    (filter rows, biases, norm scale, shift and mean; variance 1) and the optimizer state of all
+    of them. With the norm's scale at 0 the filter and the scale get exactly zero gradient, so
+    the channel is "zeroed now, removed at the next step"; only a shift read by a residual sum
+    still learns (a constant, folded into the consumers when the channel is removed).
+
+  :class:`ChannelMasks` remembers soft-pruned channels and re-zeroes them after optimizer
+  steps, in the same modes.
 * :func:`hard_prune` first folds the constant output of removed channels that are zeroed
   (their bias or norm shift after the activation) into the consumers' biases or norm running
   means (:mod:`pgp_det.pruning.fold`: exact for linear and 1x1-conv consumers), then replaces
@@ -26,7 +34,7 @@ an optimizer consistent with the model:
   changes: sharded ones (ZeRO, FSDP) and state shaped unlike its parameter (factored second
   moments such as Adafactor's); SGD, Adam and AdamW are carried.
 
-Channels zeroed in mode ``"output"`` contribute nothing downstream, so hard-pruning the same
+Channels zeroed in mode ``"zero_path"`` contribute nothing downstream, so hard-pruning the same
 indices afterwards leaves the detector's outputs unchanged (except through GroupNorm, whose
 statistics mix the channels of a group: there the pruned and kept channels of one GN group
 cannot be decoupled, and hard pruning re-partitions the kept channels into ``num_groups``).
@@ -52,7 +60,7 @@ __all__ = [
 ]
 
 # soft pruning modes; see the module docstring
-SOFT_MODES = ("pgp", "sfp", "output")
+SOFT_MODES = ("pgp", "sfp", "zero_path")
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +184,7 @@ def _zero_producers(
 ) -> None:
     """Zero ``channels`` of ``group`` in ``mode`` (see the module docstring)."""
     for piece in group.producers:
-        if mode != "output" and piece.role != ROLE_FILTER:
+        if mode != "zero_path" and piece.role != ROLE_FILTER:
             continue  # biases and norms carry the gradient back to the zeroed filter
         tensor = piece.get(model)
         positions = piece.positions(channels).to(tensor.device)
@@ -212,9 +220,10 @@ def soft_prune(
         allow_frozen: only used when ``group`` is a name (see ``derive_channel_groups``).
         mode: ``"pgp"`` (default): also zero ``optimizer``'s per-entry state of the zeroed filter
             rows, so momentum alone cannot revive them; ``"sfp"``: leave the optimizer state
-            untouched (SFP/PSFP); ``"output"``: zero every producing tensor of those channels
-            (biases, norm scale, shift and mean; ``running_var`` 1) and its optimizer state, so
-            the channels output exactly 0 and cannot recover behind a ReLU or a zero scale.
+            untouched (SFP/PSFP); ``"zero_path"`` (the PGP authors' code): zero every producing
+            tensor of those channels (biases, norm scale, shift and mean; ``running_var`` 1) and
+            its optimizer state, so the channels output 0 and their filters and norm scales get
+            no gradient (see the module docstring).
 
     Returns:
         the zeroed indices, sorted.
@@ -234,7 +243,7 @@ class ChannelMasks:
     zeroed tensor). :meth:`apply` zeroes what :func:`soft_prune` zeroes in the masks' ``mode``:
     in ``"pgp"`` (default) and ``"sfp"`` the filter rows (and, in ``"pgp"``, their optimizer
     state), so a masked channel outputs its constant shift and keeps its norm and bias, and can
-    recover once unmasked; in ``"output"`` every producing tensor, so it outputs exactly 0. After
+    recover once unmasked; in ``"zero_path"`` every producing tensor, so it outputs exactly 0. After
     a hard prune, call :meth:`after_hard_prune` with the same removals so that the recorded
     indices follow the new channel numbering.
     """
