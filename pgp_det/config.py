@@ -84,8 +84,9 @@ def add_pruning_config(cfg: CN) -> CN:
             norm's scale, shift and statistics, so the channel keeps receiving gradient and may
             grow back (the PGP paper's text); ``"sfp"``: the same with the optimizer state kept
             (SFP/PSFP); ``"zero_path"``: zero filter, bias, norm scale, shift and statistics and
-            the momentum of all of them, so the filter gets no gradient and the channel waits,
-            dead, for the next step to remove it (the PGP authors' public code). A removed
+            the momentum of all of them, and hold them at zero until the next step removes the
+            channel (the PGP authors' public code: behind a zero norm scale or a ReLU the filter
+            gets no gradient anyway; the hold also covers norm-free layers, FPN's). A removed
             channel's constant output (its shift after the activation) is folded into its
             consumers (exact for linear and 1x1-conv consumers, see ``pgp_det.pruning.fold``).
         KEEP_ZEROED [False]: hold zeroed channels' filter weights at zero until the next step

@@ -189,7 +189,7 @@ def test_split_hard_soft_removes_the_lowest_share():
     scores = {"g": shuffled_scores(64, 3)}
     weak = {"g": weakest(scores["g"], 16)}
     remove, zero = split_hard_soft(weak, scores, 0.5)
-    assert remove["g"] == weakest(scores["g"], 8)  # 64 - 8 = 56 channels remain: a multiple of 8
+    assert remove["g"] == weakest(scores["g"], 8)
     assert sorted(remove["g"] + zero["g"]) == weak["g"] and not set(remove["g"]) & set(zero["g"])
     remove, zero = split_hard_soft(weak, scores, 1.0)
     assert remove["g"] == weak["g"] and zero["g"] == []
@@ -197,14 +197,27 @@ def test_split_hard_soft_removes_the_lowest_share():
     assert remove["g"] == [] and zero["g"] == weak["g"]
 
 
-def test_split_hard_soft_rounds_the_remaining_width():
+@pytest.mark.parametrize("weak_count", [1, 2, 3, 5, 6, 7, 12, 19, 40])
+@pytest.mark.parametrize("remove_ratio", [0.25, 0.5, 0.75])
+def test_split_hard_soft_removes_the_share_asked_for_small_weak_sets_too(weak_count, remove_ratio):
+    """The removed share is REMOVE_RATIO up to whole channels: within half a channel of it,
+    also for weak sets under 8 channels (which rounding widths to multiples of 8 would not remove)."""
+    scores = {"g": shuffled_scores(64, weak_count)}
+    weak = {"g": weakest(scores["g"], weak_count)}
+    remove, zero = split_hard_soft(weak, scores, remove_ratio)
+    assert abs(len(remove["g"]) - remove_ratio * weak_count) <= 0.5
+    assert remove["g"] == weakest(scores["g"], len(remove["g"]))  # the lowest scores go first
+    assert sorted(remove["g"] + zero["g"]) == weak["g"]
+
+
+def test_split_hard_soft_keeps_groupnorm_widths_whole():
     scores = {"g": torch.arange(64.0), "gn": torch.arange(64.0), "odd": torch.arange(60.0)}
     weak = {"g": list(range(12)), "gn": list(range(24)), "odd": [0, 1, 2]}
     remove, zero = split_hard_soft(weak, scores, 0.5, groups=[group("gn", 64, channel_multiple=16)])
-    assert remove["g"] == list(range(8))  # ideal 6; 64 - 8 = 56 is the nearest multiple of 8
-    assert remove["gn"] == list(range(16))  # GroupNorm of 16: 64 - 16 = 48
-    assert remove["odd"] == [0, 1]  # no multiple of 8 reachable: ideal 1.5, a tie removes more
-    assert zero == {"g": list(range(8, 12)), "gn": list(range(16, 24)), "odd": [2]}
+    assert remove["g"] == list(range(6))  # exactly half
+    assert remove["gn"] == list(range(16))  # GroupNorm of 16 channels per norm group: 64 - 16 = 48
+    assert remove["odd"] == [0, 1]  # ideal 1.5: a tie removes more
+    assert zero == {"g": list(range(6, 12)), "gn": list(range(16, 24)), "odd": [2]}
 
 
 def test_split_hard_soft_bad_requests():

@@ -10,7 +10,7 @@ NAMES = sorted(name for name, _ in SCHEDULE_REGISTRY)
 
 
 def test_registered_schedules():
-    assert NAMES == ["cubic", "linear", "pgp_exponential", "psfp"]
+    assert NAMES == ["cubic", "linear", "pgp_exponential", "pgp_exponential_shifted", "psfp"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -35,6 +35,24 @@ def test_pgp_exponential_keeps_c0_exp_minus_lambda_k(ratio, num_steps):
     kept = [1.0 - pruned_fraction("pgp_exponential", k, num_steps, ratio) for k in range(num_steps + 1)]
     factors = [b / a for a, b in zip(kept, kept[1:])]
     assert factors == pytest.approx([math.exp(-lam)] * num_steps)
+
+
+@pytest.mark.parametrize("ratio,num_steps", [(0.5, 6), (0.7, 12), (0.3, 3)])
+def test_shifted_exponential_is_the_authors_loop(ratio, num_steps):
+    """The authors' loop (epochs 1..E, keep C0 exp(-lambda (epoch + 1)), never below the target)
+    gives the same kept counts, and prunes at least as hard as the paper's indexing at every step."""
+    c0, lam = 256, -math.log(1.0 - ratio) / num_steps
+    target_kept = c0 * (1.0 - ratio)
+    for epoch in range(1, num_steps + 1):
+        kept_by_loop = max(c0 * math.exp(-lam * (epoch + 1)), target_kept)
+        kept = c0 * (1.0 - pruned_fraction("pgp_exponential_shifted", epoch, num_steps, ratio))
+        assert kept == pytest.approx(kept_by_loop, rel=1e-12)
+        assert pruned_fraction("pgp_exponential_shifted", epoch, num_steps, ratio) >= pruned_fraction(
+            "pgp_exponential", epoch, num_steps, ratio)
+    # one step ahead of the paper's indexing, at the target one step early
+    assert pruned_fraction("pgp_exponential_shifted", 1, num_steps, ratio) == pytest.approx(
+        pruned_fraction("pgp_exponential", 2, num_steps, ratio))
+    assert pruned_fraction("pgp_exponential_shifted", num_steps - 1, num_steps, ratio) == pytest.approx(ratio)
 
 
 def test_other_schedules_follow_their_formulas():
@@ -63,7 +81,7 @@ def test_bad_schedule_arguments_raise(name, args, message):
 
 
 def test_unknown_schedule_names_the_known_ones():
-    known = "known: cubic, linear, pgp_exponential, psfp"
+    known = "known: cubic, linear, pgp_exponential, pgp_exponential_shifted, psfp"
     with pytest.raises(PruningRequestError, match=f"unknown pruning schedule 'exp'; {known}"):
         pruned_fraction("exp", 1, 5, 0.5)
 

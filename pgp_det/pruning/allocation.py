@@ -729,42 +729,37 @@ def allocate(
     return weak
 
 
-def _removal_count(size: int, weak: int, remove_ratio: float, multiple: int, channel_multiple: int) -> int:
+def _removal_count(size: int, weak: int, remove_ratio: float, channel_multiple: int) -> int:
     """How many of ``weak`` channels to remove now (see :func:`split_hard_soft`)."""
     if remove_ratio >= 1.0:
         return weak
     ideal = remove_ratio * weak
-    for step in (math.lcm(multiple, channel_multiple), channel_multiple):
-        candidates = [r for r in range(weak + 1) if (size - r) % step == 0]
-        if candidates:
-            # nearest to the ideal share; a tie goes to removing more
-            return min(candidates, key=lambda r: (abs(r - ideal), -r))
-    return 0
+    candidates = [r for r in range(weak + 1) if (size - r) % channel_multiple == 0]  # 0 always is
+    # nearest to the ideal share; a tie goes to removing more
+    return min(candidates, key=lambda r: (abs(r - ideal), -r))
 
 
 def split_hard_soft(
     weak: Mapping[str, Sequence[int]],
     scores: Mapping[str, torch.Tensor],
     remove_ratio: float,
-    multiple: int = 8,
     groups: Optional[Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]]] = None,
 ) -> Tuple[Dict[str, List[int]], Dict[str, List[int]]]:
     """Split each weak set into channels removed now (hard) and channels zeroed (soft).
 
-    Of group ``g``'s weak set, the lowest-scored ``n`` channels are removed, ``n`` near
-    ``remove_ratio * len(weak)``: among the counts that leave a multiple of
-    ``lcm(multiple, channel_multiple)`` channels physically present (kept plus zeroed), the one
-    nearest the ideal share (ties: remove more). The zeroed channels stay in the tensors until a
-    later step removes them, so this keeps the layers' widths during training on hardware-friendly
-    multiples, as the kept counts are. When no count does, only the GroupNorm
-    ``channel_multiple`` is honoured (a hard constraint; removing none always satisfies it).
+    Of group ``g``'s weak set of ``w`` channels, the lowest-scored ``n`` are removed and the rest
+    zeroed, ``n`` the whole number nearest ``remove_ratio * w`` (a tie removes more): the share
+    removed is ``remove_ratio`` up to the rounding to whole channels, whatever ``w``. The one
+    exception is a GroupNorm group (``channel_multiple`` > 1), whose width must stay a multiple of
+    its channels per norm group: ``n`` is the nearest count that keeps it so (removing none
+    always does). The widths in between steps are therefore not rounded to hardware-friendly
+    multiples; the kept counts, and so the widths after the last step, are.
     ``remove_ratio == 1`` removes the whole weak set (the last pruning step).
 
     Args:
         weak: ``{group: channel indices}``, e.g. from :func:`allocate`.
         scores: ``{group: (C,) scores}``; ``C`` is the group's current size.
         remove_ratio: in ``[0, 1]``.
-        multiple: preferred granularity of the remaining width.
         groups: the groups, for their ``channel_multiple`` (1 when not given).
 
     Returns:
@@ -772,7 +767,6 @@ def split_hard_soft(
     """
     if isinstance(remove_ratio, bool) or not isinstance(remove_ratio, numbers.Real) or not 0.0 <= remove_ratio <= 1.0:
         raise PruningRequestError(f"remove_ratio must be in [0, 1], got {remove_ratio!r}")
-    _check_positive_int("multiple", multiple)
     groups = _group_dict(groups) if groups is not None else {}
     remove, zero = OrderedDict(), OrderedDict()
     for name, channels in weak.items():
@@ -784,7 +778,7 @@ def split_hard_soft(
         if any(not 0 <= c < size for c in channels) or len(set(channels)) != len(channels):
             raise PruningRequestError(f"{name}: weak channels must be distinct indices in 0..{size - 1}")
         channel_multiple = groups[name].channel_multiple if name in groups else 1
-        count = _removal_count(size, len(channels), float(remove_ratio), multiple, channel_multiple)
+        count = _removal_count(size, len(channels), float(remove_ratio), channel_multiple)
         ordered = sorted(channels, key=lambda c: (score[c].item(), c))  # weakest first, ties by index
         remove[name] = sorted(ordered[:count])
         zero[name] = sorted(ordered[count:])

@@ -337,10 +337,8 @@ class PGPHook(HookBase):
             cost_model=self._cost(), protected=protected, zeroed=self.zeroed,
             normalisation=self.criterion.global_normalisation, latency_table=self._latency,
         )
-        remove, zero = split_hard_soft(
-            weak, scores, 1.0 if step == num_steps else p.REMOVE_RATIO, multiple=p.CHANNEL_MULTIPLE,
-            groups=self.pruned_groups,
-        )
+        remove_ratio = 1.0 if step == num_steps else float(p.REMOVE_RATIO)
+        remove, zero = split_hard_soft(weak, scores, remove_ratio, groups=self.pruned_groups)
         remove = {name: list(idx) for name, idx in remove.items() if len(idx)}
         zero = {name: list(idx) for name, idx in zero.items() if len(idx)}
         digests = self._check_same_on_all_ranks({"remove": remove, "zero": zero})
@@ -355,7 +353,9 @@ class PGPHook(HookBase):
         self.masks.after_hard_prune(after, remove)
         self.masks.apply(model, self.trainer.optimizer)
         self.zeroed = self.masks.masked()
-        if not p.KEEP_ZEROED:
+        if not (p.KEEP_ZEROED or p.SOFT_MODE == "zero_path"):
+            # zero_path channels wait, dead, for the next step (the authors' code): held at zero,
+            # since a norm-free layer with no ReLU after it (FPN) would otherwise learn them back
             self.masks.clear()
         # the scores restart from zero after every step: re-attaching to the new groups does both
         self._attach()
@@ -364,7 +364,7 @@ class PGPHook(HookBase):
             rewrap_model(self.trainer)
         self.steps_done = step
         seconds = time.perf_counter() - started
-        self._record(step, num_steps, remove, zero, (previously_zeroed, regrown), digests, seconds)
+        self._record(step, num_steps, remove, zero, remove_ratio, (previously_zeroed, regrown), digests, seconds)
 
     def _check_same_on_all_ranks(self, decision) -> List[str]:
         """Each rank's digest of ``decision``; raises before any surgery if they differ."""
@@ -373,8 +373,9 @@ class PGPHook(HookBase):
             raise RuntimeError(f"pruning decisions differ across ranks ({digests}): scores were not reduced")
         return digests
 
-    def _record(self, step, num_steps, remove, zero, recovery, digests, seconds):
-        """``recovery``: (channels zeroed by the previous step, ``{group: how many regrew}``)."""
+    def _record(self, step, num_steps, remove, zero, remove_ratio, recovery, digests, seconds):
+        """``remove_ratio``: the share of the weak sets asked to be removed at this step;
+        ``recovery``: (channels zeroed by the previous step, ``{group: how many regrew}``)."""
         kept = {}
         for name, group in self.pruned_groups.items():
             kept[group.scope] = kept.get(group.scope, 0) + group.size
@@ -400,12 +401,18 @@ class PGPHook(HookBase):
             }
             storage.put_scalar("pruning/latency_ms", latency["latency_ms"], smoothing_hint=False)
             storage.put_scalar("pruning/latency_kept_ms", latency["latency_kept_ms"], smoothing_hint=False)
+        removed, zeroed = sum(len(v) for v in remove.values()), sum(len(v) for v in zero.values())
         entry = {
             "step": step,
             "of": num_steps,
             "iteration": self.trainer.iter + 1,
-            "removed": sum(len(v) for v in remove.values()),
-            "zeroed": sum(len(v) for v in zero.values()),
+            "removed": removed,
+            "zeroed": zeroed,
+            # the share of the weak channels removed, against the share asked for (whole channels)
+            "remove_ratio": remove_ratio,
+            "removed_share": removed / (removed + zeroed) if removed + zeroed else None,
+            "removed_zeroed_per_group": {name: [len(remove.get(name, ())), len(zero.get(name, ()))]
+                                         for name in sorted(set(remove) | set(zero))},
             # channels zeroed by the previous step, and those of them whose filters grew back
             "previously_zeroed": previously_zeroed,
             "regrown": sum(regrown.values()),

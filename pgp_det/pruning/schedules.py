@@ -36,13 +36,36 @@ def _check(step: int, num_steps: int, ratio: float) -> None:
 
 @SCHEDULE_REGISTRY.register()
 def pgp_exponential(step: int, num_steps: int, ratio: float) -> float:
-    """PGP: keep ``C0 * exp(-lambda * k)`` channels, ``lambda = -ln(1 - r) / E`` (the paper's
-    ``exp(-lambda (e + 1))`` with ``e = k - 1``)."""
+    """PGP as the paper writes it: keep ``C0 * exp(-lambda * k)`` channels after step ``k``,
+    ``lambda = -ln(1 - r) / E``, so step ``E`` keeps exactly ``C0 (1 - r)``: ``p_k = 1 - (1 - r)^(k/E)``.
+
+    The authors' public loop differs by one step (:func:`pgp_exponential_shifted`); this one is
+    the default because its steps reach the target at the last step instead of before it.
+    """
     _check(step, num_steps, ratio)
     if step == num_steps:
         return ratio
     lam = -math.log(1.0 - ratio) / num_steps
     return 1.0 - math.exp(-lam * step)
+
+
+@SCHEDULE_REGISTRY.register()
+def pgp_exponential_shifted(step: int, num_steps: int, ratio: float) -> float:
+    """PGP as the authors' public code indexes it: their loop runs ``for epoch in 1..E`` and keeps
+    ``C0 * exp(-lambda * (epoch + 1))``, so step ``k`` keeps ``C0 * exp(-lambda * (k + 1))``:
+    ``p_k = min(1 - (1 - r)^((k + 1)/E), r)``, and ``p_E = r``.
+
+    It prunes harder at every step than :func:`pgp_exponential` (step 1 already removes what
+    that one removes at step 2) and reaches ``r`` at step ``E - 1``, so the last step prunes
+    nothing more; the clip at ``r`` stands for the code's stop at the target.
+    """
+    _check(step, num_steps, ratio)
+    if step == 0:
+        return 0.0
+    if step == num_steps:
+        return ratio
+    lam = -math.log(1.0 - ratio) / num_steps
+    return min(1.0 - math.exp(-lam * (step + 1)), ratio)
 
 
 @SCHEDULE_REGISTRY.register()
