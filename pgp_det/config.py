@@ -60,12 +60,21 @@ def add_pruning_config(cfg: CN) -> CN:
         EXTRA_PASS_BATCHES [16]: batches of the extra pass before each step, for the criteria
             that need one (``pgp_pass``, ``frs``).
         SCHEDULE ["pgp_exponential"]: pruned fraction over steps, by name in
-            ``SCHEDULE_REGISTRY``: ``pgp_exponential``, ``psfp``, ``linear``, ``cubic``.
+            ``SCHEDULE_REGISTRY``: ``pgp_exponential`` (the paper's ``exp(-lambda k)``),
+            ``pgp_exponential_shifted`` (the authors' code: ``exp(-lambda (k + 1))``), ``psfp``,
+            ``linear``, ``cubic``.
         ALLOCATION ["uniform"]: how the step's budget is shared among groups, by name in
             ``ALLOCATION_REGISTRY``: ``uniform``, ``global`` (one normalised ranking),
-            ``knapsack`` (the most normalised importance within the budget, greedy by importance
+            ``knapsack`` (the most value, ``KNAPSACK_VALUE``, within the budget, greedy by value
             per unit of cost: HALP-style with ``TARGET "latency"``), ``adaptive`` (PSAP-style,
             from the live channels' weight sparsity).
+        KNAPSACK_VALUE ["taylor"]: what a channel is worth to the ``knapsack`` allocation, on one
+            scale for every group (``pgp_det.pruning.loss_change``): ``"taylor"``, the first-order
+            training-loss change of removing it (filter, bias and norm zeroed), averaged over the
+            iterations since the last step; ``"taylor_squared"``, the mean squared per-iteration
+            change (Molchanov et al. 2019, HALP); ``"scores"``, the criterion's scores put on one
+            scale by its normalisation (one-shot pruning, which has no gradients, always uses
+            these).
         PROTECT_QUANTILE [0.0]: when > 0, channels whose recent gradient (L1 with a half-life of
             a quarter of the pruning interval, an accumulator of its own whatever ``CRITERION``)
             is above this quantile of their group are not pruned at that step (PSAP-style
@@ -112,6 +121,7 @@ def add_pruning_config(cfg: CN) -> CN:
     cfg.PRUNING.EXTRA_PASS_BATCHES = 16
     cfg.PRUNING.SCHEDULE = "pgp_exponential"
     cfg.PRUNING.ALLOCATION = "uniform"
+    cfg.PRUNING.KNAPSACK_VALUE = "taylor"
     cfg.PRUNING.PROTECT_QUANTILE = 0.0
     cfg.PRUNING.UNIT = "iter"
     cfg.PRUNING.START = 0

@@ -13,7 +13,7 @@ from pgp_det.config import get_pgp_cfg
 from pgp_det.pruning import ChannelGroup, ChannelSlice, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import (
     ALLOCATION_REGISTRY, allocate, allowed_kept_counts, protect_by_gradient, split_hard_soft,
-    weight_sparsity,
+    weight_sparsity, whole_widths,
 )
 from pgp_det.pruning.cost import CostModel
 from pgp_det.pruning.criteria import build_criterion
@@ -210,6 +210,19 @@ def test_split_hard_soft_removes_the_share_asked_for_small_weak_sets_too(weak_co
     assert sorted(remove["g"] + zero["g"]) == weak["g"]
 
 
+def test_the_last_step_leaves_whole_widths():
+    """A width left between steps by zeroed channels (60 = 56 kept + 4 zeroed) is not kept for
+    good: the lowest-scored channels go down to the largest multiple of 8."""
+    scores = {"g": shuffled_scores(60, 1), "whole": shuffled_scores(64, 2), "gn": shuffled_scores(40, 3)}
+    groups = [group("g", 60), group("whole", 64), group("gn", 40, channel_multiple=20)]
+    weak = {"g": [], "whole": [], "gn": []}
+    settled = whole_widths(weak, scores, groups)
+    assert settled["g"] == weakest(scores["g"], 4)
+    assert settled["whole"] == [] and settled["gn"] == []  # already allowed widths: untouched
+    # a group that already gives channels up keeps its weak set (its kept count is an allowed one)
+    assert whole_widths({"g": weakest(scores["g"], 12)}, scores, groups)["g"] == weakest(scores["g"], 12)
+
+
 def test_split_hard_soft_keeps_groupnorm_widths_whole():
     scores = {"g": torch.arange(64.0), "gn": torch.arange(64.0), "odd": torch.arange(60.0)}
     weak = {"g": list(range(12)), "gn": list(range(24)), "odd": [0, 1, 2]}
@@ -227,6 +240,63 @@ def test_split_hard_soft_bad_requests():
         split_hard_soft({"g": [8]}, {"g": torch.zeros(8)}, 0.5)
     with pytest.raises(PruningRequestError, match="no scores"):
         split_hard_soft({"g": [0]}, {}, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# knapsack values: one scale for all groups
+
+
+def knapsack_kept(scores, fraction=0.5, values=None, normalisation="mean", sizes=None):
+    """Kept counts of the knapsack under a channel budget (every channel costs 1)."""
+    groups = {name: group(name, scores[name].numel()) for name in scores}
+    weak = allocate("knapsack", scores, groups, fraction, {n: g.size for n, g in groups.items()}, multiple=8,
+                    floor=8, normalisation=normalisation, values=values)
+    return {name: groups[name].size - len(channels) for name, channels in weak.items()}
+
+
+def three_groups(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(64, generator=generator) + 0.5 for name in ("a", "b", "c")}
+
+
+@pytest.mark.parametrize("factor", [1000.0, 0.001])
+def test_knapsack_follows_a_group_whose_values_are_scaled(factor):
+    """Values on one scale (loss changes) decide which group pays: scaling one group's values
+    moves channels to or from it; scaling only its scores under mean normalisation does not."""
+    scores = three_groups()
+    even = knapsack_kept(scores, values=scores)
+    scaled = knapsack_kept(scores, values=dict(scores, b=scores["b"] * factor))
+    assert sum(scaled.values()) == sum(even.values()) == 96
+    if factor > 1:
+        assert scaled["b"] == 64 > even["b"], (even, scaled)  # worth 1000x more: kept whole
+    else:
+        assert scaled["b"] == 8 < even["b"], (even, scaled)  # worth almost nothing: cut to the floor
+    # raw scores as values (normalisation none): the same; mean normalisation removes the scale
+    assert knapsack_kept(dict(scores, b=scores["b"] * factor), normalisation="none") == scaled
+    assert knapsack_kept(dict(scores, b=scores["b"] * factor), normalisation="mean") == knapsack_kept(scores)
+
+
+@pytest.mark.parametrize("given", ["values", "scores"])
+def test_knapsack_never_cuts_a_group_without_evidence_for_free(given):
+    """A group whose values are all zero (no proposal reached it, no gradient yet) is valued at
+    the others' mean channel: it loses about its share, not everything."""
+    scores = three_groups(1)
+    zero = dict(scores, c=torch.zeros(64))
+    kept = knapsack_kept(zero, values=zero) if given == "values" else knapsack_kept(zero)
+    assert sum(kept.values()) == 96
+    assert kept["c"] > 8, kept
+    assert 16 <= kept["c"] <= 48, kept  # near a third of the budget, as a group of average channels
+    # a group missing from the values counts as one without evidence
+    if given == "values":
+        assert knapsack_kept(zero, values={"a": scores["a"], "b": scores["b"]}) == kept
+
+
+def test_knapsack_values_must_fit_the_groups():
+    scores = three_groups()
+    with pytest.raises(PruningRequestError, match="b: knapsack values must be 64 finite numbers"):
+        knapsack_kept(scores, values=dict(scores, b=torch.ones(10)))
+    with pytest.raises(PruningRequestError, match="b: knapsack values must be 64 finite numbers"):
+        knapsack_kept(scores, values=dict(scores, b=torch.full((64,), float("nan"))))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,23 +40,25 @@ How many channels each group keeps is the job of an allocation method, picked by
     The One-step paper's own per-layer formula (arXiv 1906.07488) was not available: the
     ranking is what is implemented.
 ``knapsack``
-    Keep the most importance within the budget, in the spirit of HALP ("maximise kept importance
-    subject to latency <= budget", arXiv 2110.10811, solved greedily; HALP's own solver is not
-    used). What is implemented differs from HALP's objective: HALP sums Taylor importance over
-    all channels, which compares groups only when the scores are loss estimates; with other
-    criteria (and with PGP's gradients) that sum cut the RPN head of the synthetic R18-FPN to 16
-    of 64 channels at a 50% latency target (AP50 49.7 and 39.6, two seeds, against 67.6 and 67.1
-    for a uniform cut). Here the value kept is
-    ``sum over groups of log(share of the group's importance its kept channels hold)``: scale-free
-    per group, and a step's loss grows as a group empties. Removing the next step of a group
-    (down to one of its next :data:`_KNAPSACK_LOOKAHEAD` allowed counts, lowest scores first,
-    protected channels never) loses ``dI`` of that value and saves cost ``dC``,
-    predicted by the budget's own model with every other group at its current count (a layer's
-    latency depends on both groups it reads and writes). The step with the least ``dI / dC`` is
-    taken until the cost is within the budget (ratios are recomputed lazily: a step's saving only
-    shrinks as its neighbours shrink), the last one being, of the steps that alone reach the
-    budget, the one that loses the least; then steps are given back, most importance per unit of
-    cost first, while the budget still holds. Any budget works: latency, FLOPs, or channels.
+    Keep the most value within the budget, as HALP does ("maximise kept importance subject to
+    latency <= budget", arXiv 2110.10811, solved greedily here; HALP's own solver is not used).
+    The value kept is additive, ``sum over kept channels of v[c]``, so it compares groups only
+    when ``v`` is on one scale for all of them: ``values`` (``PRUNING.KNAPSACK_VALUE``
+    ``taylor`` or ``taylor_squared``: the training-loss change of removing each channel,
+    :mod:`~pgp_det.pruning.loss_change`), or, without them (``scores``), the criterion's scores
+    put on one scale by ``normalisation`` (``"mean"``: every group's average channel is worth 1,
+    so groups differ only in how their scores spread; ``"none"``: as they are). A group with no
+    evidence (all-zero or missing values) is valued at the mean channel value of the others: never
+    cut for free. Inside a group channels go in the criterion's order (lowest score first,
+    protected channels never). Removing the next step of a group (down to one of its next
+    :data:`_KNAPSACK_LOOKAHEAD` allowed counts) loses ``dV``, the values of the channels it
+    removes, and saves cost ``dC``, predicted by the budget's own model with every other group
+    at its current count (a layer's latency depends on both groups it reads and writes). The step
+    with the least ``dV / dC`` is taken until the cost is within the budget (ratios are
+    recomputed lazily: a step's saving only shrinks as its neighbours shrink), the last one being,
+    of the steps that alone reach the budget, the one that loses the least; then steps are given
+    back, most value per unit of cost first, while the budget still holds. Any budget works:
+    latency, FLOPs, or channels.
 ``adaptive``
     PSAP-style layer-adaptive ratios (arXiv 2303.11881: "each layer's ratio is set from its weight
     sparsity"; the paper's formula was not available). Implemented: group ``g`` prunes the
@@ -110,6 +112,7 @@ __all__ = [
     "protect_by_gradient",
     "split_hard_soft",
     "weight_sparsity",
+    "whole_widths",
 ]
 
 ALLOCATION_REGISTRY = Registry("PRUNING_ALLOCATION")
@@ -163,6 +166,10 @@ class AllocationRequest:
             :class:`~pgp_det.pruning.latency.LatencyTable`), or None.
         latency_budget: milliseconds the model may take after this step, or None. With neither
             budget, the step's budget is the channels of ``fractions``.
+        values: ``{group: float32 CPU tensor (C,)}``, what keeping each channel is worth on a
+            scale shared by all groups (``knapsack`` only; e.g. the loss change of removing it,
+            :class:`~pgp_det.pruning.loss_change.LossChangeEstimate`), or None: the normalised
+            scores are the values.
     """
 
     scores: Mapping[str, torch.Tensor]
@@ -178,6 +185,7 @@ class AllocationRequest:
     normalisation: str = "mean"
     latency_model: Optional[Any] = None
     latency_budget: Optional[float] = None
+    values: Optional[Mapping[str, torch.Tensor]] = None
 
     @property
     def cost_budget(self) -> bool:
@@ -365,26 +373,41 @@ ALLOCATION_REGISTRY.register(_global_ranking)
 _KNAPSACK_LOOKAHEAD = 4  # counts a knapsack step may go down at once
 
 
+def _knapsack_values(request: AllocationRequest) -> Dict[str, torch.Tensor]:
+    """``{group: float64 (C,)}`` value of keeping each channel, >= 0: ``request.values`` when
+    given, else the normalised scores. A group without evidence (no values, or all zero) is
+    valued at the mean channel value of the groups that have some (1 when none has), so it is
+    never cut for free nor spared for nothing."""
+    raw = OrderedDict()
+    for n in request.groups:
+        given = None if request.values is None else request.values.get(n)
+        value = _normalised_scores(request, n) if request.values is None else given
+        raw[n] = None if value is None else value.double().clamp(min=0)
+    evidence = [v for v in raw.values() if v is not None and float(v.sum()) > 0]
+    typical = float(torch.cat(evidence).mean()) if evidence else 1.0
+    return OrderedDict(
+        (n, v if v is not None and float(v.sum()) > 0 else torch.full((request.groups[n].size,), typical, dtype=torch.float64))
+        for n, v in raw.items())
+
+
 @ALLOCATION_REGISTRY.register()
 def knapsack(request: AllocationRequest) -> Dict[str, int]:
-    """The most importance kept within the budget: greedy by importance lost per unit of cost
-    saved, with the budget checked on the exact predicted cost (see the module docstring)."""
+    """The most value kept within the budget: greedy by value lost per unit of cost saved, with
+    the budget checked on the exact predicted cost (see the module docstring)."""
     names = list(request.groups)
     order = {n: i for i, n in enumerate(names)}
     current = {n: request.groups[n].size for n in names}
+    values = _knapsack_values(request)
     counts, lost_at = {}, {}
     for n in names:
-        scores = _normalised_scores(request, n).clamp(min=0).double()
-        free = torch.sort(scores[~request.protected[n]]).values  # removal order
-        # the value of keeping k: log of the share of the group's importance its k kept channels
-        # hold (the (C - k) lowest unprotected scores go); the loss of a step grows as a group
-        # empties, so no group is cut to its floor for small savings
-        cumulative = torch.cumsum(free, 0).tolist()
-        total = float(scores.sum())
-        epsilon = 1e-9 * total if total > 0 else 1.0
-        lost_at[n] = lambda k, c=[0.0] + cumulative, size=current[n], t=total, e=epsilon: (
-            math.log(t + e) - math.log(max(t - c[size - k], 0.0) + e))
-        counts[n] = [a for a in request.allowed(n) if a >= current[n] - len(free)]  # ascending, ends at C
+        protected = request.protected[n]
+        # removal order: the criterion's lowest scores first (as _weakest takes them), protected never
+        removal = torch.sort(request.scores[n].masked_fill(protected, math.inf), stable=True).indices
+        removal = removal[: int((~protected).sum())]
+        # value lost when the group keeps k channels: the values of the C - k channels removed
+        lost = [0.0] + torch.cumsum(values[n][removal], 0).tolist()
+        lost_at[n] = lambda k, lost=lost, size=current[n]: lost[size - k]
+        counts[n] = [a for a in request.allowed(n) if a >= current[n] - len(removal)]  # ascending, ends at C
     position = {n: len(counts[n]) - 1 for n in names}  # index of the kept count in counts[n]
     kept = dict(current)
     limit = request.budget * (1.0 + _BUDGET_SLACK)
@@ -400,7 +423,7 @@ def knapsack(request: AllocationRequest) -> Dict[str, int]:
         )
 
     def step_down(n: str):
-        """``(importance lost / cost saved, importance lost, order, n, cost after, position after)``
+        """``(value lost / cost saved, value lost, order, n, cost after, position after)``
         of group ``n``'s best step down, or None at its smallest count. A step goes down to one of
         the next :data:`_KNAPSACK_LOOKAHEAD` counts, the best ratio of them: a device's cost can
         stay flat over a few counts (a CPU computes 16 channels for 8), which a one-count step
@@ -446,7 +469,7 @@ def knapsack(request: AllocationRequest) -> Dict[str, int]:
     if cost > limit:  # every group at its smallest count, which fits: cannot happen
         raise AssertionError(f"knapsack allocation left {request.describe(cost)} above its budget")
 
-    # give steps back, most importance regained per unit of cost first, while the budget holds
+    # give steps back, most value regained per unit of cost first, while the budget holds
     while True:
         best = None
         for n in names:
@@ -643,6 +666,21 @@ def _build_request(
     )
 
 
+def _checked_values(values, groups) -> Optional[Dict[str, torch.Tensor]]:
+    """``values`` as float32 CPU tensors, each with one finite entry per channel (None stays None)."""
+    if values is None:
+        return None
+    checked = OrderedDict()
+    for name, value in values.items():
+        if name not in groups:
+            continue
+        value = torch.as_tensor(value).detach().float().cpu().reshape(-1)
+        if value.numel() != groups[name].size or not torch.isfinite(value).all():
+            raise PruningRequestError(f"{name}: knapsack values must be {groups[name].size} finite numbers")
+        checked[name] = value
+    return checked
+
+
 def _weakest(request: AllocationRequest, name: str, kept: int) -> List[int]:
     """The ``size - kept`` lowest-scored unprotected channels, sorted by index; fewer (up to the
     next allowed count) when protection leaves too few candidates."""
@@ -671,6 +709,7 @@ def allocate(
     normalisation: str = "mean",
     latency_model: Optional[Any] = None,
     latency_budget: Optional[float] = None,
+    values: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, List[int]]:
     """The weak set of every group at one pruning step.
 
@@ -698,6 +737,8 @@ def allocate(
             needed with ``latency_budget``.
         latency_budget: milliseconds the model may take after this step (``TARGET latency``).
             With neither budget, the budget is the channels of ``fraction``.
+        values: ``knapsack``: ``{group: (C,)}`` worth of each channel on one scale for all groups
+            (``PRUNING.KNAPSACK_VALUE``); None: the scores normalised by ``normalisation``.
 
     Returns:
         ``{group: sorted current indices of the channels that should not survive this step}``,
@@ -716,7 +757,7 @@ def allocate(
         scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget,
         latency_model, latency_budget,
     )
-    request = dataclasses.replace(request, normalisation=normalisation)
+    request = dataclasses.replace(request, normalisation=normalisation, values=_checked_values(values, request.groups))
     kept = ALLOCATION_REGISTRY.get(method)(request)
     weak = OrderedDict()
     for name, group in request.groups.items():
@@ -727,6 +768,39 @@ def allocate(
             )
         weak[name] = _weakest(request, name, count)
     return weak
+
+
+def whole_widths(
+    weak: Mapping[str, Sequence[int]],
+    scores: Mapping[str, torch.Tensor],
+    groups: Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]],
+    multiple: int = 8,
+    floor: int = 8,
+) -> Dict[str, List[int]]:
+    """Weak sets that leave every group at an allowed multiple, for the last pruning step.
+
+    Between steps a group's width is its kept count plus the channels the step zeroed (any
+    number: :func:`split_hard_soft` removes the share asked for), and "keep every current channel"
+    is always an allowed count. At the last step that would leave such a width for good: a group
+    that keeps all of a width that is not a multiple of ``lcm(multiple, channel_multiple)`` also
+    gives up its lowest-scored kept channels down to the largest allowed count below it.
+
+    Returns:
+        ``{group: sorted weak indices}``, a superset of ``weak``.
+    """
+    groups = _group_dict(groups)
+    settled = OrderedDict()
+    for name, channels in weak.items():
+        group = groups[name]
+        channels = sorted(int(c) for c in channels)
+        kept = group.size - len(channels)
+        lower = [a for a in allowed_kept_counts(group.size, multiple, floor, group.channel_multiple) if a < kept]
+        if kept == group.size and lower and group.size % math.lcm(multiple, group.channel_multiple):
+            score = torch.as_tensor(scores[name]).detach().float().cpu().reshape(-1)
+            weakest_first = [c for c in torch.sort(score, stable=True).indices.tolist() if c not in set(channels)]
+            channels = sorted(channels + weakest_first[: kept - lower[-1]])
+        settled[name] = channels
+    return settled
 
 
 def _removal_count(size: int, weak: int, remove_ratio: float, channel_multiple: int) -> int:

@@ -34,11 +34,12 @@ from detectron2.utils import comm
 
 from ..utils.io import atomic_write_json
 from ..utils.modules import rewrap_model, unwrap_model
-from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity
+from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity, whole_widths
 from .criteria import RecentGradientCriterion, build_criterion
 from .dependency import derive_channel_groups
 from .groups import PruningRequestError
 from .latency import latency_reduction, target_latency_ms
+from .loss_change import LossChangeEstimate
 from .schedules import pruned_fraction, resolve_pruning_iterations
 from .settings import check_latency_settings, latency_table_at_test_settings, pruning_scope_ratios
 from .surgery import ChannelMasks, hard_prune, zeroed_channels
@@ -66,7 +67,7 @@ def latency_budget(cfg, latency_table, step: int, num_steps: int) -> float:
 
 def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, original_sizes: Dict[str, int],
                       ratios: Dict[str, float], cost_model=None, protected=None, zeroed=None,
-                      normalisation: str = "mean", latency_table=None) -> Dict[str, List[int]]:
+                      normalisation: str = "mean", latency_table=None, values=None) -> Dict[str, List[int]]:
     """The weak set of every pruned group at pruning step ``step`` of ``num_steps``, as the hook
     decides it (one-shot pruning is step 1 of 1: the final target at once).
 
@@ -95,9 +96,13 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
             per-layer L2-normalised scores as they are).
         latency_table: a :class:`~pgp_det.pruning.latency.LatencyTable` made for the unpruned
             model (required for ``TARGET "latency"``; check it with ``check_compatible``).
+        values: ``knapsack``: ``{group: (C,)}`` worth of each channel on one scale for all
+            groups (the hook's :class:`~pgp_det.pruning.loss_change.LossChangeEstimate` with
+            ``KNAPSACK_VALUE`` ``taylor``/``taylor_squared``); None: the normalised scores.
 
     Returns:
-        ``{group: sorted weak channel indices}`` (see :func:`~pgp_det.pruning.allocation.allocate`).
+        ``{group: sorted weak channel indices}`` (see :func:`~pgp_det.pruning.allocation.allocate`);
+        at the last step, :func:`~pgp_det.pruning.allocation.whole_widths` of them.
     """
     p = cfg.PRUNING
     fractions = {name: pruned_fraction(p.SCHEDULE, step, num_steps, ratios[name]) for name in groups}
@@ -110,11 +115,15 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
         table = latency_table.with_proposals(int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST))
         milliseconds = latency_budget(cfg, table, step, num_steps)
     sparsity = weight_sparsity(model, groups, excluded=zeroed) if p.ALLOCATION == "adaptive" else None
-    return allocate(
+    weak = allocate(
         p.ALLOCATION, scores, groups, fractions, original_sizes, multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS,
         weight_sparsity=sparsity, protected=protected, cost_model=cost_model if budget is not None else None,
         flops_budget=budget, normalisation=normalisation, latency_model=table, latency_budget=milliseconds,
+        values=values,
     )
+    if step == num_steps:  # the widths kept for good are whole multiples
+        weak = whole_widths(weak, scores, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS)
+    return weak
 
 
 def target_ratios(cfg, groups, pruned_groups, *, latency_table=None, cost=None) -> Dict[str, float]:
@@ -190,6 +199,10 @@ class PGPHook(HookBase):
             bounds = [self.start_iter] + self.step_iters
             shortest = min(b - a for a, b in zip(bounds, bounds[1:]))
             self.protector = RecentGradientCriterion(half_life=max(1.0, shortest / 4))
+        # the knapsack's values on one scale for all groups: an estimate of its own, any criterion
+        self.value_estimate = None
+        if p.ALLOCATION == "knapsack" and p.KNAPSACK_VALUE != "scores":
+            self.value_estimate = LossChangeEstimate(p.KNAPSACK_VALUE)
         self.masks = ChannelMasks(mode=p.SOFT_MODE)  # zeroes filters (and, in "pgp", their momentum)
         self.steps_done = 0
         self.original_sizes: Dict[str, int] = {}
@@ -221,6 +234,8 @@ class PGPHook(HookBase):
     def _attach(self):
         for criterion in dict.fromkeys(self._criteria()):
             criterion.attach(self.model, self.pruned_groups)
+        if self.value_estimate is not None:
+            self.value_estimate.attach(self.model, self.pruned_groups)
 
     def _load_latency_table(self):
         """TARGET latency: load the table, check that it fits this model (at its original widths),
@@ -275,6 +290,8 @@ class PGPHook(HookBase):
                 self.criterion.load_state_dict(state["criterion"])
             if self.protector is not None and self.protector is not self.criterion and state.get("protector"):
                 self.protector.load_state_dict(state["protector"])
+            if self.value_estimate is not None and state.get("values"):
+                self.value_estimate.load_state_dict(state["values"])
             self.masks.load(self._groups, state["masked"])
             self.zeroed = dict(state["zeroed"])
             if self.cfg.PRUNING.TARGET == "latency":
@@ -296,6 +313,8 @@ class PGPHook(HookBase):
             for criterion in dict.fromkeys(self._criteria()):
                 if criterion.needs_gradients or criterion.needs_activations:
                     criterion.update(self.model)
+            if self.value_estimate is not None:
+                self.value_estimate.update()
             if len(self.masks):
                 self.masks.apply(self.model, self.trainer.optimizer)
             if done in self.step_iters[self.steps_done:]:
@@ -336,6 +355,7 @@ class PGPHook(HookBase):
             self.cfg, model, self.pruned_groups, scores, step, num_steps, self.original_sizes, self.ratios,
             cost_model=self._cost(), protected=protected, zeroed=self.zeroed,
             normalisation=self.criterion.global_normalisation, latency_table=self._latency,
+            values=None if self.value_estimate is None else self.value_estimate.values(),
         )
         remove_ratio = 1.0 if step == num_steps else float(p.REMOVE_RATIO)
         remove, zero = split_hard_soft(weak, scores, remove_ratio, groups=self.pruned_groups)
@@ -464,6 +484,8 @@ class PGPHook(HookBase):
         state["criterion"] = None if finished else self.criterion.state_dict()
         if self.protector is not None and self.protector is not self.criterion and not finished:
             state["protector"] = self.protector.state_dict()
+        if self.value_estimate is not None and not finished:
+            state["values"] = self.value_estimate.state_dict()
         return state
 
     def load_state_dict(self, state_dict):

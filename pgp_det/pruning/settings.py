@@ -5,6 +5,7 @@ from .allocation import ALLOCATION_REGISTRY
 from .criteria import CRITERION_REGISTRY
 from .groups import SCOPES
 from .latency import DEVICE_KINDS, LatencyTable, target_latency_ms
+from .loss_change import KNAPSACK_VALUES
 from .surgery import SOFT_MODES
 from .schedules import SCHEDULE_REGISTRY, resolve_pruning_iterations
 
@@ -149,6 +150,8 @@ def check_pruning_config(cfg) -> None:
             fail(key, value, f"known: {', '.join(_registry_names(registry))}")
     if p.CRITERION in ("pgp_pass", "frs") and p.EXTRA_PASS_BATCHES < 1:
         fail("EXTRA_PASS_BATCHES", p.EXTRA_PASS_BATCHES, f"the {p.CRITERION} criterion needs an extra pass of >= 1 batch")
+    if p.KNAPSACK_VALUE not in KNAPSACK_VALUES:
+        fail("KNAPSACK_VALUE", p.KNAPSACK_VALUE, f"use one of {', '.join(KNAPSACK_VALUES)}")
     if not 0.0 <= p.PROTECT_QUANTILE < 1.0:
         fail("PROTECT_QUANTILE", p.PROTECT_QUANTILE, "use a quantile in [0, 1); 0 disables protection")
     if p.UNIT not in ("iter", "epoch"):
