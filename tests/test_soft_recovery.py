@@ -205,6 +205,79 @@ def test_masks_hold_filters_at_zero_and_keep_the_norm(mode):
     assert (held == 0) if mode == "pgp" else (held > 0)
 
 
+def producer_parts(model, group):
+    """``{(layer, part): slice}`` of a group's producers: ``filter``, ``bias`` (the layer's own),
+    ``scale`` and ``shift`` (its norm's weight and bias; running statistics left out)."""
+    parts = {}
+    for piece in group.producers:
+        if piece.role == "filter":
+            parts[(piece.module, "filter")] = piece
+        elif piece.role == "bias":
+            parts[(piece.module, "bias")] = piece
+        elif piece.role == "norm" and piece.tensor in ("weight", "bias"):
+            parts[(piece.module.rsplit(".norm", 1)[0], "scale" if piece.tensor == "weight" else "shift")] = piece
+    return parts
+
+
+def gradient_rows(model, piece, channel):
+    """(gradient of ``channel``'s entries, median over the other channels), L1 per channel."""
+    grad = piece.get(model).grad
+    rows = piece.per_channel(grad).abs().sum(dim=1)
+    others = torch.cat([rows[:channel], rows[channel + 1:]])
+    return rows[channel].item(), others.median().item()
+
+
+@pytest.mark.parametrize("mode", ["pgp", "sfp", "zero_path"])
+def test_soft_modes_gradients_per_parameter_after_one_step(mode):
+    """R18-FPN with BatchNorm in training mode, one channel zeroed in every group, one SGD step
+    with momentum. Per producer layer of every group:
+
+    * ``pgp`` / ``sfp``: the filter gets gradient, and under BatchNorm a large one (the zeroed
+      channel's batch variance is 0, so the norm scales it by gamma / sqrt(eps)): its row's
+      gradient is over 10 times the median live row's; the norm's scale and shift, and the
+      layer's bias, are kept and get gradient; the filter is non-zero after the step.
+    * ``zero_path``: filter, bias, scale and shift are 0; behind a norm (scale 0) the filter
+      and scale get exactly no gradient; with the mask held, all four are 0 after the step.
+    """
+    model = build("R18-FPN", "BN")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    training_loss(model, seed=1).backward()
+    optimizer.step()  # momentum everywhere, so only the mode's clearing can stop a zeroed row
+    optimizer.zero_grad()
+    groups = derive_channel_groups(model)
+    masks = ChannelMasks(mode=mode)
+    for group in groups.values():
+        masks.add(group, [CHANNEL])
+    masks.apply(model, optimizer)
+    training_loss(model, seed=2).backward()
+    amplified = []
+    for name, group in groups.items():
+        parts = producer_parts(model, group)
+        for (layer, part), piece in parts.items():
+            value = row_norm(model, piece, CHANNEL)
+            zeroed, live = gradient_rows(model, piece, CHANNEL)
+            behind_norm = (layer, "scale") in parts
+            if mode == "zero_path":
+                assert value == 0, (name, layer, part)
+                if behind_norm and part in ("filter", "scale"):
+                    assert zeroed == 0, (name, layer, part)
+            else:
+                assert (value == 0) == (part == "filter"), (name, layer, part)
+                if part == "filter":
+                    assert zeroed > 0, (name, layer)
+                    if behind_norm:
+                        amplified.append((zeroed / live, name, layer))
+    if mode != "zero_path":
+        assert amplified and all(ratio > 10 for ratio, *_ in amplified), sorted(amplified)[:3]
+    optimizer.step()
+    if mode == "zero_path":
+        masks.apply(model, optimizer)  # the hook holds zero_path channels until the next step
+    for name, group in groups.items():
+        for (layer, part), piece in producer_parts(model, group).items():
+            # zero_path: dead until removed; pgp / sfp: the filter grew back, the rest was kept
+            assert (row_norm(model, piece, CHANNEL) == 0) == (mode == "zero_path"), (name, layer, part)
+
+
 def test_soft_mode_config_key():
     from pgp_det.pruning.hook import PGPHook
 
@@ -213,6 +286,9 @@ def test_soft_mode_config_key():
     cfg.merge_from_list(["PRUNING.ENABLED", True, "SOLVER.MAX_ITER", 100, "PRUNING.SOFT_MODE", "sfp"])
     check_pruning_config(cfg)
     assert PGPHook(cfg).masks.mode == "sfp"
+    cfg.merge_from_list(["PRUNING.SOFT_MODE", "zero_path"])
+    check_pruning_config(cfg)
+    assert PGPHook(cfg).masks.mode == "zero_path"
     cfg.merge_from_list(["PRUNING.SOFT_MODE", "zero"])
     with pytest.raises(UserInputError, match="PRUNING.SOFT_MODE = 'zero' is invalid"):
         check_pruning_config(cfg)
