@@ -104,6 +104,97 @@ def test_resume_after_kill_ends_with_the_same_architecture(pgp_run, tmp_path):
     assert [s["step"] for s in pruning_log(tmp_path)["steps"]] == [1, 2, 3, 4]
 
 
+class _FixedBatches:
+    """The same batch at the same iteration, whatever run and wherever it resumed: batch ``i``
+    of ``batches`` at iteration ``i`` (``start`` is the first iteration this run trains)."""
+
+    def __init__(self, batches):
+        self.batches, self.start = batches, 0
+
+    def __iter__(self):
+        for iteration in range(self.start, 10 ** 6):
+            yield self.batches[iteration % len(self.batches)]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _deterministic_run(cfg, batches, resume=False, stop_after=None):
+    """Train ``cfg`` on ``batches`` with the RNG seeded by the iteration, resuming from the last
+    checkpoint when ``resume``; stop (an exception, after the checkpointer ran) once iteration
+    ``stop_after`` is done. Returns the trainer."""
+    from detectron2.engine import HookBase
+
+    from pgp_det.engine import Trainer
+
+    loader = _FixedBatches(batches)
+
+    class Deterministic(Trainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            return loader
+
+    class SeedAndStop(HookBase):
+        def before_step(self):
+            torch.manual_seed(self.trainer.iter)  # proposal and ROI sampling
+
+        def after_step(self):
+            if stop_after is not None and self.trainer.iter + 1 == stop_after:
+                raise _Stop()
+
+    torch.manual_seed(cfg.SEED)  # the initial weights (a resumed run loads its own)
+    trainer = Deterministic(cfg)
+    trainer.register_hooks([SeedAndStop()])  # last: after the periodic checkpointer
+    trainer.resume_or_load(resume=resume)
+    loader.start = trainer.start_iter
+    try:
+        trainer.train()
+    except _Stop:
+        pass
+    return trainer
+
+
+@pytest.mark.parametrize("allocation", ["knapsack", "global"])
+def test_resume_mid_interval_ends_with_the_same_kept_channels(tmp_path, allocation):
+    """A score-dependent allocation with the pgp criterion (knapsack: also its loss-change values):
+    a run stopped right after the checkpoint of iteration 10, between the steps of 8 and 12, and
+    resumed, takes every step's decision as the uninterrupted run does (the same removed and
+    zeroed indices, by their digest) and ends with the same weights. It holds only if the
+    criterion's and the values' sums of iterations 9 and 10 travel in the checkpoint."""
+    from detectron2.data import build_detection_train_loader
+
+    from pgp_det.data import register_custom_datasets
+
+    def config(out):
+        cfg = get_pgp_cfg()
+        cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"))
+        cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "16", "SOLVER.CHECKPOINT_PERIOD", "10",
+                                    "PRUNING.ALLOCATION", allocation, "PRUNING.CRITERION", "pgp",
+                                    "OUTPUT_DIR", str(out)])
+        register_custom_datasets(cfg)
+        return cfg
+
+    cfg = config(tmp_path / "whole")
+    stream = iter(build_detection_train_loader(cfg))
+    batches = [next(stream) for _ in range(16)]
+    whole = _deterministic_run(cfg, batches)
+    _deterministic_run(config(tmp_path / "resumed"), batches, stop_after=10)
+    assert (tmp_path / "resumed" / "model_0000009.pth").exists()
+    assert not (tmp_path / "resumed" / "model_final.pth").exists()
+    resumed = _deterministic_run(config(tmp_path / "resumed"), batches, resume=True)
+    assert resumed.start_iter == 10
+
+    steps = {run: pruning_log(tmp_path / run)["steps"] for run in ("whole", "resumed")}
+    assert [s["iteration"] for s in steps["resumed"]] == [4, 8, 12, 15]
+    for a, b in zip(steps["whole"], steps["resumed"]):
+        assert a["rank_digests"] == b["rank_digests"], a["step"]
+    final = {name: p.detach() for name, p in whole.model.named_parameters()}
+    for name, p in resumed.model.named_parameters():
+        assert p.shape == final[name].shape, name
+        assert (p.detach() - final[name]).abs().max() <= 1e-5, name
+
+
 _TWO_RANKS = """
 import os, sys, torch
 sys.path.insert(0, {root!r})

@@ -17,7 +17,9 @@ class Trainer(DefaultTrainer):
     * checkpoints record the pruned architecture and are written atomically
       (:class:`pgp_det.checkpoint.PrunedCheckpointer`), so ``--resume`` rebuilds a pruned model;
     * a :class:`pgp_det.pruning.hook.PGPHook` runs when ``cfg.PRUNING.ENABLED``, before the
-      periodic checkpointer so that a checkpoint taken at a pruning iteration holds its result.
+      periodic checkpointer so that a checkpoint taken at a pruning iteration holds its result;
+    * checkpoints carry the optimizer's state (momentum), which detectron2 0.6's
+      ``DefaultTrainer`` leaves out, so ``--resume`` continues as the run would have.
     """
 
     def __init__(self, cfg, *, trusted_weights: bool = False):
@@ -45,6 +47,16 @@ class Trainer(DefaultTrainer):
         if self.checkpointer.architecture_changed:
             # the checkpoint shrank the model inside its DDP wrapper (if any): wrap the smaller model anew
             rewrap_model(self)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["_trainer"] = self._trainer.state_dict()  # the optimizer's state
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # checkpoints written before it was saved have none
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
