@@ -12,12 +12,14 @@ PIP_INSTALL = -m pip install --disable-pip-version-check -q -c $(LOCK)
 install: $(STAMP)
 
 # Re-runs when the install recipe or the lock changes; each step is a no-op when already satisfied.
-$(STAMP): setup.py tools/install_detectron2.py Makefile $(LOCK)
+$(STAMP): setup.py tools/install_detectron2.py tools/check_lock.py Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch and torchvision first, as the locked pair (see README: Installing)
 	$(PY) $(PIP_INSTALL) torch torchvision
 	$(PY) $(PIP_INSTALL) -e '.[dev]'
 	$(PY) tools/install_detectron2.py
+	# the environment is exactly the lock (one line naming what differs, otherwise)
+	$(PY) tools/check_lock.py $(LOCK)
 	touch $@
 
 # the unpruned R18-FPN and the same model pruned by PGP to half its FLOPs, side by side

@@ -119,19 +119,29 @@ def test_make_install_reruns_when_the_lock_changes():
     assert "$(LOCK)" in stamp_rule
 
 
-def test_installed_versions_are_the_locked_ones():
-    """`make install` installs constraints.txt exactly: every locked package has its locked version."""
+def test_the_lock_check_names_every_package_that_differs(tmp_path, capsys):
+    """tools/check_lock.py (run by `make install`): a pin the environment matches passes, a wrong
+    version and a missing package each fail with one line naming them."""
     import importlib.metadata
 
-    with open(os.path.join(ROOT, "constraints.txt")) as f:
-        pins = [line.strip().split("==") for line in f if "==" in line and not line.startswith("#")]
-    assert len(pins) > 20
-    different = {}
-    for name, version in pins:
-        try:
-            installed = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            installed = None
-        if installed != version:
-            different[name] = (version, installed)
-    assert not different, f"locked vs installed: {different}"
+    check = _load_check_lock()
+    pytest_version = importlib.metadata.version("pytest")
+    lock = tmp_path / "constraints.txt"
+    lock.write_text(f"# a comment\npytest=={pytest_version}\n")
+    assert check.lock_differences(str(lock)) == {} and check.main([str(lock)]) == 0
+    lock.write_text(f"pytest=={pytest_version}\npytest==0.0.1\nno-such-package-pgp==1.0\n")
+    assert check.lock_differences(str(lock)) == {"pytest": ("0.0.1", pytest_version), "no-such-package-pgp": ("1.0", None)}
+    assert check.main([str(lock)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "no-such-package-pgp 1.0 (installed: none)" in error and "pytest 0.0.1" in error
+    assert check.main([str(tmp_path / "missing.txt")]) == 2
+
+
+def _load_check_lock():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_lock", os.path.join(ROOT, "tools", "check_lock.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -37,8 +37,11 @@ How many channels each group keeps is the job of an allocation method, picked by
     they are, for a criterion that normalises its own scores: FRS's per-layer L2), and channels
     are taken lowest first (protected channels never, no group below its smallest allowed
     count). How far down the ranking to go is searched against the budget, channels or FLOPs.
-    The One-step paper's own per-layer formula (arXiv 1906.07488) was not available: the
-    ranking is what is implemented.
+    This is "in the spirit" of One-step pruning (Wang et al., "A One-step Pruning-recovery
+    Framework for Acceleration of Convolutional Neural Networks", ICTAI 2019, arXiv 1906.07488):
+    only its abstract could be read, which names a global rate from which every layer's rate is
+    set by an optimisation objective, but gives neither the objective nor the importance measure.
+    The ranking is what is implemented.
 ``knapsack``
     Keep the most value within the budget, as HALP does ("maximise kept importance subject to
     latency <= budget", arXiv 2110.10811, solved greedily here; HALP's own solver is not used).
@@ -60,8 +63,10 @@ How many channels each group keeps is the job of an allocation method, picked by
     back, most value per unit of cost first, while the budget still holds. Any budget works:
     latency, FLOPs, or channels.
 ``adaptive``
-    PSAP-style layer-adaptive ratios (arXiv 2303.11881: "each layer's ratio is set from its weight
-    sparsity"; the paper's formula was not available). Implemented: group ``g`` prunes the
+    In the spirit of PSAP (Li and Zhao, "Protective Self-Adaptive Pruning to Better Compress
+    DNNs", arXiv 2303.11881), whose abstract says each layer's ratio is set, before each step,
+    from the layer's weight sparsity ratio; the paper's formula, and what it counts as sparse,
+    could not be read. Implemented: group ``g`` prunes the
     fraction ``r_g = min(s * sparsity_g, 0.95)`` of its original size, where ``sparsity_g`` is
     the sparsity of its *live* channels' producer weights (:func:`weight_sparsity`) and the common
     factor ``s`` is searched against the budget, channels or FLOPs (every group alike when no
@@ -80,7 +85,9 @@ Allowed kept counts: a multiple of ``lcm(multiple, group.channel_multiple)``, at
 as :func:`kept_count` decides (``multiple`` and ``floor`` relax for small groups; a GroupNorm's
 ``channel_multiple`` never does); keeping every current channel is always allowed.
 
-Protection (PSAP's "protective reconstruction", whose formula was not available either):
+Protection, in the spirit of PSAP's "protective reconstruction" (the abstract: gradients show
+which filters are still needed; a secondary summary calls it "pulse gradient supervision"; its
+rule could not be read either):
 ``protected`` marks channels that must not be in this step's weak set. The hook protects, with
 :func:`protect_by_gradient`, the channels whose *recent* gradient
 (:class:`~pgp_det.pruning.criteria.RecentGradientCriterion`, an accumulator of its own whatever
