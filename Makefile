@@ -14,7 +14,7 @@ install: $(STAMP)
 # Re-runs when the install recipe or the lock changes; each step is a no-op when already satisfied.
 $(STAMP): setup.py tools/install_detectron2.py tools/check_lock.py Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch and torchvision first, as the locked pair (see README: Installing)
+	# torch and torchvision first, as the locked pair (see docs/install.md)
 	$(PY) $(PIP_INSTALL) torch torchvision
 	$(PY) $(PIP_INSTALL) -e '.[dev]'
 	$(PY) tools/install_detectron2.py

@@ -1,6 +1,6 @@
 """Bad input and hostile files against every tool: no code runs from a checkpoint or config, a
 failing run leaves earlier runs byte-identical, concurrent runs are refused, and each bad input
-ends with one ``error:`` line and exit code 2 (see README: What is checked)."""
+ends with one ``error:`` line and exit code 2 (see docs/checks.md)."""
 import fractions
 import hashlib
 import json

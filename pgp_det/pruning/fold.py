@@ -43,7 +43,7 @@ Not exact, and why:
   running mean of a zeroed channel decays geometrically (BN momentum 0.1 per iteration), so the
   two agree after some tens of iterations.
 
-``tests/test_soft_recovery.py`` checks the exact cases; the README reports the measured change
+``tests/test_soft_recovery.py`` checks the exact cases; docs/methods.md reports the measured change
 of the detector's outputs for the others.
 """
 import logging
