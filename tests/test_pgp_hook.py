@@ -195,6 +195,49 @@ def test_resume_mid_interval_ends_with_the_same_kept_channels(tmp_path, allocati
         assert (p.detach() - final[name]).abs().max() <= 1e-5, name
 
 
+def test_an_extra_pass_takes_no_batch_from_training(tmp_path):
+    """pgp_pass's extra pass (3 batches before each of 2 steps) reads a loader of its own, built
+    as the trainer builds its own: training still gets one batch of its stream per iteration, in
+    order, and the extra pass 6."""
+    from detectron2.data import build_detection_train_loader
+
+    from pgp_det.data import register_custom_datasets
+    from pgp_det.engine import Trainer
+
+    cfg = get_pgp_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"))
+    cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "10", "PRUNING.END", "8", "PRUNING.CRITERION", "pgp_pass",
+                                "PRUNING.EXTRA_PASS_BATCHES", "3", "OUTPUT_DIR", str(tmp_path)])
+    register_custom_datasets(cfg)
+    stream = iter(build_detection_train_loader(cfg))
+    batches = [next(stream) for _ in range(4)]
+    drawn = []  # (loader number, batch number) in the order batches were taken
+
+    class Counted:
+        def __init__(self, number):
+            self.number = number
+
+        def __iter__(self):
+            for index in range(10 ** 6):
+                drawn.append((self.number, index))
+                yield batches[index % len(batches)]
+
+    class Counting(Trainer):
+        loaders = 0
+
+        @classmethod
+        def build_train_loader(cls, cfg):
+            cls.loaders += 1
+            return Counted(cls.loaders - 1)
+
+    trainer = Counting(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert [index for number, index in drawn if number == 0] == list(range(10))  # one per iteration
+    assert [index for number, index in drawn if number == 1] == list(range(6))  # 3 per step, 2 steps
+    assert Counting.loaders == 2
+
+
 _TWO_RANKS = """
 import os, sys, torch
 sys.path.insert(0, {root!r})

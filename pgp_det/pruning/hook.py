@@ -214,6 +214,7 @@ class PGPHook(HookBase):
         self._groups = None
         self._cost_model = None
         self._latency = None  # the LatencyTable of TARGET latency, at the config's proposal count
+        self._extra_data = None  # the extra pass's own data iterator, built when first needed
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -262,6 +263,14 @@ class PGPHook(HookBase):
                         "reduction at %dx%d (uniformly: a ratio of %.4f)",
                         p.ALLOCATION, 100 * p.FLOPS_REDUCTION, *p.COST_INPUT_SIZE, shared)
         return ratios
+
+    def _extra_pass_data(self):
+        """The batches of the criterion's extra pass: an iterator of its own over the training set,
+        built as the trainer builds its loader (``build_train_loader``), so that training still
+        sees every batch of its own stream."""
+        if self._extra_data is None:
+            self._extra_data = iter(self.trainer.build_train_loader(self.cfg))
+        return self._extra_data
 
     def _cost(self):
         from .cost import CostModel
@@ -346,7 +355,7 @@ class PGPHook(HookBase):
         regrown = self._regrown()
         previously_zeroed = sum(len(v) for v in self.zeroed.values())
         if self.criterion.needs_extra_pass:
-            self.criterion.run_extra_pass(model, self.trainer._trainer._data_loader_iter, p.EXTRA_PASS_BATCHES)
+            self.criterion.run_extra_pass(model, self._extra_pass_data(), p.EXTRA_PASS_BATCHES)
         scores = self.criterion.scores(model)
         protected = None
         if self.protector is not None:
