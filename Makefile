@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := constraints.txt
 PIP_INSTALL = -m pip install --disable-pip-version-check -q -c $(LOCK)
 
-.PHONY: install demo test lock clean-venv
+.PHONY: install demo test test-fast lock clean-venv
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# the tests that neither train a detector nor start a process (tests/conftest.py marks the others slow)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 # Upgrade deliberately: install the newest releases setup.py allows into a scratch environment,
 # run the tests there, and only if they pass write their versions into $(LOCK).

@@ -12,13 +12,14 @@ from pgp_det.benchmark.flops import count_flops
 from pgp_det.config import get_pgp_cfg
 from pgp_det.pruning import ChannelGroup, ChannelSlice, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import (
-    ALLOCATION_REGISTRY, allocate, allowed_kept_counts, protect_by_gradient, split_hard_soft,
+    ALLOCATION_REGISTRY, Budget, allocate, allowed_kept_counts, protect_by_gradient, split_hard_soft,
     weight_sparsity, whole_widths,
 )
 from pgp_det.pruning.cost import CostModel
 from pgp_det.pruning.criteria import build_criterion
 from pgp_det.pruning.hook import PGPHook, plan_pruning_step
 from pgp_det.pruning.schedules import pruned_fraction
+from pgp_det.pruning.target import ChannelTarget, build_target, flops_budget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COST_SIZE = (128, 160)  # small: the cost model and fvcore's count stay fast
@@ -317,8 +318,7 @@ def test_allocate_bad_requests_fail_clearly():
         (("uniform", scores, [group("f", 16, prunable=False)], 0.5, {"f": 16}), {}, "cannot be pruned: frozen"),
         (("uniform", scores, [g], 0.5, original), {"multiple": 0}, "multiple must be an integer >= 1"),
         (("uniform", scores, [g], 0.5, original), {"protected": {"g": torch.zeros(16)}}, "bool tensor of 16"),
-        (("uniform", scores, [g], 0.5, original), {"flops_budget": 1e9}, "needs the cost model"),
-        (("uniform", scores, [g], 0.5, original), {"flops_budget": -1.0}, "flops_budget must be"),
+        (("uniform", scores, [g], 0.5, original), {"budget": Budget(sum, -1.0, str)}, "a budget's limit must be"),
     ]
     for args, kwargs, message in cases:
         with pytest.raises(PruningRequestError, match=message):
@@ -352,10 +352,11 @@ def test_every_allocation_meets_each_steps_target(method, target):
     original = {n: g.size for n, g in groups.items()}
     criterion = build_criterion("l1")
     num_steps = 3
+    pruning_target = build_target(cfg, derive_channel_groups(model), cost_model=lambda: costs)
     for step in range(1, num_steps + 1):
         criterion.attach(model, groups)
         weak = plan_pruning_step(cfg, model, groups, criterion.scores(model), step, num_steps, original,
-                                 {n: 0.5 for n in groups}, cost_model=costs)
+                                 pruning_target)
         hard_prune(model, {n: w for n, w in weak.items() if w}, groups=groups)
         groups = prunable_groups(model, original)
         kept = {n: g.size for n, g in groups.items()}
@@ -376,8 +377,8 @@ def test_unreachable_flops_budget_fails_clearly():
     groups = prunable_groups(model)
     scores = {n: torch.ones(g.size) for n, g in groups.items()}
     with pytest.raises(PruningRequestError, match=r"global allocation cannot meet the budget of .* GFLOPs at 128x160"):
-        allocate("global", scores, groups, 0.5, {n: g.size for n, g in groups.items()}, cost_model=costs,
-                 flops_budget=0.01 * costs.flops)
+        allocate("global", scores, groups, 0.5, {n: g.size for n, g in groups.items()},
+                 budget=flops_budget(costs, 0.01 * costs.flops))
 
 
 def test_adaptive_sparsity_ignores_channels_pruning_zeroed():
@@ -389,9 +390,10 @@ def test_adaptive_sparsity_ignores_channels_pruning_zeroed():
     criterion.attach(model, groups)
     scores = criterion.scores(model)
 
+    target = build_target(cfg, derive_channel_groups(model), cost_model=lambda: costs)
+
     def weak_counts(zeroed=None):
-        weak = plan_pruning_step(cfg, model, groups, scores, 1, 1, original, {n: 0.5 for n in groups},
-                                 cost_model=costs, zeroed=zeroed)
+        weak = plan_pruning_step(cfg, model, groups, scores, 1, 1, original, target, zeroed=zeroed)
         return {n: len(w) for n, w in weak.items()}
 
     name = "backbone.bottom_up.res4.1.conv1"
@@ -438,7 +440,8 @@ def test_protection_spares_channels_with_large_recent_gradients_under_pgp():
     assert protected["fc"].nonzero().reshape(-1).tolist() == [0]
 
     def weak(protected=None):
-        return plan_pruning_step(cfg, model, groups, scores, 1, 1, {"fc": 16}, {"fc": 0.5}, protected=protected)["fc"]
+        return plan_pruning_step(cfg, model, groups, scores, 1, 1, {"fc": 16}, ChannelTarget({"backbone": 0.5}),
+                                 protected=protected)["fc"]
 
     assert 0 in weak() and 0 not in weak(protected)
     assert weak(protected) == list(range(1, 9))  # the next-weakest instead

@@ -22,6 +22,7 @@ from pgp_det.pruning import derive_channel_groups, soft_prune
 from pgp_det.pruning.allocation import allocate
 from pgp_det.pruning.criteria import build_criterion, combine_layer_scores
 from pgp_det.pruning.hook import plan_pruning_step
+from pgp_det.pruning.target import ChannelTarget
 from pgp_det.pruning.relevance import AlphaBetaLRP
 from test_criteria import tiny_groups
 
@@ -273,5 +274,5 @@ def test_global_allocation_keeps_a_criterions_own_normalisation():
     cfg.merge_from_list(["PRUNING.ALLOCATION", "global", "PRUNING.CHANNEL_MULTIPLE", 1, "PRUNING.MIN_CHANNELS", 1,
                          "PRUNING.SCHEDULE", "linear"])
     planned = plan_pruning_step(cfg, None, groups, scores, 1, 1, {n: g.size for n, g in groups.items()},
-                                {n: 0.25 for n in groups}, normalisation="none")
+                                ChannelTarget({g.scope: 0.25 for g in groups.values()}), normalisation="none")
     assert planned == as_given

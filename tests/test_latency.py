@@ -23,7 +23,8 @@ from pgp_det.errors import UserInputError
 from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import allocate
 from pgp_det.pruning.criteria import build_criterion
-from pgp_det.pruning.hook import PGPHook, latency_budget, plan_pruning_step
+from pgp_det.pruning.hook import PGPHook, plan_pruning_step
+from pgp_det.pruning.target import build_target, latency_budget
 from pgp_det.pruning.latency import LatencyEntry, LatencyTable, target_latency_ms
 from pgp_det.pruning.settings import check_pruning_config
 
@@ -202,7 +203,7 @@ def toy_allocation(method, budget):
     table = toy_table()
     groups = {name: toy_group(name, size) for name, size in (("a", 64), ("b", 64), ("c", 32))}
     weak = allocate(method, toy_scores(), groups, 0.0, {n: g.size for n, g in groups.items()}, multiple=8, floor=8,
-                    latency_model=table, latency_budget=budget)
+                    budget=latency_budget(table, budget))
     return {name: groups[name].size - len(channels) for name, channels in weak.items()}
 
 
@@ -295,12 +296,12 @@ def test_each_pruning_step_meets_its_latency_budget(r18_table, method):
     groups = {n: g for n, g in derive_channel_groups(model).items() if g.prunable}
     original = {n: g.size for n, g in groups.items()}
     criterion = build_criterion("l1")
-    budgets = [latency_budget(cfg, table, step, 3) for step in (1, 2, 3)]
+    target = build_target(cfg, derive_channel_groups(model))
+    budgets = [target.budget(cfg.PRUNING.SCHEDULE, step, 3).limit for step in (1, 2, 3)]
     assert budgets[0] > budgets[1] > budgets[2] == pytest.approx(0.5 * table.predict())
     for step, budget in zip((1, 2, 3), budgets):
         criterion.attach(model, groups)
-        weak = plan_pruning_step(cfg, model, groups, criterion.scores(model), step, 3, original,
-                                 {n: 0.5 for n in groups}, latency_table=table)
+        weak = plan_pruning_step(cfg, model, groups, criterion.scores(model), step, 3, original, target)
         hard_prune(model, {n: w for n, w in weak.items() if w}, groups=groups)
         groups = {n: g for n, g in derive_channel_groups(model).items() if n in original}
         predicted = table.predict({n: g.size for n, g in groups.items()})
@@ -408,7 +409,7 @@ def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys, test_size
     (["--latency-table", "{table}", "--target-fps", "-3"], [], "--target-fps -3.0: give a number > 0"),
     (["--latency-table", "{table}", "--ratio", "0.5"], [], "--latency-table is used with --target-latency-ms"),
     (["--latency-table", "{table}", "--target-latency-ms", "1e9"], [], "is not below the unpruned model's"),
-    (["--latency-table", "{table}", "--target-latency-ms", "0.001"], [], "cannot meet the budget"),
+    (["--latency-table", "{table}", "--target-latency-ms", "0.001"], [], "is unreachable: pruning every prunable group"),
     (["--latency-table", "{table}", "--target-fps", "30", "--input-size", "256x256"], [],
      "was measured at 128x160, not at the 256x256 asked for"),
     (["--latency-table", "{table}", "--target-fps", "30"], ["MODEL.FPN.OUT_CHANNELS", "32"],
@@ -590,7 +591,7 @@ def test_knapsack_never_keeps_a_width_that_costs_a_whole_block():
     for fraction in (0.45, 0.6, 0.75, 0.9):
         budget = fraction * table.predict()
         weak = allocate("knapsack", scores, groups, 0.0, {n: 64 for n in groups}, multiple=8, floor=8,
-                        latency_model=table, latency_budget=budget)
+                        budget=latency_budget(table, budget))
         kept = {name: 64 - len(channels) for name, channels in weak.items()}
         assert table.predict(kept) <= budget
         assert all(count % 16 == 0 for count in kept.values()), (fraction, kept)
@@ -1074,7 +1075,7 @@ def test_the_whole_model_timed_in_a_slow_state_leaves_the_fixed_part_as_it_was(s
 def test_training_warns_of_a_table_profiled_while_the_model_faulted_many_pages():
     """A table whose whole model faulted thousands of pages in per inference, profiled without
     freed memory kept, gets one warning naming the flag; kept, or with few faults, none."""
-    from pgp_det.pruning.settings import latency_table_at_test_settings
+    from pgp_det.pruning.target import latency_table_at_test_settings
 
     cfg = synthetic_cfg("MODEL.RPN.POST_NMS_TOPK_TEST", "100", "INPUT.MIN_SIZE_TEST", "128")
     cases = ((49000, False, 1), (49000, True, 0), (40, False, 0))

@@ -377,6 +377,7 @@ def test_channels_without_gradient_are_the_ones_pgp_removes():
     from pgp_det.pruning import derive_channel_groups
     from pgp_det.pruning.criteria import build_criterion
     from pgp_det.pruning.hook import plan_pruning_step
+    from pgp_det.pruning.target import ChannelTarget
     from test_pruning_groups import build_detector
     from test_surgery_equivalence import make_training_input
 
@@ -408,7 +409,8 @@ def test_channels_without_gradient_are_the_ones_pgp_removes():
     cfg = get_pgp_cfg()
     cfg.merge_from_list(["PRUNING.TARGET", "ratio", "PRUNING.CHANNEL_MULTIPLE", 1, "PRUNING.MIN_CHANNELS", 1])
     sizes = {n: g.size for n, g in groups.items()}
-    weak = plan_pruning_step(cfg, model, groups, scores, 1, 1, sizes, {n: 0.25 for n in groups})
+    weak = plan_pruning_step(cfg, model, groups, scores, 1, 1, sizes,
+                             ChannelTarget({g.scope: 0.25 for g in groups.values()}))
     for name, channels in planted.items():
         assert all(scores[name][c] == 0 for c in channels), name
         assert (scores[name] > 0).float().mean() > 0.5, name  # live channels score above them

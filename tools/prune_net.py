@@ -54,11 +54,11 @@ from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import SCOPES, derive_channel_groups, hard_prune  # noqa: E402
 from pgp_det.pruning.groups import removable_channels  # noqa: E402
 from pgp_det.pruning.allocation import ALLOCATION_REGISTRY  # noqa: E402
-from pgp_det.pruning.cost import CostModel, format_group_costs, ratio_for_flops_reduction  # noqa: E402
+from pgp_det.pruning.cost import CostModel, format_group_costs  # noqa: E402
 from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion  # noqa: E402
 from pgp_det.pruning.hook import plan_pruning_step  # noqa: E402
-from pgp_det.pruning.latency import LatencyTable, latency_reduction, target_latency_ms  # noqa: E402
-from pgp_det.pruning.settings import latency_table_at_test_settings  # noqa: E402
+from pgp_det.pruning.latency import LatencyTable  # noqa: E402
+from pgp_det.pruning.target import build_target  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, parse_arguments, parse_input_size  # noqa: E402
 from pgp_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir, claim_output_dir  # noqa: E402
@@ -186,47 +186,38 @@ def prune(cfg, args) -> dict:
     scopes = _scopes(args.scopes) if args.scopes else tuple(cfg.PRUNING.SCOPES)
     multiple = args.multiple if args.multiple is not None else int(cfg.PRUNING.CHANNEL_MULTIPLE)
     floor = args.floor if args.floor is not None else int(cfg.PRUNING.MIN_CHANNELS)
-    table = LatencyTable.load(args.latency_table) if args.latency_table else None
     if args.input_size is not None:
         height, width = parse_input_size(args.input_size)
     else:
-        height, width = table.input_size if table is not None else (800, 1333)
+        height, width = LatencyTable.load(args.latency_table).input_size if args.latency_table else (800, 1333)
 
     groups = derive_channel_groups(model, allow_frozen=allow_frozen)
-    target_ms, table_warnings = None, []
-    if table is not None:
-        table.check_compatible(groups, (height, width), cfg.PRUNING.LATENCY_DEVICE or None)
-        table, table_warnings = latency_table_at_test_settings(cfg, table, args.latency_table)
-        target_ms = target_latency_ms(args.target_latency_ms or 0.0, args.target_fps or 0.0)
     if removable_channels(groups, scopes, floor) == 0:
         print(f"warning: --floor / PRUNING.MIN_CHANNELS {floor} is at least the width of every prunable group in "
               f"{','.join(scopes)}: nothing will be pruned; lower it", file=sys.stderr)
     costs = CostModel(model, height, width)
     before = costs.predict({})  # the measurement itself: nothing pruned yet
-    if args.flops_reduction is not None:
-        ratio = ratio_for_flops_reduction(costs, groups, args.flops_reduction, multiple, floor, scopes)
-    elif table is not None:
-        ratio = latency_reduction(table, target_ms)  # only checked: the latency budget decides
-    else:
-        ratio = args.ratio
     allocation = args.allocation or cfg.PRUNING.ALLOCATION
+    # one-shot pruning is the hook's pruning step 1 of 1 (the final target at once), on the target
+    # these flags name, in the config's words
+    step = cfg.clone()
+    step.defrost()
+    step.PRUNING.merge_from_list([
+        "TARGET", "flops" if args.flops_reduction is not None else "latency" if args.latency_table else "ratio",
+        "RATIO", args.ratio or 0.0, "FLOPS_REDUCTION", args.flops_reduction or 0.0, "SCOPES", scopes,
+        "SCOPE_RATIOS", (), "LATENCY_TABLE", args.latency_table, "TARGET_LATENCY_MS", args.target_latency_ms or 0.0,
+        "TARGET_FPS", args.target_fps or 0.0, "COST_INPUT_SIZE", (height, width), "ALLOCATION", allocation,
+        "CHANNEL_MULTIPLE", multiple, "MIN_CHANNELS", floor,
+    ])
+    target = build_target(step, groups, cost_model=lambda: costs)
+    pruned = {name: g for name, g in groups.items() if g.prunable and g.scope in scopes}
+    ratio = next(iter(target.ratios(pruned).values()), None)
 
     criterion = build_criterion(args.criterion)
     criterion.attach(model, groups)
     scores = criterion.scores(model)
-    # one-shot pruning is the hook's pruning step 1 of 1: the final target at once
-    step = cfg.clone()
-    step.defrost()
-    step.PRUNING.ALLOCATION = allocation
-    step.PRUNING.TARGET = "flops" if args.flops_reduction is not None else "latency" if table is not None else "ratio"
-    step.PRUNING.FLOPS_REDUCTION = args.flops_reduction or 0.0
-    step.PRUNING.TARGET_LATENCY_MS = args.target_latency_ms or 0.0
-    step.PRUNING.TARGET_FPS = args.target_fps or 0.0
-    step.PRUNING.CHANNEL_MULTIPLE, step.PRUNING.MIN_CHANNELS = multiple, floor
-    pruned = {name: g for name, g in groups.items() if g.prunable and g.scope in scopes}
-    weak = plan_pruning_step(step, model, pruned, scores, 1, 1, {name: g.size for name, g in pruned.items()},
-                             {name: ratio for name in pruned}, cost_model=costs, latency_table=table)
-    for line in table_warnings:  # after every refusal: a refused request gets its one line only
+    weak = plan_pruning_step(step, model, pruned, scores, 1, 1, {name: g.size for name, g in pruned.items()}, target)
+    for line in target.warnings:  # after every refusal: a refused request gets its one line only
         print(f"warning: {line}", file=sys.stderr)
     removals = {name: channels for name, channels in weak.items() if channels}
     sizes = {name: group.size - len(removals.get(name, ())) for name, group in groups.items()}
@@ -242,7 +233,7 @@ def prune(cfg, args) -> dict:
 
     if args.flops_reduction is not None:
         requested = {"flops_reduction": args.flops_reduction}
-    elif table is not None:
+    elif args.latency_table:
         requested = {"target_latency_ms": args.target_latency_ms} if args.target_latency_ms else {"target_fps": args.target_fps}
     else:
         requested = {"ratio": args.ratio}
@@ -254,7 +245,7 @@ def prune(cfg, args) -> dict:
         "settings": {
             "criterion": args.criterion,
             "allocation": allocation,
-            "ratio": None if table is not None else ratio,
+            "ratio": None if args.latency_table else ratio,
             "requested": requested,
             "scopes": list(scopes),
             "multiple": multiple,
@@ -291,17 +282,7 @@ def prune(cfg, args) -> dict:
             for name, group in groups.items()
         },
     }
-    if table is not None:
-        report["latency"] = {
-            "table": args.latency_table,
-            "device": table.describe(),
-            "device_kind": table.device_kind,
-            "input_size": list(table.input_size),
-            "proposals": table.proposals,
-            "before_ms": table.predict(),
-            "target_ms": target_ms,
-            "predicted_after_ms": table.predict(sizes),
-        }
+    report.update(target.report(sizes))
     return {"model": model, "report": report}
 
 

@@ -22,8 +22,8 @@ from ..errors import UserInputError
 from ..pruning.cost import CostModel
 from ..pruning.dependency import derive_channel_groups
 from ..pruning.groups import removable_channels
-from ..pruning.hook import target_ratios
-from ..pruning.settings import check_latency_settings, check_pruning_config, latency_table_at_test_settings
+from ..pruning.settings import check_pruning_config
+from ..pruning.target import build_target
 from ..utils.weights import check_weights_available
 
 __all__ = [
@@ -118,20 +118,14 @@ def _check_model_for_pruning(cfg, model=None) -> None:
     p = cfg.PRUNING
     model = model if model is not None else cpu_model(cfg)
     groups = derive_channel_groups(model, allow_frozen=p.ALLOW_FROZEN)
-    table = None
-    if p.TARGET == "latency":
-        table, _ = check_latency_settings(cfg)
-        table.check_compatible(groups, tuple(p.COST_INPUT_SIZE), p.LATENCY_DEVICE or None)
-        table, _ = latency_table_at_test_settings(cfg, table, p.LATENCY_TABLE)  # the hook logs the warnings
     if removable_channels(groups, p.SCOPES, p.MIN_CHANNELS) == 0:
         logger.warning(
             "PRUNING.MIN_CHANNELS %d is at least the width of every prunable channel group in PRUNING.SCOPES %s: "
             "nothing will be pruned; lower PRUNING.MIN_CHANNELS or widen PRUNING.SCOPES", p.MIN_CHANNELS, tuple(p.SCOPES))
         return
-    pruned = {name: g for name, g in groups.items() if g.prunable and g.scope in set(p.SCOPES)}
-    if pruned:
+    if any(g.prunable and g.scope in set(p.SCOPES) for g in groups.values()):
         height, width = p.COST_INPUT_SIZE
-        target_ratios(cfg, groups, pruned, latency_table=table, cost=lambda: CostModel(model, height, width))
+        build_target(cfg, groups, cost_model=lambda: CostModel(model, height, width))  # the hook logs the warnings
 
 
 def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = False) -> str:

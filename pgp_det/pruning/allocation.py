@@ -7,19 +7,14 @@ channels removed now and channels zeroed (which may recover until a later step).
 
 What a step must reach (its *budget*):
 
-* ``TARGET ratio``: the schedule's pruned fraction ``f_g`` of each group's *original* size
-  ``C0_g``; ``global`` and ``adaptive`` read it as a channel budget, the kept channels summed over
-  groups at most ``sum C0_g (1 - f_g)``.
-* ``TARGET flops``: a FLOPs budget (``flops_budget``, FLOPs at the cost model's input size): the
-  kept counts must bring the model's predicted FLOPs (``cost_model.predict(kept)["flops"]``, see
-  :class:`~pgp_det.pruning.cost.CostModel`) to at most the budget. The pruning hook sets the
-  budget of step ``k`` to ``(1 - p_k)`` times the unpruned model's FLOPs, ``p_k`` the schedule
-  applied to the final FLOPs reduction, so the last step reaches the target itself.
-* ``TARGET latency``: a latency budget (``latency_budget``, milliseconds): the kept counts must
-  bring the latency a device's table predicts (``latency_model.predict(kept)``, see
-  :class:`~pgp_det.pruning.latency.LatencyTable`) to at most the budget, set by the hook as for
-  FLOPs: ``(1 - p_k)`` times the unpruned model's predicted latency, ``p_k`` the schedule applied
-  to the final reduction ``1 - target / unpruned``.
+* a channel budget (``TARGET ratio``): the schedule's pruned fraction ``f_g`` of each group's
+  *original* size ``C0_g``; ``global`` and ``adaptive`` read it as a channel budget, the kept
+  channels summed over groups at most ``sum C0_g (1 - f_g)``;
+* a :class:`Budget` (``TARGET flops``, ``latency``, or any cost of the kept widths): the kept
+  counts must bring ``budget.cost(kept)`` to at most ``budget.limit``.
+  :class:`~pgp_det.pruning.target.PruningTarget` gives the budget of each step: ``(1 - p_k)``
+  times the unpruned model's cost, ``p_k`` the schedule applied to the final reduction, so the
+  last step reaches the target itself.
 
 How many channels each group keeps is the job of an allocation method, picked by name from
 :data:`ALLOCATION_REGISTRY` (``PRUNING.ALLOCATION``):
@@ -101,7 +96,7 @@ import math
 import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -114,6 +109,7 @@ from .groups import ChannelGroup, PruningRequestError, kept_count
 __all__ = [
     "ALLOCATION_REGISTRY",
     "AllocationRequest",
+    "Budget",
     "allocate",
     "allowed_kept_counts",
     "protect_by_gradient",
@@ -150,6 +146,21 @@ def allowed_kept_counts(current: int, multiple: int = 8, floor: int = 8, channel
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A pruning step's budget: ``cost(kept) <= limit``.
+
+    Attributes:
+        cost: ``{group: kept channels} -> cost`` (groups left out keep their width).
+        limit: the most ``cost`` may be after the step.
+        describe: a cost in words, for messages (``"2.24 GFLOPs at 256x384"``).
+    """
+
+    cost: Callable[[Mapping[str, int]], float]
+    limit: float
+    describe: Callable[[float], str]
+
+
+@dataclass(frozen=True)
 class AllocationRequest:
     """The checked inputs of one allocation, as the registered methods see them.
 
@@ -162,17 +173,11 @@ class AllocationRequest:
         floor: fewest channels a group keeps.
         weight_sparsity: ``{group: sparsity in [0, 1]}`` or None (only ``adaptive`` needs it).
         protected: ``{group: bool tensor (C,)}``; True = not in this step's weak set.
-        cost_model: what predicts the FLOPs of kept counts (``predict(sizes)["flops"]``, a
-            :class:`~pgp_det.pruning.cost.CostModel` measured on a model at least as wide as
-            the groups are now), or None.
-        flops_budget: FLOPs (at the cost model's input size) the model may have after this step,
-            or None.
+        step_budget: the step's :class:`Budget` (FLOPs, latency, ...: a
+            :class:`~pgp_det.pruning.target.PruningTarget` gives it), or None: the step's budget
+            is the channels of ``fractions``.
         normalisation: how ``global`` and ``knapsack`` put groups on one scale: ``"mean"``
             (divide by the group's mean) or ``"none"`` (the scores already are).
-        latency_model: what predicts the latency of kept counts (``predict(sizes)`` in ms, a
-            :class:`~pgp_det.pruning.latency.LatencyTable`), or None.
-        latency_budget: milliseconds the model may take after this step, or None. With neither
-            budget, the step's budget is the channels of ``fractions``.
         values: ``{group: float32 CPU tensor (C,)}``, what keeping each channel is worth on a
             scale shared by all groups (``knapsack`` only; e.g. the loss change of removing it,
             :class:`~pgp_det.pruning.loss_change.LossChangeEstimate`), or None: the normalised
@@ -187,17 +192,14 @@ class AllocationRequest:
     floor: int
     weight_sparsity: Optional[Mapping[str, float]]
     protected: Mapping[str, torch.Tensor]
-    cost_model: Optional[Any] = None
-    flops_budget: Optional[float] = None
+    step_budget: Optional[Budget] = None
     normalisation: str = "mean"
-    latency_model: Optional[Any] = None
-    latency_budget: Optional[float] = None
     values: Optional[Mapping[str, torch.Tensor]] = None
 
     @property
     def cost_budget(self) -> bool:
-        """True when the budget is FLOPs or latency (predicted by a model), not channels."""
-        return self.flops_budget is not None or self.latency_budget is not None
+        """True when the budget is a cost of the widths (FLOPs, latency), not channels."""
+        return self.step_budget is not None
 
     def target_kept(self, name: str, fraction: Optional[float] = None) -> int:
         """Channels group ``name`` keeps when ``fraction`` (default: its scheduled one) of its
@@ -217,32 +219,23 @@ class AllocationRequest:
 
     @property
     def budget(self) -> float:
-        """The most :meth:`cost` may be after this step: ``latency_budget`` or ``flops_budget``
-        when given, else the scheduled kept channels ``sum C0 * (1 - fraction)``."""
-        if self.latency_budget is not None:
-            return self.latency_budget
-        if self.flops_budget is not None:
-            return self.flops_budget
+        """The most :meth:`cost` may be after this step: the step budget's limit, else the
+        scheduled kept channels ``sum C0 * (1 - fraction)``."""
+        if self.step_budget is not None:
+            return self.step_budget.limit
         return sum(self.original_sizes[n] * (1.0 - self.fractions[n]) for n in self.groups)
 
     def cost(self, kept: Mapping[str, int]) -> float:
-        """What the budget limits, for ``kept[group]`` channels kept: predicted milliseconds
-        with a latency budget, predicted FLOPs with a FLOPs budget, else the kept channels summed
-        over the groups."""
-        if self.latency_budget is not None:
-            return self.latency_model.predict(kept)
-        if self.flops_budget is not None:
-            return self.cost_model.predict(kept)["flops"]
+        """What the budget limits, for ``kept[group]`` channels kept: the step budget's cost,
+        else the kept channels summed over the groups."""
+        if self.step_budget is not None:
+            return self.step_budget.cost(kept)
         return float(sum(kept.values()))
 
     def describe(self, cost: float) -> str:
         """``cost`` in words, for messages."""
-        if self.latency_budget is not None:
-            describe = getattr(self.latency_model, "describe", None)
-            return f"{cost:.4g} ms on {describe()}" if describe else f"{cost:.4g} ms"
-        if self.flops_budget is not None:
-            size = getattr(self.cost_model, "height", "?"), getattr(self.cost_model, "width", "?")
-            return f"{cost / 1e9:.4g} GFLOPs at {size[0]}x{size[1]}"
+        if self.step_budget is not None:
+            return self.step_budget.describe(cost)
         return f"{cost:.1f} channels"
 
 
@@ -616,23 +609,14 @@ def _check_positive_int(name: str, value) -> None:
 
 
 def _build_request(
-    scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget,
-    latency_model=None, latency_budget=None,
+    scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, budget=None,
 ) -> AllocationRequest:
     _check_positive_int("multiple", multiple)
     _check_positive_int("floor", floor)
-    if flops_budget is not None:
-        if isinstance(flops_budget, bool) or not isinstance(flops_budget, numbers.Real) or not flops_budget > 0:
-            raise PruningRequestError(f"flops_budget must be a number of FLOPs > 0, got {flops_budget!r}")
-        if cost_model is None:
-            raise PruningRequestError("a FLOPs budget needs the cost model that predicts FLOPs (cost_model)")
-    if latency_budget is not None:
-        if flops_budget is not None:
-            raise PruningRequestError("give a FLOPs budget or a latency budget, not both")
-        if isinstance(latency_budget, bool) or not isinstance(latency_budget, numbers.Real) or not latency_budget > 0:
-            raise PruningRequestError(f"latency_budget must be a number of milliseconds > 0, got {latency_budget!r}")
-        if latency_model is None:
-            raise PruningRequestError("a latency budget needs the table that predicts latency (latency_model)")
+    if budget is not None:
+        limit = budget.limit
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not limit > 0:
+            raise PruningRequestError(f"a budget's limit must be a number > 0, got {limit!r}")
     groups = _group_dict(groups)
     checked_scores, fractions, sizes, masks = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
     for name, group in groups.items():
@@ -666,11 +650,7 @@ def _build_request(
             raise PruningRequestError(f"{name}: protected must be a bool tensor of {group.size} entries")
         masks[name] = mask
     return AllocationRequest(
-        checked_scores, groups, fractions, sizes, multiple, floor, weight_sparsity, masks, cost_model,
-        None if flops_budget is None else float(flops_budget),
-        latency_model=latency_model if latency_budget is not None else None,
-        latency_budget=None if latency_budget is None else float(latency_budget),
-    )
+        checked_scores, groups, fractions, sizes, multiple, floor, weight_sparsity, masks, step_budget=budget)
 
 
 def _checked_values(values, groups) -> Optional[Dict[str, torch.Tensor]]:
@@ -711,11 +691,8 @@ def allocate(
     floor: int = 8,
     weight_sparsity: Optional[Mapping[str, float]] = None,
     protected: Optional[Mapping[str, torch.Tensor]] = None,
-    cost_model: Optional[Any] = None,
-    flops_budget: Optional[float] = None,
+    budget: Optional[Budget] = None,
     normalisation: str = "mean",
-    latency_model: Optional[Any] = None,
-    latency_budget: Optional[float] = None,
     values: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, List[int]]:
     """The weak set of every group at one pruning step.
@@ -727,23 +704,15 @@ def allocate(
         groups: the groups being pruned (prunable), with their current sizes ``C``.
         fraction: the schedule's pruned fraction of each group's *original* size after this step,
             in ``[0, 1)``; one float, or ``{group: fraction}`` for per-scope schedules. With
-            a FLOPs or latency budget the budget decides and the fractions are only checked.
+            a ``budget`` the budget decides and the fractions are only checked.
         original_sizes: ``{group: C0}``, sizes before any pruning.
         multiple, floor: rounding of kept counts (see :func:`~pgp_det.pruning.groups.kept_count`).
         weight_sparsity: ``{group: sparsity}`` for ``adaptive`` (:func:`weight_sparsity`).
         protected: ``{group: bool (C,)}``, channels that must not be in a weak set this step.
-        cost_model: predicts FLOPs of kept counts (:class:`~pgp_det.pruning.cost.CostModel`,
-            measured on a model at least as wide as the groups are now); needed with
-            ``flops_budget``.
-        flops_budget: FLOPs at the cost model's input size the model may have after this step
-            (``TARGET flops``).
+        budget: the step's :class:`Budget` (a cost of the kept widths and its limit: FLOPs,
+            latency, ...); None: the budget is the channels of ``fraction``.
         normalisation: ``global`` and ``knapsack``: ``"mean"`` divides each group's scores by
             their mean, ``"none"`` takes them as given (a criterion's ``global_normalisation``).
-        latency_model: predicts milliseconds of kept counts
-            (:class:`~pgp_det.pruning.latency.LatencyTable`, made for the unpruned model);
-            needed with ``latency_budget``.
-        latency_budget: milliseconds the model may take after this step (``TARGET latency``).
-            With neither budget, the budget is the channels of ``fraction``.
         values: ``knapsack``: ``{group: (C,)}`` worth of each channel on one scale for all groups
             (``PRUNING.KNAPSACK_VALUE``); None: the scores normalised by ``normalisation``.
 
@@ -761,9 +730,7 @@ def allocate(
     if normalisation not in ("mean", "none"):
         raise PruningRequestError(f"unknown score normalisation {normalisation!r}; use 'mean' or 'none'")
     request = _build_request(
-        scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, cost_model, flops_budget,
-        latency_model, latency_budget,
-    )
+        scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, budget)
     request = dataclasses.replace(request, normalisation=normalisation, values=_checked_values(values, request.groups))
     kept = ALLOCATION_REGISTRY.get(method)(request)
     weak = OrderedDict()

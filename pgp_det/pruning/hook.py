@@ -20,6 +20,7 @@ At each pruning step ``k`` of ``K`` (iterations set by ``PRUNING.START/END/INTER
 Decisions depend only on values that are identical on every rank (scores are all-reduced by
 the criterion), and each step checks that all ranks chose the same channels before surgery.
 """
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,65 +38,39 @@ from ..utils.modules import rewrap_model, unwrap_model
 from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity, whole_widths
 from .criteria import RecentGradientCriterion, build_criterion
 from .dependency import derive_channel_groups
-from .groups import PruningRequestError
-from .latency import latency_reduction, target_latency_ms
 from .loss_change import LossChangeEstimate
 from .schedules import pruned_fraction, resolve_pruning_iterations
-from .settings import check_latency_settings, latency_table_at_test_settings, pruning_scope_ratios
 from .surgery import ChannelMasks, hard_prune, zeroed_channels
+from .target import PruningTarget, build_target
 
-__all__ = ["PGPHook", "iterations_per_epoch", "latency_budget", "plan_pruning_step", "target_ratios"]
+__all__ = ["PGPHook", "iterations_per_epoch", "plan_pruning_step"]
 
 logger = logging.getLogger(__name__)
 
 
-def latency_budget(cfg, latency_table, step: int, num_steps: int) -> float:
-    """Milliseconds the model may take after pruning step ``step`` of ``num_steps`` with
-    ``PRUNING.TARGET "latency"``: ``full * (1 - p_k(r))``, ``full`` the unpruned model's latency
-    ``latency_table`` predicts at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals, ``r = 1 - target /
-    full`` and ``p_k`` the schedule (``PRUNING.SCHEDULE``); that is ``full - (p_k(r) / r) (full -
-    target)``, the target itself at the last step.
-
-    Raises:
-        UserInputError: no single target, or a target not below ``full``.
-    """
-    p = cfg.PRUNING
-    table = latency_table.with_proposals(int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST))
-    reduction = latency_reduction(table, target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS)))
-    return table.predict() * (1.0 - pruned_fraction(p.SCHEDULE, step, num_steps, reduction))
-
-
 def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, original_sizes: Dict[str, int],
-                      ratios: Dict[str, float], cost_model=None, protected=None, zeroed=None,
-                      normalisation: str = "mean", latency_table=None, values=None) -> Dict[str, List[int]]:
+                      target: PruningTarget, protected=None, zeroed=None, normalisation: str = "mean",
+                      values=None) -> Dict[str, List[int]]:
     """The weak set of every pruned group at pruning step ``step`` of ``num_steps``, as the hook
     decides it (one-shot pruning is step 1 of 1: the final target at once).
 
-    The step's budget is the schedule's share of the final target: with ``PRUNING.TARGET
-    "ratio"``, group ``g`` is scheduled to have lost ``p_k(ratios[g])`` of its original channels
-    (``p_k`` = :func:`~pgp_det.pruning.schedules.pruned_fraction` of ``PRUNING.SCHEDULE``); with
-    ``"flops"``, the model may keep at most ``(1 - p_k(FLOPS_REDUCTION))`` of the FLOPs
-    ``cost_model`` measured, whatever the allocation; with ``"latency"``, it may take at most
-    :func:`latency_budget` milliseconds as ``latency_table`` predicts them. ``adaptive``
+    The step's budget is the schedule's share of the final ``target``
+    (:meth:`~pgp_det.pruning.target.PruningTarget.budget`; with a channel target each group is
+    scheduled to have lost ``p_k(ratio)`` of its original channels, ``p_k`` =
+    :func:`~pgp_det.pruning.schedules.pruned_fraction` of ``PRUNING.SCHEDULE``). ``adaptive``
     measures weight sparsity over live channels only (``zeroed`` left out).
 
     Args:
-        cfg: reads ``PRUNING.TARGET``, ``FLOPS_REDUCTION``, ``TARGET_LATENCY_MS``,
-            ``TARGET_FPS``, ``SCHEDULE``, ``ALLOCATION``, ``CHANNEL_MULTIPLE``, ``MIN_CHANNELS``
-            and ``MODEL.RPN.POST_NMS_TOPK_TEST`` (the proposal count latency is predicted at).
+        cfg: reads ``PRUNING.SCHEDULE``, ``ALLOCATION``, ``CHANNEL_MULTIPLE`` and ``MIN_CHANNELS``.
         model: the model being pruned (its weights, for ``adaptive``).
         groups: ``{name: ChannelGroup}``, the pruned groups at their current sizes.
         scores: ``{group: (C,) scores}`` of the criterion.
         original_sizes: ``{group: C0}``, sizes before the first step.
-        ratios: ``{group: final pruned fraction}`` (``TARGET "ratio"``).
-        cost_model: a :class:`~pgp_det.pruning.cost.CostModel` of the unpruned model at
-            ``COST_INPUT_SIZE`` (required for ``TARGET "flops"``).
+        target: the run's :class:`~pgp_det.pruning.target.PruningTarget` (:func:`build_target`).
         protected: ``{group: bool (C,)}`` channels kept out of the weak sets.
         zeroed: ``{group: channel indices}`` zeroed by the previous step.
         normalisation: the criterion's ``global_normalisation`` (``global`` ranks FRS's
             per-layer L2-normalised scores as they are).
-        latency_table: a :class:`~pgp_det.pruning.latency.LatencyTable` made for the unpruned
-            model (required for ``TARGET "latency"``; check it with ``check_compatible``).
         values: ``knapsack``: ``{group: (C,)}`` worth of each channel on one scale for all
             groups (the hook's :class:`~pgp_det.pruning.loss_change.LossChangeEstimate` with
             ``KNAPSACK_VALUE`` ``taylor``/``taylor_squared``); None: the normalised scores.
@@ -105,65 +80,17 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
         at the last step, :func:`~pgp_det.pruning.allocation.whole_widths` of them.
     """
     p = cfg.PRUNING
+    ratios = target.ratios(groups)
     fractions = {name: pruned_fraction(p.SCHEDULE, step, num_steps, ratios[name]) for name in groups}
-    budget = milliseconds = table = None
-    if p.TARGET == "flops":
-        budget = cost_model.flops * (1.0 - pruned_fraction(p.SCHEDULE, step, num_steps, float(p.FLOPS_REDUCTION)))
-    elif p.TARGET == "latency":
-        if latency_table is None:
-            raise PruningRequestError("PRUNING.TARGET 'latency' needs the latency table (latency_table)")
-        table = latency_table.with_proposals(int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST))
-        milliseconds = latency_budget(cfg, table, step, num_steps)
     sparsity = weight_sparsity(model, groups, excluded=zeroed) if p.ALLOCATION == "adaptive" else None
     weak = allocate(
         p.ALLOCATION, scores, groups, fractions, original_sizes, multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS,
-        weight_sparsity=sparsity, protected=protected, cost_model=cost_model if budget is not None else None,
-        flops_budget=budget, normalisation=normalisation, latency_model=table, latency_budget=milliseconds,
-        values=values,
+        weight_sparsity=sparsity, protected=protected, budget=target.budget(p.SCHEDULE, step, num_steps),
+        normalisation=normalisation, values=values,
     )
     if step == num_steps:  # the widths kept for good are whole multiples
         weak = whole_widths(weak, scores, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS)
     return weak
-
-
-def target_ratios(cfg, groups, pruned_groups, *, latency_table=None, cost=None) -> Dict[str, float]:
-    """``{group name: final ratio}`` the allocations work from, for every group in ``pruned_groups``:
-    ``PRUNING.RATIO`` per scope, the uniform ratio that meets ``FLOPS_REDUCTION``, or the share of
-    the predicted latency that ``TARGET_LATENCY_MS`` / ``TARGET_FPS`` removes (each step's
-    budget decides then). Checked before training (nothing written yet) and by the hook.
-
-    Args:
-        groups: every channel group of the model at its original widths.
-        latency_table: for ``TARGET "latency"``, the table bound to the test-time proposal count.
-        cost: for ``TARGET "flops"``, a callable returning the model's ``CostModel`` at its
-            original widths (built only when needed).
-
-    Raises:
-        PruningRequestError: the target cannot be reached with the scopes and floor given.
-    """
-    from .cost import ratio_for_flops_reduction, uniform_sizes
-
-    p = cfg.PRUNING
-    if p.TARGET == "latency":
-        target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
-        reduction = latency_reduction(latency_table, target)
-        floor = latency_table.predict(uniform_sizes(groups, 1.0, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, p.SCOPES))
-        if floor > target:
-            raise PruningRequestError(
-                f"a latency of {target:.4g} ms on {latency_table.describe()} is unreachable: pruning every prunable "
-                f"group in scopes {', '.join(p.SCOPES)} down to its floor of {p.MIN_CHANNELS} channels leaves "
-                f"{floor:.4g} ms; raise the target, lower the floor, prune more scopes, or lower "
-                "MODEL.RPN.POST_NMS_TOPK_TEST"
-            )
-        return {name: reduction for name in pruned_groups}  # only checked by the allocations: the budget decides
-    if p.TARGET == "flops":
-        ratio = ratio_for_flops_reduction(
-            cost(), pruned_groups, p.FLOPS_REDUCTION, multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS,
-            scopes=p.SCOPES,
-        )
-        return {name: ratio for name in pruned_groups}
-    by_scope = pruning_scope_ratios(cfg)
-    return {name: by_scope[g.scope] for name, g in pruned_groups.items()}
 
 
 def _digest(decision: Dict[str, List[int]]) -> str:
@@ -206,14 +133,13 @@ class PGPHook(HookBase):
         self.masks = ChannelMasks(mode=p.SOFT_MODE)  # zeroes filters (and, in "pgp", their momentum)
         self.steps_done = 0
         self.original_sizes: Dict[str, int] = {}
-        self.ratios: Dict[str, float] = {}  # final pruned fraction per pruned group
+        self.target: Optional[PruningTarget] = None  # built in before_train, at the original widths
         self.log: List[dict] = []
         self.zeroed: Dict[str, List[int]] = {}  # channels zeroed by the last step (current numbering)
         self.hook_seconds = 0.0
         self._restored: Optional[dict] = None
         self._groups = None
         self._cost_model = None
-        self._latency = None  # the LatencyTable of TARGET latency, at the config's proposal count
         self._extra_data = None  # the extra pass's own data iterator, built when first needed
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -238,31 +164,16 @@ class PGPHook(HookBase):
         if self.value_estimate is not None:
             self.value_estimate.attach(self.model, self.pruned_groups)
 
-    def _load_latency_table(self):
-        """TARGET latency: load the table, check that it fits this model (at its original widths),
-        the input size and the device kind, and bind it to the config's proposal count."""
+    def _build_target(self):
+        """The run's target, built from the config at the model's original widths (a resumed
+        run's model is already pruned)."""
         p = self.cfg.PRUNING
-        table, _ = check_latency_settings(self.cfg)
-        original = {name: self.original_sizes.get(name, g.size) for name, g in self._groups.items()}
-        table.check_compatible(original, tuple(p.COST_INPUT_SIZE), p.LATENCY_DEVICE or None)
-        self._latency, warnings = latency_table_at_test_settings(self.cfg, table, p.LATENCY_TABLE)
-        for line in warnings:
+        original = {n: dataclasses.replace(g, size=self.original_sizes.get(n, g.size)) for n, g in self._groups.items()}
+        self.target = build_target(self.cfg, original, cost_model=self._cost)
+        for line in self.target.warnings:
             logger.warning(line)
-
-    def _resolve_ratios(self):
-        p = self.cfg.PRUNING
-        ratios = target_ratios(self.cfg, self._groups, self.pruned_groups, latency_table=self._latency, cost=self._cost)
-        shared = next(iter(ratios.values()))
-        if p.TARGET == "latency":
-            logger.info("PRUNING.TARGET latency: each step's %s allocation meets the schedule's share of the way from "
-                        "%.3g ms to %.3g ms (-%.1f%%) predicted on %s", p.ALLOCATION, self._latency.predict(),
-                        target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS)), 100 * shared,
-                        self._latency.describe())
-        elif p.TARGET == "flops":
-            logger.info("PRUNING.TARGET flops: each step's %s allocation meets the schedule's share of a %.1f%% FLOPs "
-                        "reduction at %dx%d (uniformly: a ratio of %.4f)",
-                        p.ALLOCATION, 100 * p.FLOPS_REDUCTION, *p.COST_INPUT_SIZE, shared)
-        return ratios
+        logger.info("PRUNING.TARGET %s: each step's %s allocation meets the schedule's share of %s", p.TARGET,
+                    p.ALLOCATION, self.target.describe())
 
     def _extra_pass_data(self):
         """The batches of the criterion's extra pass: an iterator of its own over the training set,
@@ -292,7 +203,6 @@ class PGPHook(HookBase):
             state, self._restored = self._restored, None
             self.steps_done = state["steps_done"]
             self.original_sizes = dict(state["original_sizes"])
-            self.ratios = dict(state["ratios"])
             self.log = list(state["log"])
             self._attach()
             if state["criterion"] is not None:  # None once every step is done
@@ -303,13 +213,10 @@ class PGPHook(HookBase):
                 self.value_estimate.load_state_dict(state["values"])
             self.masks.load(self._groups, state["masked"])
             self.zeroed = dict(state["zeroed"])
-            if self.cfg.PRUNING.TARGET == "latency":
-                self._load_latency_table()
+            self._build_target()
         else:
             self.original_sizes = {name: g.size for name, g in self.pruned_groups.items()}
-            if self.cfg.PRUNING.TARGET == "latency":
-                self._load_latency_table()
-            self.ratios = self._resolve_ratios()
+            self._build_target()
             self._attach()
         logger.info("pruning %d channel groups at iterations %s (%d done)", len(self.pruned_groups),
                     self.step_iters, self.steps_done)
@@ -361,9 +268,8 @@ class PGPHook(HookBase):
         if self.protector is not None:
             protected = protect_by_gradient(self.protector.scores(model), quantile=p.PROTECT_QUANTILE)
         weak = plan_pruning_step(
-            self.cfg, model, self.pruned_groups, scores, step, num_steps, self.original_sizes, self.ratios,
-            cost_model=self._cost(), protected=protected, zeroed=self.zeroed,
-            normalisation=self.criterion.global_normalisation, latency_table=self._latency,
+            self.cfg, model, self.pruned_groups, scores, step, num_steps, self.original_sizes, self.target,
+            protected=protected, zeroed=self.zeroed, normalisation=self.criterion.global_normalisation,
             values=None if self.value_estimate is None else self.value_estimate.values(),
         )
         remove_ratio = 1.0 if step == num_steps else float(p.REMOVE_RATIO)
@@ -419,17 +325,12 @@ class PGPHook(HookBase):
         previously_zeroed, regrown = recovery
         storage.put_scalar("pruning/regrown", sum(regrown.values()), smoothing_hint=False)
         storage.put_scalar("pruning/step_seconds", seconds, smoothing_hint=False)
-        latency = {}
-        if self._latency is not None:
-            # the model as it runs now (zeroed channels still compute) and as the allocation chose it
-            kept_sizes = {name: size - len(self.zeroed.get(name, ())) for name, size in sizes.items()}
-            latency = {
-                "latency_ms": self._latency.predict(sizes),
-                "latency_kept_ms": self._latency.predict(kept_sizes),
-                "latency_budget_ms": latency_budget(self.cfg, self._latency, step, num_steps),
-            }
-            storage.put_scalar("pruning/latency_ms", latency["latency_ms"], smoothing_hint=False)
-            storage.put_scalar("pruning/latency_kept_ms", latency["latency_kept_ms"], smoothing_hint=False)
+        # the model as it runs now (zeroed channels still compute) and as the allocation chose it
+        kept_sizes = {name: size - len(self.zeroed.get(name, ())) for name, size in sizes.items()}
+        measured = self.target.step_record(sizes, kept_sizes, self.cfg.PRUNING.SCHEDULE, step, num_steps)
+        for key in ("latency_ms", "latency_kept_ms"):
+            if key in measured:
+                storage.put_scalar(f"pruning/{key}", measured[key], smoothing_hint=False)
         removed, zeroed = sum(len(v) for v in remove.values()), sum(len(v) for v in zero.values())
         entry = {
             "step": step,
@@ -449,7 +350,7 @@ class PGPHook(HookBase):
             "kept_per_scope": kept,
             "gflops": cost["flops"] / 1e9,
             "params": cost["params"],
-            **latency,
+            **measured,
             "seconds": seconds,
             "rank_digests": digests,
         }
@@ -458,20 +359,13 @@ class PGPHook(HookBase):
             "pruning step %d/%d at iteration %d: removed %d, zeroed %d channels; kept %s; %.2f GFLOPs; %.2fs",
             step, num_steps, entry["iteration"], entry["removed"], entry["zeroed"], kept, entry["gflops"], seconds,
         )
-        if latency:
+        if "latency_ms" in measured:
             logger.info("pruning step %d/%d: %.3f ms predicted (%.3f ms for the kept channels; budget %.3f ms)",
-                        step, num_steps, latency["latency_ms"], latency["latency_kept_ms"], latency["latency_budget_ms"])
+                        step, num_steps, measured["latency_ms"], measured["latency_kept_ms"],
+                        measured["latency_budget_ms"])
         if comm.is_main_process():
-            log = {"steps": self.log, "architecture": sizes, "original_sizes": self.original_sizes}
-            if self._latency is not None:
-                p = self.cfg.PRUNING
-                log["latency"] = {
-                    "table": p.LATENCY_TABLE,
-                    "device": self._latency.describe(),
-                    "proposals": self._latency.proposals,
-                    "unpruned_ms": self._latency.predict(),
-                    "target_ms": target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS)),
-                }
+            log = {"steps": self.log, "architecture": sizes, "original_sizes": self.original_sizes,
+                   **self.target.run_record()}
             atomic_write_json(log, os.path.join(self.cfg.OUTPUT_DIR, "pruning_log.json"))
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -482,7 +376,6 @@ class PGPHook(HookBase):
         state = {
             "steps_done": self.steps_done,
             "original_sizes": dict(self.original_sizes),
-            "ratios": dict(self.ratios),
             "masked": self.masks.masked(),
             "zeroed": dict(self.zeroed),
             "log": list(self.log),

@@ -1,0 +1,338 @@
+"""What a pruning run must reach: one class per kind of target, built once from a config.
+
+A target knows the final fraction every pruned group works from (:meth:`PruningTarget.ratios`),
+refuses at construction what no pruning can reach (one line naming the fix), and gives the
+:class:`Budget` of step ``k`` of ``n``: a cost of the kept widths and the most it may be after
+that step, ``full * (1 - p_k(r))`` with ``p_k`` the schedule. Allocations take that budget;
+nothing else needs to know which kind of target it is.
+
+Kinds (``PRUNING.TARGET``):
+
+``ratio`` (:class:`ChannelTarget`)
+    Prune ``RATIO`` (per scope: ``SCOPE_RATIOS``) of every pruned group's channels; the step's
+    budget is the scheduled channel count of each group (no cost model).
+``flops`` (:class:`FlopsTarget`)
+    Remove ``FLOPS_REDUCTION`` of the unpruned model's FLOPs at ``COST_INPUT_SIZE``
+    (:class:`~pgp_det.pruning.cost.CostModel`).
+``latency`` (:class:`LatencyTarget`)
+    Bring the latency a device's table predicts (:class:`~pgp_det.pruning.latency.LatencyTable`,
+    at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals) down to ``TARGET_LATENCY_MS`` or
+    ``1000 / TARGET_FPS``.
+
+A new kind (energy, memory, another runtime's latency) is one new class and one line of
+:data:`TARGET_KINDS`.
+"""
+from typing import Dict, Mapping, Optional
+
+from .allocation import Budget
+from .cost import ratio_for_flops_reduction, uniform_sizes
+from .groups import ChannelGroup, PruningRequestError
+from ..errors import UserInputError
+from .latency import DEVICE_KINDS, LatencyTable, latency_reduction, target_latency_ms
+from .schedules import pruned_fraction
+
+__all__ = [
+    "check_latency_settings", "latency_table_at_test_settings", "ChannelTarget", "FlopsTarget", "LatencyTarget", "PruningTarget", "TARGET_KINDS", "build_target", "flops_budget",
+    "latency_budget",
+]
+
+
+def flops_budget(cost_model, limit: float) -> Budget:
+    """At most ``limit`` FLOPs as ``cost_model`` (:class:`~pgp_det.pruning.cost.CostModel`)
+    predicts them for the kept widths."""
+    return Budget(lambda kept: cost_model.predict(kept)["flops"], float(limit),
+                  lambda flops: f"{flops / 1e9:.4g} GFLOPs at {cost_model.height}x{cost_model.width}")
+
+
+def latency_budget(table, limit: float) -> Budget:
+    """At most ``limit`` milliseconds as ``table`` (:class:`~pgp_det.pruning.latency.LatencyTable`)
+    predicts them for the kept widths."""
+    return Budget(table.predict, float(limit), lambda ms: f"{ms:.4g} ms on {table.describe()}")
+
+
+class PruningTarget:
+    """What the pruning must reach (see the module docstring); subclasses set :attr:`kind`."""
+
+    kind = ""
+
+    warnings = ()  # what the config does differently from what the target was measured with
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """Refuse, at start-up, ``PRUNING`` keys this kind cannot use (one line naming the key);
+        per-scope ratios belong to channel targets only."""
+        if cfg.PRUNING.SCOPE_RATIOS:
+            raise UserInputError(f"PRUNING.SCOPE_RATIOS = {cfg.PRUNING.SCOPE_RATIOS!r} is invalid: per-scope ratios "
+                                 "apply to TARGET 'ratio' only")
+
+    @classmethod
+    def from_config(cls, cfg, groups: Mapping[str, ChannelGroup], cost_model) -> "PruningTarget":
+        """The target of ``cfg.PRUNING`` (see :func:`build_target` for the arguments)."""
+        raise NotImplementedError
+
+    def ratios(self, pruned_groups: Mapping[str, ChannelGroup]) -> Dict[str, float]:
+        """``{group: final pruned fraction}`` the allocations work from (a cost budget decides
+        the widths; the fractions are then only checked)."""
+        raise NotImplementedError
+
+    def budget(self, schedule: str, step: int, num_steps: int) -> Optional[Budget]:
+        """The budget of step ``step`` of ``num_steps`` under the schedule named ``schedule``;
+        None: the scheduled fractions of :meth:`ratios` are the budget."""
+        return None
+
+    def describe(self) -> str:
+        """The target in words, for the log."""
+        raise NotImplementedError
+
+    def step_record(self, widths: Mapping[str, int], kept: Mapping[str, int], schedule: str, step: int,
+                    num_steps: int) -> dict:
+        """What ``pruning_log.json`` records of this target after a step: ``widths`` as the model
+        computes (zeroed channels included), ``kept`` without the zeroed channels."""
+        return {}
+
+    def run_record(self) -> dict:
+        """What ``pruning_log.json`` records of this target once per run."""
+        return {}
+
+    def report(self, widths: Mapping[str, int]) -> dict:
+        """What one-shot pruning's ``pruning_report.json`` says of this target, for the pruned
+        ``widths``."""
+        return {}
+
+
+class ChannelTarget(PruningTarget):
+    """Prune ``ratios[scope]`` of every pruned group's channels."""
+
+    kind = "ratio"
+
+    @staticmethod
+    def check_config(cfg):
+        pass  # SCOPE_RATIOS are checked with the other PRUNING keys
+
+    def __init__(self, scope_ratios: Mapping[str, float]):
+        self.scope_ratios = dict(scope_ratios)
+
+    @classmethod
+    def from_config(cls, cfg, groups, cost_model):
+        p = cfg.PRUNING
+        ratios = {scope: float(p.RATIO) for scope in p.SCOPES}
+        ratios.update({scope: float(ratio) for scope, ratio in p.SCOPE_RATIOS})
+        return cls(ratios)
+
+    def ratios(self, pruned_groups):
+        return {name: self.scope_ratios[group.scope] for name, group in pruned_groups.items()}
+
+    def describe(self):
+        return "prune " + ", ".join(f"{100 * r:.1f}% of {scope}'s channels" for scope, r in self.scope_ratios.items())
+
+
+class FlopsTarget(PruningTarget):
+    """Remove ``reduction`` of the FLOPs ``cost_model`` measured on the unpruned model.
+
+    Raises:
+        PruningRequestError: pruning every group in ``scopes`` to its floor does not reach it.
+    """
+
+    kind = "flops"
+
+    def __init__(self, cost_model, reduction: float, groups: Mapping[str, ChannelGroup], multiple: int, floor: int,
+                 scopes):
+        self.cost_model = cost_model
+        self.reduction = float(reduction)
+        # the uniform ratio that meets it: checks it is reachable, and what `uniform` starts from
+        self.uniform_ratio = ratio_for_flops_reduction(cost_model, groups, self.reduction, multiple, floor, scopes)
+
+    @classmethod
+    def from_config(cls, cfg, groups, cost_model):
+        p = cfg.PRUNING
+        return cls(cost_model(), p.FLOPS_REDUCTION, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, tuple(p.SCOPES))
+
+    def ratios(self, pruned_groups):
+        return {name: self.uniform_ratio for name in pruned_groups}
+
+    def budget(self, schedule, step, num_steps):
+        limit = self.cost_model.flops * (1.0 - pruned_fraction(schedule, step, num_steps, self.reduction))
+        return flops_budget(self.cost_model, limit)
+
+    def describe(self):
+        return (f"a {100 * self.reduction:.1f}% FLOPs reduction at {self.cost_model.height}x{self.cost_model.width} "
+                f"(uniformly: a ratio of {self.uniform_ratio:.4f})")
+
+
+class LatencyTarget(PruningTarget):
+    """Bring ``table``'s prediction (bound to the test-time proposal count) to ``target_ms``.
+
+    Raises:
+        PruningRequestError: the target is not below the unpruned model's prediction, or pruning
+            every group in ``scopes`` to its floor stays above it.
+    """
+
+    kind = "latency"
+
+    @staticmethod
+    def check_config(cfg):
+        PruningTarget.check_config(cfg)
+        check_latency_settings(cfg)
+
+    def __init__(self, table, target_ms: float, groups: Mapping[str, ChannelGroup], multiple: int, floor: int,
+                 scopes, table_path: str = "", warnings=()):
+        self.table = table
+        self.target_ms = float(target_ms)
+        self.table_path = table_path
+        self.warnings = list(warnings)
+        self.reduction = latency_reduction(table, self.target_ms)
+        floor_ms = table.predict(uniform_sizes(groups, 1.0, multiple, floor, scopes))
+        if floor_ms > self.target_ms:
+            raise PruningRequestError(
+                f"a latency of {self.target_ms:.4g} ms on {table.describe()} is unreachable: pruning every prunable "
+                f"group in scopes {', '.join(scopes)} down to its floor of {floor} channels leaves {floor_ms:.4g} ms; "
+                "raise the target, lower the floor, prune more scopes, or lower MODEL.RPN.POST_NMS_TOPK_TEST"
+            )
+
+    @classmethod
+    def from_config(cls, cfg, groups, cost_model):
+        """Loads ``LATENCY_TABLE``, checks that it was made for this model at ``COST_INPUT_SIZE``
+        on a ``LATENCY_DEVICE`` device, and binds it to ``MODEL.RPN.POST_NMS_TOPK_TEST``; what the
+        config does differently from the profiled run is in :attr:`warnings`."""
+        p = cfg.PRUNING
+        target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
+        table = LatencyTable.load(p.LATENCY_TABLE)
+        table.check_compatible({n: g.size for n, g in groups.items()}, tuple(p.COST_INPUT_SIZE),
+                               p.LATENCY_DEVICE or None)
+        table, warnings = latency_table_at_test_settings(cfg, table, p.LATENCY_TABLE)
+        return cls(table, target, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, tuple(p.SCOPES),
+                   table_path=p.LATENCY_TABLE, warnings=warnings)
+
+    def ratios(self, pruned_groups):
+        return {name: self.reduction for name in pruned_groups}  # only checked: the budget decides
+
+    def limit(self, schedule: str, step: int, num_steps: int) -> float:
+        """Milliseconds after step ``step``: ``full * (1 - p_k(r))``, ``r = 1 - target / full``;
+        that is ``full - (p_k(r) / r) (full - target)``, the target itself at the last step."""
+        return self.table.predict() * (1.0 - pruned_fraction(schedule, step, num_steps, self.reduction))
+
+    def budget(self, schedule, step, num_steps):
+        return latency_budget(self.table, self.limit(schedule, step, num_steps))
+
+    def describe(self):
+        return (f"the way from {self.table.predict():.3g} ms to {self.target_ms:.3g} ms (-{100 * self.reduction:.1f}%) "
+                f"predicted on {self.table.describe()}")
+
+    def step_record(self, widths, kept, schedule, step, num_steps):
+        return {"latency_ms": self.table.predict(widths), "latency_kept_ms": self.table.predict(kept),
+                "latency_budget_ms": self.limit(schedule, step, num_steps)}
+
+    def report(self, widths):
+        return {"latency": {"table": self.table_path, "device": self.table.describe(),
+                            "device_kind": self.table.device_kind, "input_size": list(self.table.input_size),
+                            "proposals": self.table.proposals, "before_ms": self.table.predict(),
+                            "target_ms": self.target_ms, "predicted_after_ms": self.table.predict(widths)}}
+
+    def run_record(self):
+        return {"latency": {"table": self.table_path, "device": self.table.describe(),
+                            "proposals": self.table.proposals, "unpruned_ms": self.table.predict(),
+                            "target_ms": self.target_ms}}
+
+
+def check_latency_settings(cfg):
+    """Check ``TARGET "latency"``'s keys and load the table: ``LATENCY_TABLE`` names a readable
+    table measured at ``COST_INPUT_SIZE`` on a ``LATENCY_DEVICE`` device (when set), and exactly
+    one of ``TARGET_LATENCY_MS`` and ``TARGET_FPS`` is > 0. Whether the table fits the model is
+    checked where the model is built (the hook's ``before_train``, ``tools/prune_net.py``).
+
+    Returns:
+        ``(table, target milliseconds)``.
+
+    Raises:
+        UserInputError: one line naming the bad key.
+    """
+    p = cfg.PRUNING
+    if p.LATENCY_DEVICE not in ("",) + DEVICE_KINDS:
+        raise UserInputError(f"PRUNING.LATENCY_DEVICE = {p.LATENCY_DEVICE!r} is invalid: use 'cpu', 'cuda' or '' (any)")
+    if not p.LATENCY_TABLE:
+        raise UserInputError(
+            "PRUNING.LATENCY_TABLE is empty: TARGET 'latency' needs a table made by tools/profile_latency.py on the "
+            "device the model will run on"
+        )
+    try:
+        target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
+    except UserInputError as e:
+        raise UserInputError(f"PRUNING.TARGET_LATENCY_MS = {p.TARGET_LATENCY_MS!r}, PRUNING.TARGET_FPS = "
+                             f"{p.TARGET_FPS!r} are invalid: {e}") from None
+    table = LatencyTable.load(p.LATENCY_TABLE)
+    if tuple(p.COST_INPUT_SIZE) != table.input_size:
+        height, width = table.input_size
+        raise UserInputError(
+            f"PRUNING.COST_INPUT_SIZE = {tuple(p.COST_INPUT_SIZE)} is invalid: the latency table {p.LATENCY_TABLE} "
+            f"was measured at {height}x{width}; set PRUNING.COST_INPUT_SIZE ({height}, {width}) or profile at the "
+            "size you want"
+        )
+    if p.LATENCY_DEVICE and p.LATENCY_DEVICE != table.device_kind:
+        raise UserInputError(
+            f"PRUNING.LATENCY_DEVICE = {p.LATENCY_DEVICE!r} is invalid: the latency table {p.LATENCY_TABLE} was "
+            f"measured on {table.device_kind} ({table.metadata.get('device_name', '?')}); profile on the device the "
+            "model will run on"
+        )
+    return table, target
+
+
+def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
+    """Bind a latency table to the proposal count the config tests with
+    (``MODEL.RPN.POST_NMS_TOPK_TEST``), and say where the config leaves the ground it was measured on.
+
+    Args:
+        source: how the table is named in the warnings (its path).
+
+    Returns:
+        ``(table at that proposal count, [warning lines])``: a count outside the table's is
+        extrapolated; an ``INPUT.MIN_SIZE_TEST`` other than the shorter side of the table's input
+        size means the budget holds at a size the model is not tested at; a
+        ``MODEL.RPN.PRE_NMS_TOPK_TEST`` or ``TEST.DETECTIONS_PER_IMAGE`` other than the one the
+        table was profiled with (when it recorded them) means its fixed part is another one; a
+        table profiled on a CPU whose whole model faulted many pages in per inference, without
+        freed memory kept, may miss by their time (:mod:`~pgp_det.utils.allocator`).
+    """
+    warnings = []
+    for key, value, recorded in (("MODEL.RPN.PRE_NMS_TOPK_TEST", cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, "pre_nms_topk_test"),
+                                 ("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, "detections_per_image")):
+        profiled = table.metadata.get(recorded)
+        if profiled is not None and int(profiled) != int(value):
+            # these set the work of proposal selection and of the final NMS, the table's fixed part
+            warnings.append(f"{key} {value} differs from the {int(profiled)} latency table {source} was profiled "
+                            "with: its fixed part (proposal selection, NMS) is that of the profiled value; "
+                            f"profile with {key} {value}")
+    proposals = int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
+    if not table.proposal_counts[0] <= proposals <= table.proposal_counts[-1]:
+        warnings.append(f"MODEL.RPN.POST_NMS_TOPK_TEST {proposals} is outside the proposal counts "
+                        f"{list(table.proposal_counts)} of latency table {source}: its proposal-dependent parts "
+                        "are extrapolated")
+    shorter = int(cfg.INPUT.MIN_SIZE_TEST)
+    if shorter > 0 and shorter != min(table.input_size):
+        # detectron2 resizes test images' shorter side to MIN_SIZE_TEST: the budget is then met at another size
+        height, width = table.input_size
+        warnings.append(f"latency table {source} was measured at {height}x{width}, but INPUT.MIN_SIZE_TEST {shorter} "
+                        f"resizes test images' shorter side to {shorter}: the latency target holds at the table's "
+                        "size, not at the tested one; profile at the size the model will be deployed at")
+    faults = table.page_fault_warning(source)
+    if faults:
+        warnings.append(faults)
+    return table.with_proposals(proposals), warnings
+
+
+def build_target(cfg, groups: Mapping[str, ChannelGroup], cost_model=None) -> PruningTarget:
+    """The target ``cfg.PRUNING`` asks for (its ``TARGET`` kind, :data:`TARGET_KINDS`).
+
+    Args:
+        groups: every channel group of the model at its *original* widths.
+        cost_model: ``() -> CostModel`` of the unpruned model at ``COST_INPUT_SIZE`` (called only
+            by the kinds that count FLOPs).
+
+    Raises:
+        PruningRequestError: the target is unreachable (one line naming the fix).
+        UserInputError: a latency table that cannot be read or was made for something else.
+    """
+    return TARGET_KINDS[cfg.PRUNING.TARGET].from_config(cfg, groups, cost_model)
+
+
+# PRUNING.TARGET -> the class that implements it
+TARGET_KINDS = {"ratio": ChannelTarget, "flops": FlopsTarget, "latency": LatencyTarget}
