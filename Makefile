@@ -22,9 +22,9 @@ $(STAMP): setup.py tools/install_detectron2.py tools/check_lock.py Makefile $(LO
 	$(PY) tools/check_lock.py $(LOCK)
 	touch $@
 
-# the unpruned R18-FPN and the same model pruned by PGP to half its FLOPs, side by side
+# the unpruned R18-FPN and the same model pruned by PGP to half its FLOPs (backbone only), side by side
 demo: install
-	$(PY) tools/sweep.py --config synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml --baseline \
+	$(PY) tools/sweep.py --config synthetic/pgp_backbone_faster_rcnn_R_18_FPN_synth.yaml --baseline \
 		--flops-reductions 0.5 --reuse --output output/demo
 
 test: install
