@@ -771,7 +771,8 @@ def whole_widths(
         lower = [a for a in allowed_kept_counts(group.size, multiple, floor, group.channel_multiple) if a < kept]
         if kept == group.size and lower and group.size % math.lcm(multiple, group.channel_multiple):
             score = torch.as_tensor(scores[name]).detach().float().cpu().reshape(-1)
-            weakest_first = [c for c in torch.sort(score, stable=True).indices.tolist() if c not in set(channels)]
+            taken = set(channels)
+            weakest_first = [c for c in torch.sort(score, stable=True).indices.tolist() if c not in taken]
             channels = sorted(channels + weakest_first[: kept - lower[-1]])
         settled[name] = channels
     return settled

@@ -29,6 +29,7 @@ from typing import Dict, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+from detectron2.utils import comm
 from torch import nn
 
 from ..utils.modules import unwrap_model
@@ -38,10 +39,6 @@ __all__ = ["KNAPSACK_VALUES", "LossChangeEstimate"]
 
 # PRUNING.KNAPSACK_VALUE: "scores" values channels by the criterion's own (normalised) scores
 KNAPSACK_VALUES = ("taylor", "taylor_squared", "scores")
-
-
-def _distributed_world() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class LossChangeEstimate:
@@ -61,21 +58,31 @@ class LossChangeEstimate:
         self.kind = kind
         self._model: Optional[nn.Module] = None
         self._groups: "OrderedDict[str, ChannelGroup]" = OrderedDict()
-        self._signed: Dict[str, torch.Tensor] = OrderedDict()  # sum_t d_t, (C,) per group
-        self._squared: Dict[str, torch.Tensor] = OrderedDict()  # sum_t d_t^2
-        self.num_updates = 0
+        # flat over the groups' channels, on the model's device: sum_t d_t and sum_t d_t^2, and
+        # the iterations added (a tensor, so that an update never waits for the device)
+        self._signed = self._squared = self._count = torch.zeros(0)
 
     def attach(self, model: nn.Module, groups: Mapping[str, ChannelGroup]) -> None:
         """Start from zero on ``groups`` (the prunable ones are kept) of ``model``."""
         self._model = unwrap_model(model)
         self._groups = OrderedDict((n, g) for n, g in groups.items() if g.prunable)
-        self._signed = OrderedDict((n, torch.zeros(g.size, dtype=torch.float64)) for n, g in self._groups.items())
-        self._squared = OrderedDict((n, torch.zeros(g.size, dtype=torch.float64)) for n, g in self._groups.items())
-        self.num_updates = 0
+        device = next(self._model.parameters()).device
+        size = sum(g.size for g in self._groups.values())
+        self._signed = torch.zeros(size, device=device)
+        self._squared = torch.zeros(size, device=device)
+        self._count = torch.zeros((), device=device)
+
+    @property
+    def num_updates(self) -> int:
+        """Iterations added since :meth:`attach` (reading it waits for the device)."""
+        return int(self._count.item())
+
+    def _split(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return OrderedDict(zip(self._groups, flat.split([g.size for g in self._groups.values()])))
 
     def _change(self, group: ChannelGroup) -> torch.Tensor:
-        """This iteration's ``d[c]`` of ``group``, float64 ``(C,)`` on the CPU."""
-        change = torch.zeros(group.size, dtype=torch.float64)
+        """This iteration's ``d[c]`` of ``group``, float32 ``(C,)`` on the model's device."""
+        change = torch.zeros(group.size, device=self._signed.device)
         for piece in group.producers:
             if piece.role == ROLE_INPUT:
                 continue
@@ -86,54 +93,52 @@ class LossChangeEstimate:
                 raise PruningRequestError(
                     f"loss-change estimate: {piece} has {tensor.shape[piece.dim]} entries for a group of {group.size} "
                     "channels; attach again after pruning")
-            product = piece.per_channel(tensor.detach() * tensor.grad.detach())
-            change -= product.sum(dim=1).double().cpu()
+            # a row-wise dot product: no weight-sized temporary on the training step's path
+            weights, grads = piece.per_channel(tensor.detach()), piece.per_channel(tensor.grad.detach())
+            change -= torch.einsum("ck,ck->c", weights, grads).float()
         return change
 
     def update(self, model: nn.Module = None) -> None:
         """Add this iteration's estimate (call after the optimizer step, before ``.grad`` is
-        cleared). An iteration with a non-finite estimate (a skipped AMP step) adds nothing."""
+        cleared). An iteration with a non-finite estimate (a skipped AMP step) adds nothing;
+        nothing here waits for the device."""
         if self._model is None:
             raise PruningRequestError("loss-change estimate is not attached; call attach(model, groups) first")
-        changes = OrderedDict((name, self._change(group)) for name, group in self._groups.items())
-        if not all(torch.isfinite(c).all() for c in changes.values()):
+        if not self._groups:
             return
-        for name, change in changes.items():
-            self._signed[name] += change
-            self._squared[name] += change * change
-        self.num_updates += 1
+        change = torch.cat([self._change(group) for group in self._groups.values()])
+        finite = torch.isfinite(change).all()
+        change = torch.where(finite, change, 0.0)
+        self._signed += change
+        self._squared += change * change
+        self._count += finite
 
     def values(self) -> Dict[str, torch.Tensor]:
-        """``{group: float32 (C,)}`` value of each channel (``kind``), >= 0, summed over
+        """``{group: float32 CPU (C,)}`` value of each channel (``kind``), >= 0, summed over
         processes under distributed training (every process must call it). All zero before the
         first update."""
-        sums = self._signed if self.kind == "taylor" else self._squared
-        names = list(sums)
-        if not names:
+        if not self._groups:
             return OrderedDict()
-        flat = torch.cat([sums[n] for n in names])
-        updates = torch.tensor([float(self.num_updates)], dtype=torch.float64)
-        if _distributed_world():
-            both = torch.cat([flat, updates])
+        both = torch.cat([self._signed if self.kind == "taylor" else self._squared, self._count.reshape(1)])
+        if comm.get_world_size() > 1:
+            both = both.clone()
             dist.all_reduce(both)
-            flat, updates = both[:-1], both[-1:]
-        count = max(float(updates), 1.0)
+        flat, count = both[:-1], max(float(both[-1]), 1.0)
         if self.kind == "taylor":
             flat = flat.abs()
-        flat = (flat / count).float()
-        return OrderedDict(zip(names, flat.split([sums[n].numel() for n in names])))
+        return self._split((flat / count).cpu())
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "num_updates": self.num_updates,
-                "signed": {n: t.clone() for n, t in self._signed.items()},
-                "squared": {n: t.clone() for n, t in self._squared.items()}}
+                "signed": {n: t.cpu().clone() for n, t in self._split(self._signed).items()},
+                "squared": {n: t.cpu().clone() for n, t in self._split(self._squared).items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` (after :meth:`attach` to groups of the saved sizes)."""
         if state.get("kind") != self.kind:
             raise PruningRequestError(f"cannot load a {state.get('kind')!r} loss-change estimate into a {self.kind!r} one")
-        for key, target in (("signed", self._signed), ("squared", self._squared)):
-            saved = state[key]
+        for key, flat in (("signed", self._signed), ("squared", self._squared)):
+            saved, target = state[key], self._split(flat)
             if set(saved) != set(target):
                 raise PruningRequestError("loss-change estimate: the saved groups are not the attached ones")
             for name, tensor in saved.items():
@@ -141,4 +146,4 @@ class LossChangeEstimate:
                     raise PruningRequestError(f"loss-change estimate: group {name} was saved with {tensor.numel()} "
                                               f"channels, the model has {target[name].numel()}")
                 target[name].copy_(tensor)
-        self.num_updates = int(state["num_updates"])
+        self._count.fill_(int(state["num_updates"]))
