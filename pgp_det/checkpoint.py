@@ -27,13 +27,12 @@ from .errors import UserInputError
 from .pruning.dependency import derive_channel_groups, prediction_layers
 from .pruning.surgery import hard_prune
 from .utils.io import atomic_write, atomic_write_text
-from .utils.safe_load import read_checkpoint_file
+from .utils.safe_load import ARCHITECTURE_KEY, read_checkpoint_file
 
 __all__ = ["ARCHITECTURE_KEY", "architecture_record", "apply_architecture", "PrunedCheckpointer", "load_model"]
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURE_KEY = "pgp_architecture"  # checkpoint entry holding architecture_record(model)
 
 _REUSE_HINT = "use the config the checkpoint was trained with"
 

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # what starts a process or trains: subprocess calls, the tools' entry points, detectron2 trainers
 _SLOW = re.compile(r"subprocess\.|Popen\(|(?<![\w.])train\(|\bTrainer\(|trainer\.train\(\)|\brun_cli\(|_deterministic_run\(|"
-                   r"\blaunch\(|\.main\(\[|\bsweep\.|\.prune\(cfg")
+                   r"\blaunch\(|\.main\(\[|\bsweep\.|\bprune_once\(")
 
 
 def _source(function) -> str:
@@ -53,3 +53,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _trains_or_spawns(item):
             item.add_marker(pytest.mark.slow)
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>.py``, to call its ``main(argv)`` in this process: the tests of
+    a tool's command line (its arguments, its one-line errors, its exit codes). What a tool
+    computes is tested through the library function it calls."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

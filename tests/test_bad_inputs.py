@@ -108,6 +108,9 @@ def files(tmp_path_factory, cfg):
     paths["list_pkl"] = str(d / "list.pkl")
     (d / "garbage.pkl").write_bytes(b"\x80\x02}q\x00(X\x01")  # a truncated pickle
     paths["garbage_pkl"] = str(d / "garbage.pkl")
+    # the first 1,000 bytes of a checkpoint named .pkl: the unpickler's message spans two lines
+    (d / "trunc.pkl").write_bytes((d / "good.pth").read_bytes()[:1000])
+    paths["trunc_pkl"] = str(d / "trunc.pkl")
     torch.save({"model": {"some.other.net.weight": torch.zeros(3, 3)}}, d / "other.pth")
     paths["other"] = str(d / "other.pth")
 
@@ -192,13 +195,82 @@ def test_detectron2_and_caffe2_pickles_load_through_the_restricted_unpickler(fil
 @pytest.mark.parametrize(
     "kind, message",
     [("text_pth", "not a PyTorch checkpoint"), ("list_pkl", "holds a list, not a dict of weights"),
-     ("garbage_pkl", "not a valid pickle")],
+     ("garbage_pkl", "not a valid pickle"), ("trunc_pkl", "not a valid pickle")],
 )
 def test_unreadable_weights_are_one_line(files, tmp_path, kind, message):
     out = tmp_path / "out"
     proc = run_tool("train_net.py", "--config-file", CONFIG, *QUICK, "MODEL.WEIGHTS", files[kind], "OUTPUT_DIR", str(out))
     assert_one_line_error(proc, message)
     assert not out.exists()
+
+
+def _pruned_model(cfg):
+    """``cfg``'s model at random init with a few channels removed from three groups."""
+    from pgp_det.pruning import derive_channel_groups, hard_prune
+
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    groups = derive_channel_groups(model)
+    names = [name for name, group in groups.items() if group.prunable][:3]
+    hard_prune(model, {name: [0, 2, 5] for name in names}, groups=groups)
+    return model
+
+
+def _save_model_zoo_pkl(path, state: dict, record) -> None:
+    """A pickle in detectron2's model zoo layout (numpy weights, ``__author__``) with a record."""
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "someone",
+                     "pgp_architecture": record}, f, protocol=4)
+
+
+def test_pruned_model_in_the_model_zoo_pkl_layout_loads_like_a_pth(cfg, tmp_path):
+    from pgp_det.checkpoint import architecture_record
+
+    model = _pruned_model(cfg)
+    record = architecture_record(model)
+    path = tmp_path / "pruned.pkl"
+    # numpy integers, as a record converted along with numpy weights may hold
+    _save_model_zoo_pkl(path, model.state_dict(), {k: np.int64(v) for k, v in record.items()})
+    loaded = load_model(cfg, str(path))
+    assert architecture_record(loaded) == record
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_malformed_record_in_a_pkl_is_one_line(cfg, tmp_path):
+    model = _pruned_model(cfg)
+    path = tmp_path / "pruned.pkl"
+    _save_model_zoo_pkl(path, model.state_dict(), {"backbone.fpn.out": "many"})
+    with pytest.raises(UserInputError, match="malformed 'pgp_architecture' entry"):
+        load_model(cfg, str(path))
+
+
+def test_unreachable_target_is_refused_even_when_nothing_would_be_pruned(tmp_path):
+    """A floor above every group's width: the pre-flight's "nothing will be pruned" warning must
+    not skip the reachability check of the FLOPs target."""
+    out = tmp_path / "out"
+    proc = run_tool("train_net.py", "--config", "synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml", *QUICK,
+                    "PRUNING.MIN_CHANNELS", "10000", "OUTPUT_DIR", str(out))
+    assert_one_line_error(proc, "is unreachable")
+    assert not out.exists()
+
+
+def test_a_message_on_several_lines_is_printed_as_one(capsys):
+    from pgp_det.utils.cli import OneLineArgumentParser, run_tool as run_main
+
+    def fails(args):
+        raise UserInputError("cannot read checkpoint 'x.pkl': not a valid pickle (A load persistent id\n  but none)")
+
+    assert run_main(OneLineArgumentParser(), [], fails) == 2
+    assert capsys.readouterr().err == "error: cannot read checkpoint 'x.pkl': not a valid pickle (A load persistent id but none)\n"
+
+
+def test_output_dir_that_cannot_be_created_is_one_line(tmp_path):
+    """/proc takes no new folder, even from root (whose access check passes)."""
+    out = "/proc/pgp_det_no_such_folder"
+    proc = run_tool("train_net.py", "--config-file", CONFIG, *QUICK, "OUTPUT_DIR", out)
+    assert_one_line_error(proc, f"OUTPUT_DIR '{out}'")
+    assert not os.path.exists(out)
 
 
 def test_checkpoint_matching_no_tensor_is_an_error(files, tmp_path, cfg):

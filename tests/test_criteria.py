@@ -12,8 +12,8 @@ from detectron2.layers import Conv2d
 from detectron2.utils.events import EventStorage
 
 from pgp_det.pruning import ChannelCount, ChannelGroup, ChannelSlice, PruningRequestError, derive_channel_groups
-from pgp_det.pruning import criteria as criteria_module
-from pgp_det.pruning.criteria import CRITERION_REGISTRY, build_criterion, combine_layer_scores
+from pgp_det.pruning.criteria import base as criteria_base
+from pgp_det.pruning.criteria import CRITERION_REGISTRY, NormGammaCriterion, build_criterion, combine_layer_scores
 from pgp_det.pruning.surgery import hard_prune, soft_prune
 
 ALL = sorted(name for name, _ in CRITERION_REGISTRY)
@@ -397,9 +397,9 @@ def test_scores_are_summed_over_processes(monkeypatch):
     peer = attached("rpgp", tiny_net())
     set_grads(peer._model, 2)
     peer.update(peer._model)
-    monkeypatch.setattr(criteria_module.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(criteria_module.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(criteria_module.dist, "all_reduce", lambda tensor: tensor.add_(peer._sums.flat))
+    monkeypatch.setattr(criteria_base.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(criteria_base.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(criteria_base.dist, "all_reduce", lambda tensor: tensor.add_(peer._sums.flat))
     scores = criterion.scores(model)
     total = local["stem"]["stem"] + peer.state_dict()["sums"]["stem"]["stem"]
     assert torch.allclose(scores["stem"], total / total.mean())
@@ -438,7 +438,7 @@ def test_every_criterion_scores_every_prunable_group_of_a_detector():
             criterion.run_extra_pass(model, iter([[make_training_input()]]), 1)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
-    norm_groups = {n for n in prunable if criteria_module.NormGammaCriterion.norm_slices(groups[n])}
+    norm_groups = {n for n in prunable if NormGammaCriterion.norm_slices(groups[n])}
     for name, criterion in criteria.items():
         scores = criterion.scores(model)
         assert set(scores) == prunable, name

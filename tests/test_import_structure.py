@@ -177,3 +177,17 @@ def test_front_door_exports_the_main_pieces_without_loading_them():
     assert criterion == "pgp"
     assert missing == "[]"
     assert refused == "ImportError"
+
+
+def test_every_tool_reports_bad_input_through_the_one_wrapper():
+    """Each tool's ``main`` hands its work to :func:`pgp_det.utils.cli.run_tool`, which prints any
+    bad input as one line with exit code 2 (the installer and the lock check run before the
+    package is installed, so they cannot import it)."""
+    before_install = {"install_detectron2", "check_lock"}
+    for name in sorted(TOOLS - before_install):
+        with open(os.path.join(ROOT, "tools", f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        entries = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+        main = entries.get("cli", entries.get("main"))  # train_net's main is detectron2's per-process worker
+        calls = {node.func.id for node in ast.walk(main) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        assert "run_tool" in calls, name

@@ -1,7 +1,6 @@
-"""tools/prune_net.py: one-shot pruning of the synthetic R18-FPN writes a checkpoint that reloads
-to the same detector and exports to ONNX, a report whose figures are real, and refuses bad input
-with one line and nothing written."""
-import importlib.util
+"""One-shot pruning (:func:`pgp_det.engine.one_shot.prune_once`, and ``tools/prune_net.py`` over
+it) of the synthetic R18-FPN writes a checkpoint that reloads to the same detector and exports to
+ONNX, a report whose figures are real, and refuses bad input with one line and nothing written."""
 import json
 import os
 
@@ -11,10 +10,12 @@ import torch
 
 from pgp_det import export
 from pgp_det.checkpoint import load_model
+from pgp_det.config import load_config
+from pgp_det.engine.one_shot import prune_once
 from pgp_det.pruning import derive_channel_groups
+from conftest import ROOT, load_tool
 from test_export import sample_images
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "synthetic/faster_rcnn_R_18_FPN_synth.yaml"
 # random init; score threshold 0 so that the untrained detector reports detections to compare
 OVERRIDES = ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
@@ -22,27 +23,27 @@ OVERRIDES = ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "M
 SIZE = ["--input-size", "128x160"]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("prune_net", os.path.join(ROOT, "tools", "prune_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool()
+    return load_tool("prune_net")
+
+
+def one_shot_config(*pruning):
+    """The synthetic config at random init, FLOPs counted at 128x160, with ``PRUNING`` items."""
+    keys = ["PRUNING.COST_INPUT_SIZE", "(128, 160)", *(f"PRUNING.{v}" if i % 2 == 0 else v for i, v in enumerate(pruning))]
+    cfg = load_config(os.path.join(ROOT, "configs", CONFIG), OVERRIDES + keys)
+    cfg.freeze()
+    return cfg
 
 
 @pytest.fixture(scope="module")
-def pruned(tool, tmp_path_factory):
-    """The tool's in-memory result at ratio 0.5, and the files it wrote."""
+def pruned(tmp_path_factory):
+    """The library's result at ratio 0.5, and the files it wrote."""
     out = tmp_path_factory.mktemp("pruned") / "out"
-    args = tool.argument_parser().parse_args(["--config", CONFIG, "--ratio", "0.5", *SIZE, "--output", str(out), *OVERRIDES])
-    cfg = tool.build_config(args)
-    result = tool.prune(cfg, args)
-    tool.write_outputs(cfg, result["model"], result["report"], str(out))
-    return cfg, result["model"].eval(), out
+    cfg = one_shot_config("TARGET", "ratio", "RATIO", "0.5")
+    result = prune_once(cfg, "l1")
+    result.write(str(out), cfg)
+    return cfg, result.model.eval(), out
 
 
 def image_tensor(index=0):
@@ -118,16 +119,14 @@ def test_flops_target_and_scopes(tool, tmp_path, capsys):
             assert group["kept"] == group["original"] and group["out_of_scope"], name
 
 
-@pytest.mark.parametrize("target", [["--ratio", "0.5"], ["--flops-reduction", "0.5"]])
-def test_every_allocation_meets_the_target(tool, target):
+@pytest.mark.parametrize("target", [["TARGET", "ratio", "RATIO", "0.5"], ["TARGET", "flops", "FLOPS_REDUCTION", "0.5"]])
+def test_every_allocation_meets_the_target(target):
     kept = {}
     for allocation in ("uniform", "global", "adaptive"):
-        args = tool.argument_parser().parse_args(["--config", CONFIG, *target, "--allocation", allocation, *SIZE,
-                                                  "--output", "unused", *OVERRIDES])
-        report = tool.prune(tool.build_config(args), args)["report"]
+        report = prune_once(one_shot_config(*target, "ALLOCATION", allocation), "l1").report
         assert report["settings"]["allocation"] == allocation
         groups = report["groups"].values()
-        if target[0] == "--ratio":
+        if target[1] == "ratio":
             removed = 1.0 - sum(g["kept"] for g in groups) / sum(g["original"] for g in groups)
         else:  # measured by fvcore on the pruned model
             removed = report["flops"]["reduction_percent"] / 100
@@ -184,8 +183,7 @@ def test_list_groups_prints_every_group_with_its_flops_share(tool, capsys):
     assert tool.main(["--config", CONFIG, "--list-groups", *SIZE, *OVERRIDES]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:5] == ["group", "scope", "size", "GFLOPs", "share"]
-    cfg = tool.build_config(tool.argument_parser().parse_args(["--config", CONFIG, "--list-groups", *OVERRIDES]))
-    groups = derive_channel_groups(load_model(cfg, "", strict=False), allow_frozen=True)
+    groups = derive_channel_groups(load_model(one_shot_config(), "", strict=False), allow_frozen=True)
     assert [line.split()[0] for line in lines[1:]] == list(groups)
     fpn_out = next(line for line in lines if line.startswith("backbone.fpn.out "))
     assert fpn_out.split()[2] == str(groups["backbone.fpn.out"].size) and fpn_out.split()[4].endswith("%")

@@ -28,6 +28,7 @@ from pgp_det.config import load_config  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning.settings import check_pruning_config  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, run_tool  # noqa: E402
 
 
 def build_cfg(args, output_dir):
@@ -69,25 +70,24 @@ def one_run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml", metavar="NAME.yaml")
     parser.add_argument("--config-file", default="", metavar="PATH")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", default="", metavar="PATH", help="also write the figures here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
+    return run_tool(parser, argv, run)
+
+
+def run(args) -> int:
     logging.basicConfig(level=logging.WARNING)
-    try:
-        if args.runs < 1:
-            raise UserInputError("--runs must be >= 1")
-        runs = []
-        for index in range(args.runs):
-            runs.append(one_run(args))
-            print(f"run {index + 1}/{args.runs}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                                               for k, v in runs[-1].items()), flush=True)
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.runs < 1:
+        raise UserInputError("--runs must be >= 1")
+    runs = []
+    for index in range(args.runs):
+        runs.append(one_run(args))
+        print(f"run {index + 1}/{args.runs}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                           for k, v in runs[-1].items()), flush=True)
     summary = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     summary.update(runs=args.runs, threads=torch.get_num_threads(), device="cpu" if not torch.cuda.is_available()
                    else torch.cuda.get_device_name())

@@ -59,7 +59,7 @@ from pgp_det.benchmark.report import reproducibility_record, write_report  # noq
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, check_overrides  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, run_tool  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 
@@ -93,41 +93,38 @@ def check_args(args) -> List[ModelSpec]:
     return specs
 
 
-def main(argv=None) -> int:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_overrides(parser, args.opts)
-        models = check_args(args)
-        specs = [point for spec in models for point in expand_sweeps(spec, parse_sweeps(args.sweep))]
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.keep_freed_memory:
-            keep_freed_memory()
-        torch.manual_seed(SEED)
-        with claim_output_dir(args.output, "--output") as output:
-            # every model's config, dataset and weights are checked before anything is written
-            prepared = [prepare_model(spec, args) for spec in specs]
-            # the reference runs at its config's own settings: without --sweep that is its own row's model
-            reference = next((p for p in prepared if p.spec.label == args.reference), None) or next(
-                (prepare_model(m, args) for m in models if m.label == args.reference), None)
-            output.start_writing()
-            rows, details = [], {}
-            for model in prepared:
-                row, extra = benchmark_model(model, args, args.output, reference)
-                rows.append(row)
-                details[model.spec.label] = extra
-            mark_pareto_front(rows)
-            settings = {k: v for k, v in vars(args).items() if k != "output"}
-            command = ["python", "tools/eval_map_fps.py", *(sys.argv[1:] if argv is None else argv)]
-            record = reproducibility_record(environment_info(args.device), SEED, settings, command)
-            written = write_report(rows, args.output, record, details)
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args, argv=None) -> int:
+    models = check_args(args)
+    specs = [point for spec in models for point in expand_sweeps(spec, parse_sweeps(args.sweep))]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
+    torch.manual_seed(SEED)
+    with claim_output_dir(args.output, "--output") as output:
+        # every model's config, dataset and weights are checked before anything is written
+        prepared = [prepare_model(spec, args) for spec in specs]
+        # the reference runs at its config's own settings: without --sweep that is its own row's model
+        reference = next((p for p in prepared if p.spec.label == args.reference), None) or next(
+            (prepare_model(m, args) for m in models if m.label == args.reference), None)
+        output.start_writing()
+        rows, details = [], {}
+        for model in prepared:
+            row, extra = benchmark_model(model, args, args.output, reference)
+            rows.append(row)
+            details[model.spec.label] = extra
+        mark_pareto_front(rows)
+        settings = {k: v for k, v in vars(args).items() if k != "output"}
+        command = ["python", "tools/eval_map_fps.py", *(sys.argv[1:] if argv is None else argv)]
+        record = reproducibility_record(environment_info(args.device), SEED, settings, command)
+        written = write_report(rows, args.output, record, details)
     print("wrote " + ", ".join(os.path.basename(p) for p in written.values()) + f" to {os.path.abspath(args.output)}",
           flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(argument_parser(), argv, lambda args: run(args, argv))
 
 
 if __name__ == "__main__":

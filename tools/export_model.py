@@ -37,7 +37,7 @@ from pgp_det.benchmark.timing import environment_info  # noqa: E402
 from pgp_det.config import load_config  # noqa: E402
 from pgp_det.data import add_dataset_arguments  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides, parse_input_size  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, parse_input_size, run_tool  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
@@ -73,12 +73,9 @@ def argument_parser():
     return parser
 
 
-def main(argv=None) -> int:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
+def run(args, argv=None) -> int:
     output = None
     try:
-        check_overrides(parser, args.opts)
         if args.opset < 16:
             raise UserInputError(f"--opset {args.opset}: RoiAlign as detectron2 uses it needs opset 16 or later")
         if args.num_images < 1 or args.runs < 1 or args.warmup < 0:
@@ -92,13 +89,16 @@ def main(argv=None) -> int:
         images = export.check_images(cfg, args.sample_image, args.dataset, args.num_images)
         model = load_model(cfg, args.weights, trusted=args.trust_weights)
         output.start_writing()
-    except UserInputError as e:
+    except UserInputError:
         if output is not None:
             output.release()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise
     with output:
         return export_and_check(cfg, args, argv, model, images, size)
+
+
+def main(argv=None) -> int:
+    return run_tool(argument_parser(), argv, lambda args: run(args, argv))
 
 
 def export_and_check(cfg, args, argv, model, images, size) -> int:

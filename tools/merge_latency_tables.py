@@ -30,7 +30,7 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable, merge_tables  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, run_tool  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 
@@ -52,21 +52,13 @@ def check_args(args) -> None:
         raise UserInputError(f"'{args.output}' already exists: pass --overwrite to replace it, or choose another --output")
 
 
-def main(argv=None) -> int:
-    try:
-        args = argument_parser().parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        check_args(args)
-        with claim_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output") as output:
-            tables = [LatencyTable.load(path) for path in args.tables]
-            merged = merge_tables(tables)
-            output.start_writing()
-            merged.save(args.output)
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    check_args(args)
+    with claim_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output") as output:
+        tables = [LatencyTable.load(path) for path in args.tables]
+        merged = merge_tables(tables)
+        output.start_writing()
+        merged.save(args.output)
     for table in tables:
         print(f"{table.source}: unpruned model {table.predict():.3f} ms predicted, rest shrinking with the channels "
               f"{table.activation_ms:.3f} ms element-wise, layer overhead {table.layer_overhead:.3f}")
@@ -75,6 +67,10 @@ def main(argv=None) -> int:
           f"element-wise, layer overhead {merged.layer_overhead:.3f}")
     print(f"wrote {args.output}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_tool(argument_parser(), argv, run)
 
 
 if __name__ == "__main__":

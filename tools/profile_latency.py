@@ -66,7 +66,7 @@ from pgp_det.pruning import derive_channel_groups, kept_count  # noqa: E402
 from pgp_det.pruning.latency import LatencyTable  # noqa: E402
 from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
-    OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, parse_arguments, parse_input_size,
+    OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, parse_input_size, run_tool,
 )
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 from pgp_det.utils.weights import check_weights_available  # noqa: E402
@@ -301,22 +301,21 @@ def headroom_report(table) -> str:
 
 def main(argv=None, timer=None) -> int:
     """``timer``: ``fn -> ms`` replacing real timing (tests)."""
-    args, cfg, code = parse_arguments(argument_parser(), argv, check_args, build_config)
-    if args is None:
-        return code
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.keep_freed_memory:
-            keep_freed_memory()
-        folder = os.path.dirname(os.path.abspath(args.output))
-        with claim_output_dir(folder, "--output") as output:
-            table = profile(cfg, args, timer)
-            output.start_writing()
-            table.save(args.output)
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(argument_parser(), argv, lambda args: run(args, timer))
+
+
+def run(args, timer=None) -> int:
+    check_args(args)
+    cfg = build_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
+    folder = os.path.dirname(os.path.abspath(args.output))
+    with claim_output_dir(folder, "--output") as output:
+        table = profile(cfg, args, timer)
+        output.start_writing()
+        table.save(args.output)
     meta = table.metadata
     if args.table:
         print(f"checked {args.table} ({table.describe()}); unpruned model {table.predict():.3f} ms predicted "

@@ -39,7 +39,7 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 from pgp_det.benchmark.sweep import check_runs, plan_runs, run, run_parallel, write_seed_summary  # noqa: E402
 from pgp_det.engine.preflight import existing_run_files  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, run_tool  # noqa: E402
 
 TOOLS = os.path.join(ROOT, "tools")
 
@@ -72,49 +72,47 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, metavar="DIR")
     add_trust_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
-    args = parser.parse_args(argv)
+    return run_tool(parser, argv, run_sweep)
+
+
+def run_sweep(args) -> int:
+    config = config_argument(args)
+    runs = plan_runs(args)
     try:
-        check_overrides(parser, args.opts)
-        config = config_argument(args)
-        runs = plan_runs(args)
-        try:
-            eval_args = shlex.split(args.eval_args)
-        except ValueError as e:
-            raise UserInputError(f"--eval-args '{args.eval_args}': {e}") from None
-        check_runs(args, runs, os.path.join(ROOT, "configs"), eval_args)
-        if args.parallel < 1:
-            raise UserInputError(f"--parallel {args.parallel}: give the number of runs at a time, >= 1")
-        trust = ["--trust-weights"] if args.trust_weights else []
-        models, jobs = [], []
-        for label, extra in runs:
-            out = os.path.join(args.output, label)
-            if args.oneshot:
-                done = os.path.join(out, "model_pruned.pth")
-                command = [sys.executable, os.path.join(TOOLS, "prune_net.py"), *config, *extra, *trust,
-                           "--output", out, *args.opts]
-            else:
-                done = os.path.join(out, "model_final.pth")
-                # --reuse continues an unfinished run from its last checkpoint
-                resume = ["--resume"] if args.reuse and existing_run_files(out) else []
-                command = [sys.executable, os.path.join(TOOLS, "train_net.py"), *config, *trust, *resume,
-                           "--num-gpus", str(args.num_gpus), *args.opts, *extra, "OUTPUT_DIR", out]
-            if args.reuse and os.path.isfile(done):
-                print(f"reusing {done}", flush=True)
-            elif args.parallel > 1:
-                os.makedirs(args.output, exist_ok=True)
-                jobs.append((command, os.path.join(args.output, f"{label}.log")))
-            else:
-                run(command)
-            if args.oneshot:
-                models += ["--model", f"{label}={os.path.join(out, 'config.yaml')}:{done}"]
-            else:
-                models += ["--run-dir", out]
-        run_parallel(jobs, args.parallel)
-        run([sys.executable, os.path.join(TOOLS, "eval_map_fps.py"), *models, *trust, *eval_args,
-             "--output", os.path.join(args.output, "report")])
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        eval_args = shlex.split(args.eval_args)
+    except ValueError as e:
+        raise UserInputError(f"--eval-args '{args.eval_args}': {e}") from None
+    check_runs(args, runs, os.path.join(ROOT, "configs"), eval_args)
+    if args.parallel < 1:
+        raise UserInputError(f"--parallel {args.parallel}: give the number of runs at a time, >= 1")
+    trust = ["--trust-weights"] if args.trust_weights else []
+    models, jobs = [], []
+    for label, extra in runs:
+        out = os.path.join(args.output, label)
+        if args.oneshot:
+            done = os.path.join(out, "model_pruned.pth")
+            command = [sys.executable, os.path.join(TOOLS, "prune_net.py"), *config, *extra, *trust,
+                       "--output", out, *args.opts]
+        else:
+            done = os.path.join(out, "model_final.pth")
+            # --reuse continues an unfinished run from its last checkpoint
+            resume = ["--resume"] if args.reuse and existing_run_files(out) else []
+            command = [sys.executable, os.path.join(TOOLS, "train_net.py"), *config, *trust, *resume,
+                       "--num-gpus", str(args.num_gpus), *args.opts, *extra, "OUTPUT_DIR", out]
+        if args.reuse and os.path.isfile(done):
+            print(f"reusing {done}", flush=True)
+        elif args.parallel > 1:
+            os.makedirs(args.output, exist_ok=True)
+            jobs.append((command, os.path.join(args.output, f"{label}.log")))
+        else:
+            run(command)
+        if args.oneshot:
+            models += ["--model", f"{label}={os.path.join(out, 'config.yaml')}:{done}"]
+        else:
+            models += ["--run-dir", out]
+    run_parallel(jobs, args.parallel)
+    run([sys.executable, os.path.join(TOOLS, "eval_map_fps.py"), *models, *trust, *eval_args,
+         "--output", os.path.join(args.output, "report")])
     table = os.path.join(args.output, "report", "results.md")
     with open(table) as f:
         print(f.read())

@@ -37,8 +37,7 @@ from pgp_det.config import resolve_config_path as find_config  # noqa: E402
 from pgp_det.data import add_dataset_arguments, register_custom_datasets  # noqa: E402
 from pgp_det.engine import Trainer  # noqa: E402
 from pgp_det.engine.preflight import build_run_config, check_training_run, existing_run_files  # noqa: E402
-from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, check_overrides  # noqa: E402
+from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, run_tool  # noqa: E402
 from pgp_det.utils.io import atomic_write_json  # noqa: E402
 from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
@@ -93,29 +92,26 @@ def argument_parser():
     return parser
 
 
-def cli(argv=None) -> int:
-    parser = argument_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_overrides(parser, args.opts)
+def run(args) -> int:
+    cfg = build_config(args)
+    if args.eval_only and existing_run_files(cfg.OUTPUT_DIR):
+        # detectron2 would rewrite the training run's config.yaml (and pgp_det its results.json)
+        evaluation_dir = os.path.join(cfg.OUTPUT_DIR, "eval")
+        print(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' holds a training run: this evaluation writes to '{evaluation_dir}' "
+              "and leaves the run's files as they are", file=sys.stderr)
+        args.opts = list(args.opts) + ["OUTPUT_DIR", evaluation_dir]  # the workers rebuild the config from args
         cfg = build_config(args)
-        if args.eval_only and existing_run_files(cfg.OUTPUT_DIR):
-            # detectron2 would rewrite the training run's config.yaml (and pgp_det its results.json)
-            evaluation_dir = os.path.join(cfg.OUTPUT_DIR, "eval")
-            print(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' holds a training run: this evaluation writes to '{evaluation_dir}' "
-                  "and leaves the run's files as they are", file=sys.stderr)
-            args.opts = list(args.opts) + ["OUTPUT_DIR", evaluation_dir]  # the workers rebuild the config from args
-            cfg = build_config(args)
-        with claim_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR") as output:
-            # every check before anything is written; the folder stays locked for the whole run
-            check_training_run(cfg, eval_only=args.eval_only, resume=args.resume, trusted=args.trust_weights)
-            output.start_writing()
-            launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                   dist_url=args.dist_url, args=(args,))
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with claim_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR") as output:
+        # every check before anything is written; the folder stays locked for the whole run
+        check_training_run(cfg, eval_only=args.eval_only, resume=args.resume, trusted=args.trust_weights)
+        output.start_writing()
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
     return 0
+
+
+def cli(argv=None) -> int:
+    return run_tool(argument_parser(), argv, run)
 
 
 if __name__ == "__main__":

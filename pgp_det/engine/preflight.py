@@ -111,21 +111,21 @@ def check_weights_fit(model, path: str, strict: bool, trusted: bool = False) -> 
 
 
 def _check_model_for_pruning(cfg, model=None) -> None:
-    """Warn when nothing would be pruned; with ``TARGET "latency"``, refuse a latency table made
-    for another architecture; refuse a FLOPs or latency target the scopes and floor cannot reach
-    (the hook would, once training has started). ``model``: built from the config, at its
+    """Refuse a FLOPs or latency target the scopes and floor cannot reach (the hook would, once
+    training has started) and, with ``TARGET "latency"``, a latency table made for another
+    architecture; then warn when nothing would be pruned. ``model``: built from the config, at its
     original widths (default: :func:`cpu_model`)."""
     p = cfg.PRUNING
     model = model if model is not None else cpu_model(cfg)
     groups = derive_channel_groups(model, allow_frozen=p.ALLOW_FROZEN)
+    # a target no pruning reaches is refused first (one line), whatever would be warned below
+    if any(g.prunable and g.scope in set(p.SCOPES) for g in groups.values()):
+        height, width = p.COST_INPUT_SIZE
+        build_target(cfg, groups, cost_model=lambda: CostModel(model, height, width))  # the hook logs the warnings
     if removable_channels(groups, p.SCOPES, p.MIN_CHANNELS) == 0:
         logger.warning(
             "PRUNING.MIN_CHANNELS %d is at least the width of every prunable channel group in PRUNING.SCOPES %s: "
             "nothing will be pruned; lower PRUNING.MIN_CHANNELS or widen PRUNING.SCOPES", p.MIN_CHANNELS, tuple(p.SCOPES))
-        return
-    if any(g.prunable and g.scope in set(p.SCOPES) for g in groups.values()):
-        height, width = p.COST_INPUT_SIZE
-        build_target(cfg, groups, cost_model=lambda: CostModel(model, height, width))  # the hook logs the warnings
 
 
 def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = False) -> str:

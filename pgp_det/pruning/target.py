@@ -84,6 +84,15 @@ class PruningTarget:
         """The target in words, for the log."""
         raise NotImplementedError
 
+    def request(self) -> dict:
+        """What was asked for, in the config's words (``{"flops_reduction": 0.5}``), for reports."""
+        raise NotImplementedError
+
+    def uniform_ratio(self, pruned_groups: Mapping[str, ChannelGroup]) -> Optional[float]:
+        """The fraction of channels a uniform cut removes from every pruned group; None where the
+        target's cost decides the widths and no ratio stands for it."""
+        return next(iter(self.ratios(pruned_groups).values()), None)
+
     def step_record(self, widths: Mapping[str, int], kept: Mapping[str, int], schedule: str, step: int,
                     num_steps: int) -> dict:
         """What ``pruning_log.json`` records of this target after a step: ``widths`` as the model
@@ -109,15 +118,20 @@ class ChannelTarget(PruningTarget):
     def check_config(cfg):
         pass  # SCOPE_RATIOS are checked with the other PRUNING keys
 
-    def __init__(self, scope_ratios: Mapping[str, float]):
+    def __init__(self, scope_ratios: Mapping[str, float], ratio: Optional[float] = None):
         self.scope_ratios = dict(scope_ratios)
+        self.ratio = ratio  # RATIO, the scopes' default
 
     @classmethod
     def from_config(cls, cfg, groups, cost_model):
         p = cfg.PRUNING
         ratios = {scope: float(p.RATIO) for scope in p.SCOPES}
         ratios.update({scope: float(ratio) for scope, ratio in p.SCOPE_RATIOS})
-        return cls(ratios)
+        return cls(ratios, float(p.RATIO))
+
+    def request(self):
+        return {"ratio": self.ratio, **({"scope_ratios": self.scope_ratios} if len(set(self.scope_ratios.values())) > 1
+                                        else {})}
 
     def ratios(self, pruned_groups):
         return {name: self.scope_ratios[group.scope] for name, group in pruned_groups.items()}
@@ -140,7 +154,7 @@ class FlopsTarget(PruningTarget):
         self.cost_model = cost_model
         self.reduction = float(reduction)
         # the uniform ratio that meets it: checks it is reachable, and what `uniform` starts from
-        self.uniform_ratio = ratio_for_flops_reduction(cost_model, groups, self.reduction, multiple, floor, scopes)
+        self.ratio = ratio_for_flops_reduction(cost_model, groups, self.reduction, multiple, floor, scopes)
 
     @classmethod
     def from_config(cls, cfg, groups, cost_model):
@@ -148,15 +162,18 @@ class FlopsTarget(PruningTarget):
         return cls(cost_model(), p.FLOPS_REDUCTION, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, tuple(p.SCOPES))
 
     def ratios(self, pruned_groups):
-        return {name: self.uniform_ratio for name in pruned_groups}
+        return {name: self.ratio for name in pruned_groups}
 
     def budget(self, schedule, step, num_steps):
         limit = self.cost_model.flops * (1.0 - pruned_fraction(schedule, step, num_steps, self.reduction))
         return flops_budget(self.cost_model, limit)
 
+    def request(self):
+        return {"flops_reduction": self.reduction}
+
     def describe(self):
         return (f"a {100 * self.reduction:.1f}% FLOPs reduction at {self.cost_model.height}x{self.cost_model.width} "
-                f"(uniformly: a ratio of {self.uniform_ratio:.4f})")
+                f"(uniformly: a ratio of {self.ratio:.4f})")
 
 
 class LatencyTarget(PruningTarget):
@@ -175,9 +192,10 @@ class LatencyTarget(PruningTarget):
         check_latency_settings(cfg)
 
     def __init__(self, table, target_ms: float, groups: Mapping[str, ChannelGroup], multiple: int, floor: int,
-                 scopes, table_path: str = "", warnings=()):
+                 scopes, table_path: str = "", warnings=(), target_fps: float = 0.0):
         self.table = table
         self.target_ms = float(target_ms)
+        self.target_fps = float(target_fps)  # > 0: the target was asked for as a frame rate
         self.table_path = table_path
         self.warnings = list(warnings)
         self.reduction = latency_reduction(table, self.target_ms)
@@ -201,10 +219,17 @@ class LatencyTarget(PruningTarget):
                                p.LATENCY_DEVICE or None)
         table, warnings = latency_table_at_test_settings(cfg, table, p.LATENCY_TABLE)
         return cls(table, target, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, tuple(p.SCOPES),
-                   table_path=p.LATENCY_TABLE, warnings=warnings)
+                   table_path=p.LATENCY_TABLE, warnings=warnings,
+                   target_fps=0.0 if float(p.TARGET_LATENCY_MS) > 0 else float(p.TARGET_FPS))
 
     def ratios(self, pruned_groups):
         return {name: self.reduction for name in pruned_groups}  # only checked: the budget decides
+
+    def uniform_ratio(self, pruned_groups):
+        return None
+
+    def request(self):
+        return {"target_fps": self.target_fps} if self.target_fps else {"target_latency_ms": self.target_ms}
 
     def limit(self, schedule: str, step: int, num_steps: int) -> float:
         """Milliseconds after step ``step``: ``full * (1 - p_k(r))``, ``r = 1 - target / full``;

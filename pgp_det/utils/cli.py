@@ -1,4 +1,11 @@
-"""Argument handling the command-line tools share: one-line errors, input sizes, overrides, trust."""
+"""What the command-line tools share: the "one line, exit 2" wrapper, argument parsing, input
+sizes, ``KEY VALUE`` overrides, trust.
+
+Every tool's ``main`` is ``return run_tool(argument_parser(), argv, run)``: ``run(args)`` does
+the work and raises :class:`~pgp_det.errors.UserInputError` for bad input, which
+:func:`run_tool` prints as one ``error:`` line (newlines inside the message joined) with exit
+code 2.
+"""
 import argparse
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -7,16 +14,50 @@ from ..errors import UserInputError
 from .allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT
 
 __all__ = [
-    "OneLineArgumentParser", "add_keep_freed_memory_argument", "add_trust_argument", "check_overrides",
-    "parse_arguments", "parse_input_size",
+    "OneLineArgumentParser", "add_keep_freed_memory_argument", "add_trust_argument", "check_overrides", "one_line",
+    "parse_input_size", "report_error", "run_tool",
 ]
+
+
+def one_line(message) -> str:
+    """``message`` as one line: line breaks and runs of white space inside it become one space
+    (a library's own message, e.g. the unpickler's, may span lines)."""
+    return " ".join(str(message).split())
+
+
+def report_error(error) -> int:
+    """Print ``error`` as one ``error:`` line on stderr; return the exit code of bad input, 2."""
+    print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run_tool(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], run: Callable) -> int:
+    """A tool's ``main``: parse ``argv`` with ``parser``, check its trailing ``KEY VALUE``
+    overrides (``args.opts``, when the parser has them) and return ``run(args)``'s exit code
+    (None: 0).
+
+    Bad input is one line and exit code 2 wherever it is found: argparse's own errors
+    (:class:`OneLineArgumentParser`), and any :class:`~pgp_det.errors.UserInputError` that
+    ``run`` raises (:func:`report_error`).
+    """
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument argparse has reported
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        if hasattr(args, "opts"):
+            args.opts = check_overrides(parser, args.opts)
+        code = run(args)
+    except UserInputError as e:
+        return report_error(e)
+    return 0 if code is None else code
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one ``error:`` line (no usage block) and exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see --help)\n")
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:
@@ -79,27 +120,3 @@ def parse_input_size(text: str, option: str = "--input-size", minimum: int = 32)
     if min(size) < minimum:
         raise UserInputError(f"{option} '{text}': height and width must each be >= {minimum} pixels")
     return size
-
-
-def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], check_args: Callable,
-                    build_config: Callable):
-    """Parse ``argv``, check the overrides (``args.opts``) and the arguments (``check_args(args)``)
-    and build the config (``build_config(args)``), for tools whose ``main`` returns its exit code
-    instead of exiting.
-
-    Returns:
-        ``(args, cfg, None)``, or ``(None, None, exit code)``: argparse exited (``--help``, or a
-        bad argument it has already reported as one line), or a check failed (reported here as
-        one ``error:`` line on stderr, exit code 2).
-    """
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return None, None, e.code if isinstance(e.code, int) else 2
-    try:
-        check_overrides(parser, args.opts)
-        check_args(args)
-        return args, build_config(args), None
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None, None, 2

@@ -84,9 +84,14 @@ class OutputDirLock:
             import fcntl
         except ImportError:  # no flock (Windows): runs are not protected from each other
             return self
-        os.makedirs(self.directory, exist_ok=True)
-        while True:
+        try:
+            os.makedirs(self.directory, exist_ok=True)
             handle = open(self.path, "a+")
+        except OSError as e:  # e.g. under /proc, or a read-only mount os.access cannot see
+            raise UserInputError(
+                f"{self.option} '{self.directory}' cannot be created or written ({e.strerror or e}): choose another "
+                f"{self.option}") from None
+        while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -104,6 +109,7 @@ class OutputDirLock:
             except FileNotFoundError:
                 pass
             handle.close()
+            handle = open(self.path, "a+")
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({

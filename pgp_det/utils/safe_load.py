@@ -30,6 +30,9 @@ import torch
 
 from ..errors import UserInputError
 
+# the checkpoint entry that records a pruned model's widths (pgp_det.checkpoint.architecture_record)
+ARCHITECTURE_KEY = "pgp_architecture"
+
 __all__ = ["RestrictedUnpickler", "read_checkpoint_file", "TRUST_HINT"]
 
 TRUST_HINT = "if you trust the file and its source, pass --trust-weights (this runs the code the file holds)"
@@ -149,6 +152,14 @@ def _load_pkl(path: str, trusted: bool):
         raise UserInputError(f"cannot read checkpoint '{path}': not a valid pickle ({_first_line(e)})") from None
 
 
+def _plain_record(record):
+    """A ``pgp_architecture`` record read from a pickle, its numpy integers made Python ints (the
+    record's own check, :func:`pgp_det.checkpoint.apply_architecture`, takes ints only)."""
+    if not isinstance(record, dict):
+        return record
+    return {key: int(value) if isinstance(value, np.integer) else value for key, value in record.items()}
+
+
 def _is_weights(value) -> bool:
     return isinstance(value, (torch.Tensor, np.ndarray, np.generic, int, float))
 
@@ -179,7 +190,10 @@ def read_checkpoint_file(path: str, trusted: bool = False) -> Dict[str, Any]:
         if not isinstance(data, dict):
             raise UserInputError(f"cannot read checkpoint '{path}': it holds a {type(data).__name__}, not a dict of weights")
         if "model" in data and "__author__" in data:  # detectron2's model zoo layout
+            record = data.get(ARCHITECTURE_KEY)
             data = {"model": data["model"], "__author__": data["__author__"], "matching_heuristics": True}
+            if record is not None:  # a pruned model shared in that layout: its widths, checked where applied
+                data[ARCHITECTURE_KEY] = _plain_record(record)
         else:  # a Caffe2 conversion: {"blobs": {name: array}} or the blobs themselves
             blobs = data.get("blobs", data)
             if not isinstance(blobs, dict):
