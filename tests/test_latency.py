@@ -1275,3 +1275,77 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and message in err, err
         assert not output.exists()
+
+
+# -- the closed loop: pruning to a share of the unpruned time measured on the device ---------------
+
+
+def fixed_stage_meter(table, fixed_share: float):
+    """A fake device whose whole-model time is the table's prediction for the model's widths plus
+    a stage that does not shrink (``fixed_share`` of the unpruned prediction): the table
+    under-predicts its share the more, the deeper the cut."""
+    fixed = fixed_share * table.predict()
+
+    def time_of(model):
+        return fixed + table.predict({n: g.size for n, g in derive_channel_groups(model, allow_frozen=True).items()})
+
+    return lambda unpruned, pruned: time_of(pruned) / time_of(unpruned)
+
+
+def latency_cfg(table_path, target_ms):
+    cfg = synthetic_cfg("PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", table_path,
+                        "PRUNING.TARGET_LATENCY_MS", float(target_ms), "PRUNING.ALLOCATION", "knapsack", "SEED", 3,
+                        "INPUT.MIN_SIZE_TEST", 128)  # tested at the table's size: no warning of its own
+    cfg.freeze()
+    return cfg
+
+
+def test_closed_loop_meets_a_target_the_table_alone_misses(r18_table):
+    from pgp_det.engine.closed_loop import prune_to_measured_latency
+
+    table = LatencyTable.load(r18_table)
+    meter = fixed_stage_meter(table, 0.25)
+    lines = []
+    result = prune_to_measured_latency(latency_cfg(r18_table, 0.6 * table.predict()), "l1", meter, progress=lines.append)
+    loop = result.report["closed_loop"]
+    assert loop["rounds"][0]["error_percent"] > 5.0  # by the table alone: slower than asked
+    assert loop["met"] and abs(loop["error_percent"]) <= 5.0 and len(loop["rounds"]) <= 4
+    assert len(lines) >= 2 * len(loop["rounds"]) - 1  # each round printed, and each corrected budget
+    # the model returned is the one measured: its share, measured again, is the reported one
+    original = load_model(latency_cfg(r18_table, 1.0), "", strict=False)
+    kept = loop["rounds"][loop["kept_round"] - 1]
+    assert meter(original, result.model) == pytest.approx(kept["measured_share"])
+    assert abs(kept["measured_share"] - 0.6) <= 0.05 * 0.6
+    assert kept["budget_ms"] < loop["rounds"][0]["budget_ms"]  # the correction asked the table for less
+    assert not result.warnings
+
+
+def test_closed_loop_says_by_how_much_an_unreachable_target_is_missed(r18_table):
+    from pgp_det.engine.closed_loop import prune_to_measured_latency
+
+    table = LatencyTable.load(r18_table)
+    meter = fixed_stage_meter(table, 3.0)  # the fixed stage alone is 3/4 of the unpruned model's time
+    result = prune_to_measured_latency(latency_cfg(r18_table, 0.6 * table.predict()), "l1", meter, max_rounds=3)
+    loop = result.report["closed_loop"]
+    assert not loop["met"] and loop["error_percent"] > 5.0 and loop["stopped"]
+    assert 1 <= len(loop["rounds"]) <= 3
+    kept = loop["rounds"][loop["kept_round"] - 1]
+    assert kept["measured_share"] == min(r["measured_share"] for r in loop["rounds"])  # the fastest it got
+    assert len(result.warnings) == 1 and f"{loop['error_percent']:+.1f}%" in result.warnings[0]
+
+
+def test_closed_loop_is_refused_on_another_machine(r18_table, tmp_path):
+    from pgp_det.engine.closed_loop import check_table_device
+
+    table = LatencyTable.load(r18_table)
+    check_table_device(table)  # made here
+    data = json.loads(open(r18_table).read())
+    data["metadata"]["device_name"] = "Some Other CPU"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(UserInputError, match="'Some Other CPU', this machine has"):
+        check_table_device(LatencyTable.load(str(other)))
+    out = tmp_path / "out"
+    code = load_tool("prune_net").main(["--config", CONFIG, "--latency-table", str(other), "--target-latency-ms", "1.0",
+                                        "--closed-loop", "--output", str(out), *OVERRIDES])
+    assert code == 2 and not out.exists()

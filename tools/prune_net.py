@@ -11,6 +11,7 @@ Examples::
         MODEL.WEIGHTS output/r50_half/model_pruned.pth
     python tools/prune_net.py --config synthetic/faster_rcnn_R_18_FPN_synth.yaml --latency-table r18_cpu.json \\
         --target-fps 40 --allocation knapsack --output output/synth_40fps MODEL.WEIGHTS output/synth_R_18_FPN/model_final.pth
+    python tools/prune_net.py ... --latency-table r18_cpu.json --target-fps 40 --closed-loop ...  # on that device
 
 The flags set the config's ``PRUNING`` keys after the ``KEY VALUE`` overrides (``--ratio``
 ``RATIO``, ``--flops-reduction`` ``FLOPS_REDUCTION``, ``--latency-table`` ``LATENCY_TABLE`` with
@@ -18,7 +19,10 @@ The flags set the config's ``PRUNING`` keys after the ``KEY VALUE`` overrides (`
 ``CHANNEL_MULTIPLE``, ``--floor`` ``MIN_CHANNELS``, ``--allow-frozen``, ``--input-size``
 ``COST_INPUT_SIZE``, by default the latency table's size, else 800x1333), and
 :func:`pgp_det.engine.one_shot.prune_once` prunes the model once to that target, as the training
-hook's last step would. No dataset is needed.
+hook's last step would. No dataset is needed. With ``--closed-loop`` (on the table's device) the
+pruned model is timed against the unpruned one in turn, and pruned again from the original with a
+corrected budget until the measured share is within ``--tolerance`` of the target
+(:func:`pgp_det.engine.closed_loop.prune_to_measured_latency`; every round in the report).
 
 Writes ``--output``/model_pruned.pth (a :class:`pgp_det.checkpoint.PrunedCheckpointer` checkpoint:
 ``train_net.py --eval-only`` or ``MODEL.WEIGHTS`` of a fine-tuning run rebuild the pruned model
@@ -36,7 +40,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
+import torch  # noqa: E402
+
 from pgp_det.config import resolve_config_path  # noqa: E402
+from pgp_det.engine.closed_loop import check_table_device, describe_rounds, measured_share  # noqa: E402
+from pgp_det.engine.closed_loop import prune_to_measured_latency  # noqa: E402
 from pgp_det.engine.one_shot import MODEL_FILE, check_one_shot_criterion, group_table, prune_once  # noqa: E402
 from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
@@ -76,6 +84,14 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="also prune groups touching frozen layers (default: PRUNING.ALLOW_FROZEN)")
     parser.add_argument("--latency-table", default="", metavar="T",
                         help="latency table of the device (tools/profile_latency.py), for --target-latency-ms/--target-fps")
+    parser.add_argument("--closed-loop", action="store_true",
+                        help="on the latency table's device: time the pruned model against the unpruned one in turn "
+                             "and prune again with a corrected budget until the measured share is within --tolerance")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="closed loop: relative tolerance (default 0.05)")
+    parser.add_argument("--max-rounds", type=int, default=4, help="closed loop: most prunings (default 4)")
+    parser.add_argument("--timing-rounds", type=int, default=7,
+                        help="closed loop: rounds of timing the two models in turn (the median ratio is kept)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--input-size", default=None, metavar="HxW",
                         help="input size FLOPs are counted at (default: the latency table's, else 800x1333)")
     parser.add_argument("--output", default="", metavar="DIR", help="folder for model_pruned.pth and the report")
@@ -100,6 +116,11 @@ def check_args(args) -> None:
                                  "device the model will run on")
     elif args.latency_table:
         raise UserInputError("--latency-table is used with --target-latency-ms or --target-fps; give one of them")
+    if args.closed_loop and not args.latency_table:
+        raise UserInputError("--closed-loop measures against a latency target: give --latency-table and "
+                             "--target-latency-ms or --target-fps")
+    if not 0.0 < args.tolerance < 1.0 or args.max_rounds < 1 or args.timing_rounds < 1 or args.threads < 0:
+        raise UserInputError("--tolerance must be in (0, 1); --max-rounds and --timing-rounds >= 1; --threads >= 0")
     check_one_shot_criterion(args.criterion)
     if args.scopes and not _scopes(args.scopes):
         raise UserInputError(f"--scopes '{args.scopes}' names no scope; use some of {','.join(SCOPES)}")
@@ -154,15 +175,24 @@ def run(args) -> int:
     if args.list_groups:
         print(group_table(cfg, tuple(cfg.PRUNING.COST_INPUT_SIZE), trusted=args.trust_weights))
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report_args = dict(overrides=args.opts, config_path=resolve_config_path(args.config, args.config_file, CONFIGS_DIR))
     with claim_output_dir(args.output, "--output") as output:
         started = time.perf_counter()
-        result = prune_once(cfg, args.criterion, trusted=args.trust_weights, overrides=args.opts,
-                            config_path=resolve_config_path(args.config, args.config_file, CONFIGS_DIR))
+        if args.closed_loop:
+            table = LatencyTable.load(args.latency_table)
+            check_table_device(table)
+            result = prune_to_measured_latency(
+                cfg, args.criterion, measured_share(table, args.timing_rounds), tolerance=args.tolerance,
+                max_rounds=args.max_rounds, trusted=args.trust_weights, progress=print, **report_args)
+        else:
+            result = prune_once(cfg, args.criterion, trusted=args.trust_weights, **report_args)
         for line in result.warnings:
             print(f"warning: {line}", file=sys.stderr)
         output.start_writing()
         written = result.write(args.output, cfg)
-    print(result.summary())
+    print("\n".join(filter(None, [result.summary(), describe_rounds(result.report)])))
     print(f"wrote {', '.join(written)} in {time.perf_counter() - started:.0f} s")
     return 0
 

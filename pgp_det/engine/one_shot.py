@@ -29,7 +29,7 @@ from ..pruning.target import build_target
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.weights import check_weights_available
 
-__all__ = ["MODEL_FILE", "REPORT_FILE", "OneShotResult", "check_one_shot_criterion", "group_table",
+__all__ = ["MODEL_FILE", "REPORT_FILE", "OneShotResult", "check_one_shot_criterion", "group_table", "load_model_to_prune",
            "one_shot_criteria", "prune_once"]
 
 MODEL_FILE = "model_pruned"  # .pth
@@ -113,7 +113,9 @@ class OneShotResult:
         return [weights, report_path, config_path]
 
 
-def _load(cfg, trusted: bool) -> nn.Module:
+def load_model_to_prune(cfg, trusted: bool = False) -> nn.Module:
+    """``cfg``'s model with ``MODEL.WEIGHTS`` loaded (a partial checkpoint is fine), or seeded random
+    weights (``SEED``): what one-shot pruning starts from."""
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # a randomly initialised model is reproducible
     weights = check_weights_available(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
     # partial checkpoints are fine: an ImageNet backbone is pruned before the detector is trained
@@ -147,7 +149,7 @@ def prune_once(cfg, criterion: str = "l1", *, trusted: bool = False, config_path
     """
     check_one_shot_criterion(criterion)
     p = cfg.PRUNING
-    model = _load(cfg, trusted)
+    model = load_model_to_prune(cfg, trusted)
     scopes = tuple(p.SCOPES)
     height, width = (int(v) for v in p.COST_INPUT_SIZE)
     groups = derive_channel_groups(model, allow_frozen=p.ALLOW_FROZEN)
@@ -222,7 +224,7 @@ def prune_once(cfg, criterion: str = "l1", *, trusted: bool = False, config_path
 def group_table(cfg, input_size: Tuple[int, int], *, trusted: bool = False) -> str:
     """The channel groups of ``cfg``'s model, one line each: name, scope, size, GFLOPs at
     ``input_size`` (height, width) and their share, parameters, and why a group is fixed."""
-    model = _load(cfg, trusted)
+    model = load_model_to_prune(cfg, trusted)
     groups = derive_channel_groups(model, allow_frozen=bool(cfg.PRUNING.ALLOW_FROZEN))
     costs = CostModel(model, *input_size).group_costs()
     table = format_group_costs(groups, costs).splitlines()
