@@ -533,7 +533,7 @@ def test_min_channels_above_every_width_warns(cfg, caplog, tmp_path, files):
     proc = run_tool("prune_net.py", "--config-file", CONFIG, "--ratio", "0.5", "--floor", "100000",
                     "--output", str(tmp_path / "p"), "MODEL.WEIGHTS", files["good"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "warning: --floor / PRUNING.MIN_CHANNELS 100000" in proc.stderr
+    assert "warning: PRUNING.MIN_CHANNELS (--floor) 100000" in proc.stderr
 
 
 def test_sweep_checks_every_variant_before_the_first_training(tmp_path):
