@@ -1,6 +1,5 @@
 """Timing harness, FLOPs, report writer and tools/eval_map_fps.py on tiny R18-FPN models."""
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,9 +23,9 @@ from pgp_det.checkpoint import load_model
 from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
 from pgp_det.evaluation import build_evaluator
+from conftest import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EVAL_MAP_FPS = os.path.join(ROOT, "tools", "eval_map_fps.py")
 R18_CONFIG = os.path.join(ROOT, "configs", "synthetic", "faster_rcnn_R_18_FPN_synth.yaml")
 CLASSES = ["square", "wide", "tall", "red", "green", "blue"]
 DATASET = "pgp_bench_tiny_voc"
@@ -123,13 +122,6 @@ def save_model(cfg, directory, seed):
     with open(os.path.join(directory, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     return os.path.join(directory, "config.yaml"), os.path.join(directory, "model_final.pth")
-
-
-def load_tool(path):
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +245,7 @@ def test_report_without_map_skips_plots(tmp_path):
 def test_eval_map_fps_end_to_end(tiny_voc, tiny_models, tmp_path, capsys):
     wide_cfg, wide_weights = tiny_models["wide"]
     out = tmp_path / "report"
-    tool = load_tool(EVAL_MAP_FPS)
+    tool = load_tool("eval_map_fps")
     code = tool.main([
         "--model", f"wide={wide_cfg}:{wide_weights}", "--run-dir", os.path.dirname(tiny_models["narrow"][0]),
         "--warmup", "1", "--runs", "3", "--dataset-images", "2", "--output", str(out),
@@ -301,7 +293,7 @@ def test_eval_map_fps_end_to_end(tiny_voc, tiny_models, tmp_path, capsys):
 def test_eval_map_fps_sweeps_test_time_knobs_and_marks_the_pareto_front(tiny_voc, tiny_models, tmp_path):
     wide_cfg, wide_weights = tiny_models["wide"]
     out = tmp_path / "knobs"
-    code = load_tool(EVAL_MAP_FPS).main([
+    code = load_tool("eval_map_fps").main([
         "--model", f"wide={wide_cfg}:{wide_weights}", "--sweep", "MODEL.RPN.POST_NMS_TOPK_TEST=100,20",
         "--sweep", "INPUT.MIN_SIZE_TEST=128,96", "--warmup", "1", "--runs", "3", "--dataset-images", "0",
         "--output", str(out),
@@ -354,7 +346,7 @@ def test_mismatching_checkpoint_is_refused(tiny_models):
 def run_cli(*args):
     # warnings of third-party imports are silenced so stderr holds only what the tool says
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, EVAL_MAP_FPS, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_map_fps.py"), *args], capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 @pytest.mark.parametrize(
@@ -393,7 +385,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_models, tmp_path, case, message):
 )
 def test_bad_arguments_in_process(tiny_models, tmp_path, capsys, args, message):
     fill = {"config": tiny_models["wide"][0], "tmp": str(tmp_path)}
-    tool = load_tool(EVAL_MAP_FPS)
+    tool = load_tool("eval_map_fps")
     code = tool.main([a.format(**fill) for a in args] + ["--output", str(tmp_path / "out")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -456,7 +448,7 @@ def test_eval_map_fps_reference_gives_each_point_its_speedup(tiny_voc, tiny_mode
     monkeypatch.setattr(measure, "DatasetMapper", CountingMapper)
     wide_cfg, wide_weights = tiny_models["wide"]
     out = tmp_path / "speedups"
-    code = load_tool(EVAL_MAP_FPS).main([
+    code = load_tool("eval_map_fps").main([
         "--model", f"wide={wide_cfg}:{wide_weights}", "--run-dir", os.path.dirname(tiny_models["narrow"][0]),
         "--reference", "wide", "--sweep", "MODEL.RPN.POST_NMS_TOPK_TEST=100,20", "--skip-eval", "--warmup", "1",
         "--runs", "2", "--dataset-images", "3", "--output", str(out),

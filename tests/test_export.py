@@ -1,6 +1,5 @@
 """TorchScript and ONNX export of a tiny R18-FPN: round trips match PyTorch on other images, sizes
 and proposal counts than the one traced."""
-import importlib.util
 import json
 import os
 
@@ -13,6 +12,7 @@ from PIL import Image
 
 from pgp_det import export
 from pgp_det.config import get_pgp_cfg
+from conftest import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R18_CONFIG = os.path.join(ROOT, "configs", "synthetic", "faster_rcnn_R_18_FPN_synth.yaml")
@@ -105,14 +105,6 @@ def test_compare_detections_flags_differences():
     assert not export.compare_detections(a, fewer)["ok"]
 
 
-def load_tool():
-    path = os.path.join(ROOT, "tools", "export_model.py")
-    spec = importlib.util.spec_from_file_location("export_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_export_model_cli(model, tmp_path, capsys):
     weights_dir = tmp_path / "run"
     weights_dir.mkdir()
@@ -123,7 +115,7 @@ def test_export_model_cli(model, tmp_path, capsys):
     Image.fromarray(sample_images(2)[1][:, :, ::-1]).save(image_path)
     out = tmp_path / "export"
 
-    tool = load_tool()
+    tool = load_tool("export_model")
     code = tool.main([
         "--config-file", str(config), "--weights", str(weights_dir / "model.pth"), "--output", str(out),
         "--format", "torchscript", "onnx", "--sample-image", str(image_path), "--runs", "2", "--warmup", "1",

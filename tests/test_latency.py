@@ -5,7 +5,6 @@ the profiler with a fake timer (milliseconds = MFLOPs counted by torch, so no re
 each pruning step's budget, the hook's log, one-shot pruning with tools/prune_net.py and the
 PRUNING settings."""
 import copy
-import importlib.util
 import json
 import os
 from types import SimpleNamespace
@@ -27,6 +26,7 @@ from pgp_det.pruning.hook import PGPHook, plan_pruning_step
 from pgp_det.pruning.target import build_target, latency_budget
 from pgp_det.pruning.latency import LatencyEntry, LatencyTable, target_latency_ms
 from pgp_det.pruning.settings import check_pruning_config
+from conftest import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "synthetic/faster_rcnn_R_18_FPN_synth.yaml"
@@ -42,13 +42,6 @@ def flop_timer(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e6
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def synthetic_cfg(*extra):

@@ -1,29 +1,21 @@
 """tools/sweep.py: the runs it plans, a one-shot sweep end to end, and bad input."""
 import argparse
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+from pgp_det.benchmark.sweep import plan_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(ROOT, "tools", "sweep.py")
 
 
-def load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_tool", SWEEP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_training_sweep_plans_baseline_targets_and_variants():
-    sweep = load_sweep()
     args = argparse.Namespace(ratios="0.3", flops_reductions="0.5", baseline=True, oneshot=False,
                               variant=["psfp=PRUNING.CRITERION l2 PRUNING.REMOVE_RATIO 0.0"])
-    runs = sweep.plan_runs(args)
+    runs = plan_runs(args)
     assert [label for label, _ in runs] == ["baseline", "pgp_ratio0.3", "psfp_ratio0.3", "pgp_flops0.5", "psfp_flops0.5"]
     assert runs[0][1] == ["PRUNING.ENABLED", "False"]
     assert runs[4][1] == ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "flops", "PRUNING.FLOPS_REDUCTION", "0.5",
