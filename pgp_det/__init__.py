@@ -31,6 +31,7 @@ _EXPORTS = {
     "load_model": "pgp_det.checkpoint",
     "PrunedCheckpointer": "pgp_det.checkpoint",
     "SelectThenDecodeRPN": "pgp_det.modeling.rpn",
+    "DomainAdaptiveRCNN": "pgp_det.modeling.domain_adaptation",
 }
 __all__ = sorted(_EXPORTS)
 

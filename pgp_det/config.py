@@ -12,7 +12,8 @@ from detectron2.config import CfgNode as CN
 
 from .errors import UserInputError
 
-__all__ = ["add_pgp_config", "add_dataset_config", "add_pruning_config", "get_pgp_cfg", "load_config",
+__all__ = ["add_pgp_config", "add_dataset_config", "add_domain_adaptation_config", "add_pruning_config", "get_pgp_cfg",
+           "load_config",
            "resolve_config_path"]
 
 
@@ -136,6 +137,37 @@ def add_pruning_config(cfg: CN) -> CN:
     return cfg
 
 
+def add_domain_adaptation_config(cfg: CN) -> CN:
+    """Add the ``DOMAIN_ADAPTATION`` section (read by :class:`pgp_det.modeling.DomainAdaptiveRCNN`
+    and :mod:`pgp_det.data.domains`): training on labelled source images (``DATASETS.TRAIN``) and
+    unlabelled target images at once.
+
+    Keys (defaults in brackets):
+        ENABLED [False]: adapt; needs ``MODEL.META_ARCHITECTURE "DomainAdaptiveRCNN"``.
+        TARGET_DATASETS [()]: the target domain's training datasets; their labels are dropped
+            before anything reads them.
+        TARGET_IMS_PER_BATCH [0]: target images per batch; 0: ``SOLVER.IMS_PER_BATCH`` (as many
+            as source images).
+        IMAGE_IN_FEATURES [()]: backbone outputs the image-level classifier reads (``()``: all).
+        HIDDEN_DIM [256]: hidden width of both domain classifiers.
+        INSTANCE_ROIS_PER_IMAGE [64]: proposals per image the instance-level classifier reads.
+        REVERSAL_WEIGHT [1.0]: lambda of the gradient reversal layers.
+        IMAGE_WEIGHT [1.0], INSTANCE_WEIGHT [1.0], CONSISTENCY_WEIGHT [1.0]: loss weights.
+    """
+    cfg.DOMAIN_ADAPTATION = CN()
+    cfg.DOMAIN_ADAPTATION.ENABLED = False
+    cfg.DOMAIN_ADAPTATION.TARGET_DATASETS = ()
+    cfg.DOMAIN_ADAPTATION.TARGET_IMS_PER_BATCH = 0
+    cfg.DOMAIN_ADAPTATION.IMAGE_IN_FEATURES = ()
+    cfg.DOMAIN_ADAPTATION.HIDDEN_DIM = 256
+    cfg.DOMAIN_ADAPTATION.INSTANCE_ROIS_PER_IMAGE = 64
+    cfg.DOMAIN_ADAPTATION.REVERSAL_WEIGHT = 1.0
+    cfg.DOMAIN_ADAPTATION.IMAGE_WEIGHT = 1.0
+    cfg.DOMAIN_ADAPTATION.INSTANCE_WEIGHT = 1.0
+    cfg.DOMAIN_ADAPTATION.CONSISTENCY_WEIGHT = 1.0
+    return cfg
+
+
 def add_pgp_config(cfg: CN) -> CN:
     """Add pgp_det's keys to a detectron2 config in place (and return it).
 
@@ -143,9 +175,12 @@ def add_pgp_config(cfg: CN) -> CN:
         DATASETS.CUSTOM_VOC / DATASETS.CUSTOM_COCO: user datasets registered by name at start-up
             (see ``datasets/README.md``).
         PRUNING: pruning while training, see :func:`add_pruning_config`.
+        DOMAIN_ADAPTATION: training on a labelled and an unlabelled domain, see
+            :func:`add_domain_adaptation_config`.
     """
     add_dataset_config(cfg)
     add_pruning_config(cfg)
+    add_domain_adaptation_config(cfg)
     return cfg
 
 

@@ -4,6 +4,10 @@ Names registered by :func:`register_synthetic_datasets` (the same images and obj
 
 - ``synth_voc_train``, ``synth_voc_test``: VOC layout, evaluated with PASCAL VOC AP.
 - ``synth_coco_train``, ``synth_coco_test``: COCO layout, evaluated with COCO AP.
+- ``synth_fog_voc_train``, ``synth_fog_voc_test``: the fog domain (another camera: haze, colour
+  cast, blur, noise, other backgrounds; same classes), VOC layout, in ``<root>_fog`` with seed
+  ``seed + 1``: the target domain of domain adaptation (its train split is read without labels
+  there, see :mod:`pgp_det.data.domains`).
 
 The set lives in ``<datasets root>/synthetic`` (datasets root: ``$DETECTRON2_DATASETS``, else
 ``datasets`` relative to the working directory, as for detectron2's builtin datasets). Registering
@@ -24,12 +28,14 @@ __all__ = [
     "SYNTHETIC_DATASETS", "datasets_root", "register_synthetic_datasets", "check_dataset_available", "check_num_classes",
 ]
 
-# dataset name -> (layout, split)
+# dataset name -> (layout, split, domain)
 SYNTHETIC_DATASETS = {
-    "synth_voc_train": ("voc", "train"),
-    "synth_voc_test": ("voc", "test"),
-    "synth_coco_train": ("coco", "train"),
-    "synth_coco_test": ("coco", "test"),
+    "synth_voc_train": ("voc", "train", "source"),
+    "synth_voc_test": ("voc", "test", "source"),
+    "synth_coco_train": ("coco", "train", "source"),
+    "synth_coco_test": ("coco", "test", "source"),
+    "synth_fog_voc_train": ("voc", "train", "fog"),
+    "synth_fog_voc_test": ("voc", "test", "fog"),
 }
 
 
@@ -40,9 +46,10 @@ class _SyntheticSource(NamedTuple):
     seed: int
     num_train: int
     num_test: int
+    domain: str = "source"
 
     def ensure_generated(self) -> None:
-        generate_synthetic_dataset(self.root, self.seed, self.num_train, self.num_test)
+        generate_synthetic_dataset(self.root, self.seed, self.num_train, self.num_test, self.domain)
 
 
 # dataset name -> the synthetic set it reads
@@ -73,17 +80,20 @@ class _SyntheticCocoMetadata(Metadata):
 def register_synthetic_datasets(
     root: Optional[str] = None, seed: int = 0, num_train: int = 600, num_test: int = 150
 ) -> None:
-    """Register the four synthetic datasets (see the module docstring).
+    """Register the synthetic datasets (see the module docstring).
 
     Args:
-        root: the synthetic set's directory; default ``<datasets root>/synthetic``.
+        root: the synthetic set's directory; default ``<datasets root>/synthetic`` (the fog
+            domain's: ``<root>_fog``).
         seed, num_train, num_test: passed to :func:`generate_synthetic_dataset`.
 
     Calling again with the same arguments does nothing; other arguments replace the registrations.
     """
     root = root if root is not None else os.path.join(datasets_root(), "synthetic")
-    source = _SyntheticSource(root, seed, num_train, num_test)
-    for name, (layout, split) in SYNTHETIC_DATASETS.items():
+    sources = {"source": _SyntheticSource(root, seed, num_train, num_test),
+               "fog": _SyntheticSource(root.rstrip("/\\") + "_fog", seed + 1, num_train, num_test, "fog")}
+    for name, (layout, split, domain) in SYNTHETIC_DATASETS.items():
+        source = sources[domain]
         if _SYNTHETIC_SOURCES.get(name) == source and name in DatasetCatalog.list():
             continue
         if name in DatasetCatalog.list():
@@ -94,14 +104,15 @@ def register_synthetic_datasets(
         if layout == "voc":
             DatasetCatalog.register(name, lambda source=source, split=split: _load_synthetic_voc(source, split))
             MetadataCatalog.get(name).set(
-                evaluator_type="pascal_voc", dirname=root, split=split, year=2007, thing_classes=list(CLASS_NAMES))
+                evaluator_type="pascal_voc", dirname=source.root, split=split, year=2007,
+                thing_classes=list(CLASS_NAMES))
         else:
             DatasetCatalog.register(
                 name, lambda source=source, split=split, name=name: _load_synthetic_coco(source, split, name))
             metadata = MetadataCatalog[name] = _SyntheticCocoMetadata(name=name)
             metadata.set(
                 evaluator_type="coco", split=split,
-                image_root=os.path.join(root, "JPEGImages"), thing_classes=list(CLASS_NAMES),
+                image_root=os.path.join(source.root, "JPEGImages"), thing_classes=list(CLASS_NAMES),
                 # the generator numbers categories 1..6 in CLASS_NAMES order
                 thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(CLASS_NAMES))},
             )

@@ -16,6 +16,11 @@ Layout written under ``root`` (images are shared by both layouts)::
     .complete                               fingerprint of the generator; written last
 
 Generation is deterministic: the same seed and counts give byte-identical files.
+
+Domains (``domain``): ``"source"``, the set above; ``"fog"``, a second camera for domain
+adaptation: the same classes, shapes and colour families, on backgrounds of another texture
+(large soft cells instead of lines and blobs), seen through haze of a light colour, with a colour
+cast, a blur and sensor noise, each drawn per image (:func:`shift_to_fog`).
 """
 import contextlib
 import json
@@ -30,13 +35,15 @@ import numpy as np
 
 from ..utils.io import current_umask
 
-__all__ = ["CLASS_NAMES", "SPLITS", "COMPLETE_MARKER", "generate_synthetic_dataset", "is_synthetic_dataset_complete"]
+__all__ = ["CLASS_NAMES", "DOMAINS", "SPLITS", "COMPLETE_MARKER", "generate_synthetic_dataset",
+           "is_synthetic_dataset_complete", "shift_to_fog"]
 
 # Bump whenever the generated content changes, so cached copies are regenerated.
 GENERATOR_VERSION = 1
 
 CLASS_NAMES = ("circle", "square", "triangle", "star", "cross", "ring")
 SPLITS = ("train", "test")
+DOMAINS = ("source", "fog")
 COMPLETE_MARKER = ".complete"
 
 # Per class: OpenCV hue range (0-180, may wrap past 180) and the texture it usually carries.
@@ -66,25 +73,27 @@ _PLACEMENT_TRIES = 30
 _JPEG_QUALITY = 95
 
 
-def fingerprint(seed: int, num_train: int, num_test: int) -> str:
+def fingerprint(seed: int, num_train: int, num_test: int, domain: str = "source") -> str:
     """Content of the completion marker: identifies what a finished dataset directory holds."""
-    return json.dumps(
-        {"generator": "pgp_det.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
-         "num_train": int(num_train), "num_test": int(num_test)},
-        sort_keys=True,
-    )
+    content = {"generator": "pgp_det.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
+               "num_train": int(num_train), "num_test": int(num_test)}
+    if domain != "source":  # the source set's marker stays what it was before there were domains
+        content["domain"] = domain
+    return json.dumps(content, sort_keys=True)
 
 
-def is_synthetic_dataset_complete(root: str, seed: int = 0, num_train: int = 600, num_test: int = 150) -> bool:
+def is_synthetic_dataset_complete(root: str, seed: int = 0, num_train: int = 600, num_test: int = 150,
+                                  domain: str = "source") -> bool:
     """Whether ``root`` holds a finished dataset made with these arguments by this generator version."""
     try:
         with open(os.path.join(root, COMPLETE_MARKER)) as f:
-            return f.read() == fingerprint(seed, num_train, num_test)
+            return f.read() == fingerprint(seed, num_train, num_test, domain)
     except OSError:
         return False
 
 
-def generate_synthetic_dataset(root: str, seed: int = 0, num_train: int = 600, num_test: int = 150) -> None:
+def generate_synthetic_dataset(root: str, seed: int = 0, num_train: int = 600, num_test: int = 150,
+                               domain: str = "source") -> None:
     """Write the synthetic dataset under ``root`` unless a complete copy is already there.
 
     The set is built in a temporary directory beside ``root`` and renamed into place, so ``root``
@@ -95,19 +104,22 @@ def generate_synthetic_dataset(root: str, seed: int = 0, num_train: int = 600, n
         root: directory to hold the dataset.
         seed: seed of all randomness; the same seed and counts give byte-identical files.
         num_train, num_test: number of images in each split.
+        domain: ``"source"`` or ``"fog"`` (see the module docstring).
     """
-    if is_synthetic_dataset_complete(root, seed, num_train, num_test):
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown synthetic domain {domain!r}; domains are {', '.join(DOMAINS)}")
+    if is_synthetic_dataset_complete(root, seed, num_train, num_test, domain):
         return
     root = os.path.abspath(root)
     parent, base = os.path.split(root)
     os.makedirs(parent, exist_ok=True)
     with _exclusive_lock(os.path.join(parent, "." + base + ".lock")):
         # another process may have finished it while this one waited for the lock
-        if is_synthetic_dataset_complete(root, seed, num_train, num_test):
+        if is_synthetic_dataset_complete(root, seed, num_train, num_test, domain):
             return
         staging = tempfile.mkdtemp(prefix="." + base + ".tmp-", dir=parent)
         try:
-            _write_dataset(staging, seed, {"train": num_train, "test": num_test})
+            _write_dataset(staging, seed, {"train": num_train, "test": num_test}, domain)
             # mkdtemp makes the folder private (0700); the dataset is for every user of the machine
             os.chmod(staging, 0o777 & ~current_umask())
             if os.path.lexists(root):  # incomplete or made with other arguments
@@ -118,7 +130,7 @@ def generate_synthetic_dataset(root: str, seed: int = 0, num_train: int = 600, n
                 os.rename(staging, root)
             except OSError:
                 # without flock another process may have renamed its identical set first
-                if not is_synthetic_dataset_complete(root, seed, num_train, num_test):
+                if not is_synthetic_dataset_complete(root, seed, num_train, num_test, domain):
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -143,7 +155,7 @@ def _exclusive_lock(path: str):
 # Writing
 
 
-def _write_dataset(out_dir: str, seed: int, counts: Dict[str, int]) -> None:
+def _write_dataset(out_dir: str, seed: int, counts: Dict[str, int], domain: str = "source") -> None:
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main"), "annotations"):
         os.makedirs(os.path.join(out_dir, sub))
     first_index = 0
@@ -155,7 +167,7 @@ def _write_dataset(out_dir: str, seed: int, counts: Dict[str, int]) -> None:
         for i in range(num_images):
             file_id = f"{first_index + i:06d}"
             rng = np.random.default_rng([seed, split_code, i])
-            image, objects = render_image(rng, empty=i in empty)
+            image, objects = render_image(rng, empty=i in empty, domain=domain)
             height, width = image.shape[:2]
             ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
             if not ok:
@@ -189,7 +201,7 @@ def _write_dataset(out_dir: str, seed: int, counts: Dict[str, int]) -> None:
         f.write("".join(n + "\n" for n in CLASS_NAMES))
     # last: its presence means every other file is complete
     with open(os.path.join(out_dir, COMPLETE_MARKER), "w") as f:
-        f.write(fingerprint(seed, counts["train"], counts["test"]))
+        f.write(fingerprint(seed, counts["train"], counts["test"], domain))
 
 
 def _choose_empty_images(rng: np.random.Generator, num_images: int) -> set:
@@ -227,8 +239,8 @@ def _voc_xml(filename: str, width: int, height: int, objects: List[dict]) -> str
 # Rendering
 
 
-def render_image(rng: np.random.Generator, empty: bool = False) -> Tuple[np.ndarray, List[dict]]:
-    """Draw one image and its objects.
+def render_image(rng: np.random.Generator, empty: bool = False, domain: str = "source") -> Tuple[np.ndarray, List[dict]]:
+    """Draw one image and its objects, in ``domain``'s look (see the module docstring).
 
     Returns:
         image: (H, W, 3) uint8 BGR, H and W in 224-288.
@@ -236,7 +248,7 @@ def render_image(rng: np.random.Generator, empty: bool = False) -> Tuple[np.ndar
             visible part, ``area`` (visible pixels), ``truncated`` and ``difficult`` (bools).
     """
     height, width = (int(v) for v in rng.integers(_IMAGE_SIDE_RANGE[0], _IMAGE_SIDE_RANGE[1] + 1, size=2))
-    image = _background(rng, height, width)
+    image = _background(rng, height, width) if domain == "source" else _cell_background(rng, height, width)
     num_objects = 0 if empty else int(rng.integers(1, _MAX_OBJECTS + 1))
 
     placed = []  # dicts: name, visible (in-image mask minus later occluders), area_in, inside
@@ -256,8 +268,33 @@ def render_image(rng: np.random.Generator, empty: bool = False) -> Tuple[np.ndar
         placed.append({"name": name, "visible": mask, "inside": inside, "area_in": np.count_nonzero(mask)})
         _paint_object(rng, image, mask, name)
 
+    if domain == "fog":
+        image = shift_to_fog(image, rng)
     image = np.clip(image, 0, 255).astype(np.uint8)
     return image, [_describe(p) for p in placed]
+
+
+def shift_to_fog(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The fog domain's camera: ``image`` ((H, W, 3) float BGR, 0-255) seen through haze (blended
+    35-55% towards a light grey of its own tint), with a colour cast (per-channel gains), a blur
+    (sigma 0.8-1.6 px) and sensor noise (sigma 4-9 grey levels); float32, same shape."""
+    haze = _hsv_to_bgr(rng.uniform(90, 130), rng.uniform(5, 30), rng.uniform(185, 225))
+    strength = np.float32(rng.uniform(0.35, 0.55))
+    image = image.astype(np.float32) * (1 - strength) + haze * strength
+    image *= np.array([rng.uniform(1.0, 1.12), rng.uniform(0.95, 1.05), rng.uniform(0.8, 0.92)], dtype=np.float32)
+    image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.8, 1.6))
+    return image + rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(4, 9))
+
+
+def _cell_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """The fog domain's backgrounds: large soft cells of muted colours (a coarse random field,
+    upsampled and blurred) with grain; (H, W, 3) float32 BGR."""
+    cells = rng.integers(3, 7)
+    field = np.stack([_hsv_to_bgr(rng.uniform(0, 180), rng.uniform(0, 80), rng.uniform(50, 210))
+                      for _ in range(int(cells * cells))]).reshape(int(cells), int(cells), 3)
+    image = cv2.resize(field, (width, height), interpolation=cv2.INTER_CUBIC)
+    image = cv2.GaussianBlur(image, (0, 0), rng.uniform(4.0, 10.0))
+    return image + rng.standard_normal((height, width, 1), dtype=np.float32) * np.float32(rng.uniform(3, 8))
 
 
 def _describe(obj: dict) -> dict:

@@ -18,6 +18,7 @@ from ..checkpoint import PrunedCheckpointer
 from ..config import load_config, resolve_config_path
 from ..data import check_dataset_available, check_num_classes, register_custom_datasets, validate_dataset
 from ..data.custom import is_custom_dataset
+from ..data.domains import check_domain_adaptation_config
 from ..errors import UserInputError
 from ..pruning.cost import CostModel
 from ..pruning.dependency import derive_channel_groups
@@ -144,8 +145,11 @@ def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = Fa
                 f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' already holds a training run ({', '.join(found)}): pass --resume to "
                 "continue it, or choose another OUTPUT_DIR (a new run there would mix its files with the old run's)")
     check_pruning_config(cfg)
+    check_domain_adaptation_config(cfg)
     register_custom_datasets(cfg)
     names = list(cfg.DATASETS.TEST) if eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if cfg.DOMAIN_ADAPTATION.ENABLED and not eval_only:
+        names += [name for name in cfg.DOMAIN_ADAPTATION.TARGET_DATASETS if name not in names]
     for name in names:
         check_dataset_available(name)
         if is_custom_dataset(name):
@@ -154,7 +158,10 @@ def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = Fa
             validate_dataset(name)
     check_num_classes(cfg, names)
     path = weights_to_load(cfg, resume)
-    model = cpu_model(cfg)  # one model for every check below
+    try:
+        model = cpu_model(cfg)  # one model for every check below
+    except ValueError as e:  # a model the config cannot build (a domain classifier on a missing feature)
+        raise UserInputError(f"cannot build the model: {e}") from None
     if cfg.PRUNING.ENABLED and not eval_only:
         _check_model_for_pruning(cfg, model)  # before loading: a pruned checkpoint shrinks the model
     # evaluation needs the whole detector; training may start from a partial (backbone) checkpoint

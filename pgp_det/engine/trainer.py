@@ -5,6 +5,7 @@ import weakref
 from detectron2.engine import DefaultTrainer
 
 from ..checkpoint import PrunedCheckpointer
+from ..data.domains import build_domain_adaptive_train_loader
 from ..evaluation import build_evaluator
 from ..pruning.hook import PGPHook, iterations_per_epoch
 from ..utils.modules import rewrap_model
@@ -18,6 +19,7 @@ class Trainer(DefaultTrainer):
       (:class:`pgp_det.checkpoint.PrunedCheckpointer`), so ``--resume`` rebuilds a pruned model;
     * a :class:`pgp_det.pruning.hook.PGPHook` runs when ``cfg.PRUNING.ENABLED``, before the
       periodic checkpointer so that a checkpoint taken at a pruning iteration holds its result;
+    * with ``DOMAIN_ADAPTATION.ENABLED`` each batch holds source and unlabelled target images;
     * checkpoints carry the optimizer's state (momentum), which detectron2 0.6's
       ``DefaultTrainer`` leaves out, so ``--resume`` continues as the run would have.
     """
@@ -33,6 +35,14 @@ class Trainer(DefaultTrainer):
         for hook in self._hooks:
             if hasattr(hook, "checkpointer"):
                 hook.checkpointer = self.checkpointer
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader; with ``DOMAIN_ADAPTATION.ENABLED``, source and target images in
+        each batch (:func:`pgp_det.data.domains.build_domain_adaptive_train_loader`)."""
+        if cfg.DOMAIN_ADAPTATION.ENABLED:
+            return build_domain_adaptive_train_loader(cfg)
+        return super().build_train_loader(cfg)
 
     def build_hooks(self):
         hooks = super().build_hooks()

@@ -1,4 +1,5 @@
 """Model components registered with detectron2's registries (importing ``pgp_det.modeling`` registers them)."""
+from .domain_adaptation import DomainAdaptiveRCNN
 from .rpn import SelectThenDecodeRPN
 
-__all__ = ["SelectThenDecodeRPN"]
+__all__ = ["DomainAdaptiveRCNN", "SelectThenDecodeRPN"]

@@ -18,7 +18,9 @@ box head; none after FPN convs), and whether ROIAlign lies in between.
 
 Supported: ``ResNet`` (``BasicStem``, ``BasicBlock``, ``BottleneckBlock``), ``FPN`` with
 ``LastLevelMaxPool`` or no top block, ``RPN`` with ``StandardRPNHead``, ``StandardROIHeads`` with
-``FastRCNNConvFCHead`` and ``Res5ROIHeads``, each with ``FastRCNNOutputLayers``. Anything else
+``FastRCNNConvFCHead`` and ``Res5ROIHeads``, each with ``FastRCNNOutputLayers``, and the domain
+classifiers of ``pgp_det.modeling.DomainAdaptiveRCNN`` (consumers of the backbone's outputs and of
+the box head's). Anything else
 holding parameters raises ``ValueError`` rather than being silently left out of a group.
 """
 import dataclasses
@@ -420,14 +422,33 @@ def _walk_roi_heads(graph: _ChannelGraph, roi_heads: nn.Module, features: Dict[s
         spatial = math.prod(roi_heads.box_pooler.output_size)
         x, per_channel = _walk_box_head(graph, roi_heads.box_head, pooled, spatial)
         _walk_box_predictor(graph, roi_heads.box_predictor, x, per_channel)
-    elif isinstance(roi_heads, Res5ROIHeads):
+        # mask / keypoint heads (if any) hold weights that no walker visited: check_coverage reports them
+        return x, per_channel
+    if isinstance(roi_heads, Res5ROIHeads):
         pooled = _pooled(graph, features, roi_heads.in_features)
         x = _walk_stage(graph, roi_heads.res5, pooled, "roi_heads")
         # the predictor reads res5's output averaged over H, W: one input column per channel
         _walk_box_predictor(graph, roi_heads.box_predictor, x, 1)
-    else:
-        raise ValueError(f"cannot derive channel groups for ROI heads {type(roi_heads).__name__}")
-    # mask / keypoint heads (if any) hold weights that no walker visited: check_coverage reports them
+        return None
+    raise ValueError(f"cannot derive channel groups for ROI heads {type(roi_heads).__name__}")
+
+
+def _walk_domain_classifiers(graph: _ChannelGraph, model: nn.Module, features: Dict[str, _Feature], box) -> None:
+    """Domain-adaptive Faster R-CNN's classifiers (``model.domain_classifiers``, training only):
+    the image-level one reads the backbone's output features (every level it is given: one
+    space), the instance-level one the box head's output; their hidden layers are groups of scope
+    ``"domain"``, which no pruning scope names."""
+    heads = model.domain_classifiers
+    if box is None:
+        raise ValueError("cannot derive channel groups for domain classifiers without a box head (StandardROIHeads)")
+    names = model.domain_image_in_features
+    x = _Feature(graph.merge_all(features[f].space for f in names), tuple(s for f in names for s in features[f].sources))
+    for first, logits, read, expand in ((heads.image_conv, heads.image_logits, x, 1),
+                                        (heads.instance_fc, heads.instance_logits, box[0], box[1])):
+        graph.consume(read, first, expand=expand)
+        hidden = _Feature(graph.new_space(graph.name(first), "domain"), (_source([graph.name(first)], "relu"),))
+        graph.produce(hidden.space, first)
+        graph.predicts(hidden, logits)
 
 
 def _walk_box_head(graph: _ChannelGraph, head: FastRCNNConvFCHead, x: _Feature, spatial: int):
@@ -472,7 +493,9 @@ def _trace(model: nn.Module) -> _ChannelGraph:
     features = _walk_backbone(graph, model.backbone, _Feature(image, ()))
     if model.proposal_generator is not None:
         _walk_rpn(graph, model.proposal_generator, features)
-    _walk_roi_heads(graph, model.roi_heads, features)
+    box = _walk_roi_heads(graph, model.roi_heads, features)
+    if getattr(model, "domain_classifiers", None) is not None:
+        _walk_domain_classifiers(graph, model, features, box)
     graph.check_coverage()
     return graph
 

@@ -1,0 +1,170 @@
+"""Domain-adaptive Faster R-CNN: gradient reversal, the domain classifiers inside the channel
+groups (they follow hard pruning), target labels never read, the plain detector without the
+classifiers, bad settings in one line, and the fog domain's images."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes
+from detectron2.utils.events import EventStorage
+
+import pgp_det.modeling  # noqa: F401  (registers DomainAdaptiveRCNN)
+from pgp_det import export
+from pgp_det.config import load_config
+from pgp_det.data.domains import TARGET, build_domain_adaptive_train_loader, check_domain_adaptation_config
+from pgp_det.data.synthetic import render_image
+from pgp_det.engine.preflight import check_training_run
+from pgp_det.errors import UserInputError
+from pgp_det.modeling.domain_adaptation import grad_reverse
+from pgp_det.pruning import derive_channel_groups, hard_prune
+from conftest import ROOT
+
+CONFIG = os.path.join(ROOT, "configs", "synthetic", "da_faster_rcnn_R_18_FPN_synth_fog.yaml")
+SMALL = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+         "INPUT.MAX_SIZE_TRAIN", "192", "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "SEED", "3"]
+
+
+def da_cfg(*extra):
+    cfg = load_config(CONFIG, SMALL + list(extra))
+    cfg.freeze()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(da_cfg()).eval()
+
+
+def test_gradient_reversal_is_identity_forward_and_flips_and_scales_the_gradient():
+    x = torch.randn(3, 4, requires_grad=True)
+    upstream = torch.randn(3, 4)
+    y = grad_reverse(x, 0.3)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    assert torch.allclose(x.grad, -0.3 * upstream)
+
+
+def _domain_logits(model, image):
+    """The image-level logits of every level and the instance-level logits of fixed boxes."""
+    with torch.no_grad():
+        features = model.backbone(image[None])
+        heads = model.domain_classifiers
+        levels = [heads.image(features[name]) for name in model.domain_image_in_features]
+        boxes = [Boxes(torch.tensor([[4.0, 4.0, 60.0, 50.0], [20.0, 30.0, 120.0, 110.0], [0.0, 0.0, 127.0, 127.0]]))]
+        pooled = model.roi_heads.box_pooler([features[f] for f in model.roi_heads.box_in_features], boxes)
+        instance = heads.instance(model.roi_heads.box_head(pooled))
+    return levels, instance
+
+
+def test_domain_classifiers_are_consumers_of_the_groups_they_read_and_follow_hard_pruning(model):
+    import copy
+
+    pruned = copy.deepcopy(model)
+    groups = derive_channel_groups(pruned)
+    fpn = next(g for g in groups.values() if any(s.module == "domain_classifiers.image_conv" for s in g.consumers))
+    head = next(g for g in groups.values() if any(s.module == "domain_classifiers.instance_fc" for s in g.consumers))
+    assert fpn.scope == "fpn" and any(s.module.startswith("rpn") or "rpn" in s.module for s in fpn.consumers)
+    assert head.scope == "roi_heads" and any(s.module.endswith("cls_score") for s in head.consumers)
+    hidden = [g for g in groups.values() if g.scope == "domain"]
+    assert sorted(g.name for g in hidden) == ["domain_classifiers.image_conv", "domain_classifiers.instance_fc"]
+    # channels whose producers write zeros carry nothing: removing them leaves every domain logit as it was
+    removed = {fpn.name: [1, 5, 9], head.name: [0, 7, 100]}
+    with torch.no_grad():
+        for name, channels in removed.items():
+            for producer in groups[name].producers:
+                tensor = dict(pruned.named_parameters())[f"{producer.module}.{producer.tensor}"]
+                tensor[channels] = 0
+    image = torch.rand(3, 128, 128) * 255
+    before = _domain_logits(pruned, image)
+    hard_prune(pruned, removed, groups=groups)
+    after = _domain_logits(pruned, image)
+    assert pruned.domain_classifiers.image_conv.in_channels == fpn.size - 3
+    assert pruned.domain_classifiers.instance_fc.in_features == head.size - 3
+    for a, b in zip(before[0] + [before[1]], after[0] + [after[1]]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_the_plain_detector_detects_alike_and_exports_without_the_classifiers(model, tmp_path):
+    detector = model.detector().eval()
+    assert not any("domain" in name for name, _ in detector.named_parameters())
+    image = torch.rand(3, 128, 160) * 255
+    with torch.no_grad():
+        a = model([{"image": image}])[0]["instances"]
+        b = detector([{"image": image}])[0]["instances"]
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
+    path = str(tmp_path / "da.onnx")
+    export.export_onnx(detector, image, path, opset=17)
+    reference = export.run_pytorch(detector, image)
+    result = export.compare_detections(reference, export.run_onnx(export.load_onnx(path), image),
+                                       box_atol=1e-2, score_atol=1e-3)
+    assert result["ok"], result
+
+
+def test_target_labels_are_never_read(tmp_path):
+    """Target dicts whose labels would break training (class 99, boxes outside the image) give
+    batches without instances, and a training step on them has finite losses."""
+    name = "poisoned_fog_target"
+    source = DatasetCatalog.get("synth_fog_voc_train")[:4]
+    poisoned = [dict(d, annotations=[{"bbox": [-50.0, -50.0, 1e6, 1e6], "bbox_mode": 0, "category_id": 99}])
+                for d in source]
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: poisoned)
+    MetadataCatalog.get(name).set(thing_classes=MetadataCatalog.get("synth_fog_voc_train").thing_classes)
+    try:
+        cfg = da_cfg("DOMAIN_ADAPTATION.TARGET_DATASETS", f"('{name}',)")
+        batch = next(iter(build_domain_adaptive_train_loader(cfg)))
+        target = [d for d in batch if d["domain"] == TARGET]
+        assert len(target) == 2 and len(batch) == 4
+        assert all("instances" not in d and "annotations" not in d for d in target)
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        with EventStorage():
+            losses = model(batch)
+        assert {"loss_da_image", "loss_da_instance", "loss_da_consistency", "loss_cls"} <= set(losses)
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        total.backward()
+        assert model.domain_classifiers.image_conv.weight.grad.abs().sum() > 0
+    finally:
+        DatasetCatalog.remove(name)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["DOMAIN_ADAPTATION.TARGET_DATASETS", "()"], "DOMAIN_ADAPTATION.TARGET_DATASETS is empty"),
+    (["MODEL.META_ARCHITECTURE", "GeneralizedRCNN"], "needs MODEL.META_ARCHITECTURE DomainAdaptiveRCNN"),
+    (["DOMAIN_ADAPTATION.ENABLED", "False"], "needs DOMAIN_ADAPTATION.ENABLED True"),
+    (["DOMAIN_ADAPTATION.IMAGE_WEIGHT", "-1.0"], "DOMAIN_ADAPTATION.IMAGE_WEIGHT -1.0: use a weight >= 0"),
+    (["DOMAIN_ADAPTATION.TARGET_DATASETS", "('no_such_set',)"], "dataset 'no_such_set' is not registered"),
+    (["DOMAIN_ADAPTATION.IMAGE_IN_FEATURES", "('p9',)"], "IMAGE_IN_FEATURES names ['p9']"),
+])
+def test_bad_adaptation_settings_are_one_line_before_anything_is_written(tmp_path, extra, message):
+    cfg = da_cfg("OUTPUT_DIR", str(tmp_path / "out"), *extra)
+    with pytest.raises(UserInputError) as error:
+        check_training_run(cfg, eval_only=False, resume=False)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adaptation_settings_of_the_shipped_configs_are_valid():
+    check_domain_adaptation_config(da_cfg())
+
+
+def test_fog_images_are_hazier_and_bluer_than_source_images():
+    """Haze lifts the black level (the light it adds), the cast shifts blue over red."""
+    import cv2
+
+    def black_level(images):
+        return float(np.mean([np.percentile(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), 1) for img in images]))
+
+    def blue_over_red(images):
+        return float(np.mean([img[..., 0].mean() / img[..., 2].mean() for img in images]))
+
+    source = [render_image(np.random.default_rng([0, 0, i]))[0] for i in range(8)]
+    fog = [render_image(np.random.default_rng([0, 0, i]), domain="fog")[0] for i in range(8)]
+    assert black_level(fog) > black_level(source) + 20
+    assert blue_over_red(fog) > 1.1 * blue_over_red(source)
