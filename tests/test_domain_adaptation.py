@@ -168,3 +168,24 @@ def test_fog_images_are_hazier_and_bluer_than_source_images():
     fog = [render_image(np.random.default_rng([0, 0, i]), domain="fog")[0] for i in range(8)]
     assert black_level(fog) > black_level(source) + 20
     assert blue_over_red(fog) > 1.1 * blue_over_red(source)
+
+
+def test_frs_explains_only_the_labelled_images_of_an_adapting_batch():
+    """FRS's relevance flows from true classes: in a mixed batch it explains the source images,
+    exactly as it would the source images alone."""
+    from pgp_det.pruning.criteria import build_criterion
+
+    cfg = da_cfg()
+    batch = next(iter(build_domain_adaptive_train_loader(cfg)))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    groups = derive_channel_groups(model)
+    scores = []
+    for batches in ([batch], [[d for d in batch if d["domain"] != TARGET]]):
+        criterion = build_criterion("frs")
+        criterion.attach(model, groups)
+        criterion.run_extra_pass(model, batches, 1)
+        scores.append(criterion.scores(model))
+    assert any(float(s.abs().sum()) > 0 for s in scores[0].values())
+    for name in scores[0]:
+        assert torch.allclose(scores[0][name], scores[1][name]), name

@@ -147,7 +147,8 @@ class FeatureRelevanceCriterion(_AccumulatingCriterion):
         """Add the relevance of ``num_batches`` training batches (see the class docstring).
 
         Weights, buffers, ``.grad`` and train/eval modes are as before afterwards. Each batch is
-        what a detectron2 training data loader yields; losses are logged into a private
+        what a detectron2 training data loader yields (its images without ``instances`` are left
+        out: they have no true class); losses are logged into a private
         ``EventStorage``. With a DDP-wrapped ``model`` every process must run the same number of
         batches (the passes themselves communicate nothing).
         """
@@ -159,6 +160,11 @@ class FeatureRelevanceCriterion(_AccumulatingCriterion):
         try:
             inner.train()
             for batch in batches:
+                # relevance flows from each image's true classes: images without labels (the
+                # target domain's, in domain adaptation) have none to explain
+                batch = [inputs for inputs in batch if "instances" in inputs]
+                if not batch:
+                    continue
                 lrp = AlphaBetaLRP(inner, self.alpha, self.beta, on_relevance=self._record, report=self._layer_keys)
                 with torch.enable_grad(), lrp:
                     self._explain_batch(inner, batch, lrp)
