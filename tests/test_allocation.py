@@ -11,10 +11,9 @@ from torch import nn
 from pgp_det.benchmark.flops import count_flops
 from pgp_det.config import get_pgp_cfg
 from pgp_det.pruning import ChannelGroup, ChannelSlice, PruningRequestError, derive_channel_groups, hard_prune, kept_count
-from pgp_det.pruning.allocation import (
-    ALLOCATION_REGISTRY, Budget, allocate, allowed_kept_counts, protect_by_gradient, split_hard_soft,
-    weight_sparsity, whole_widths,
-)
+from pgp_det.pruning.allocation import ALLOCATION_REGISTRY, Budget, allocate, allowed_kept_counts
+from pgp_det.pruning.channel_stats import protect_by_gradient, weight_sparsity
+from pgp_det.pruning.weak_sets import split_hard_soft, whole_widths
 from pgp_det.pruning.cost import CostModel
 from pgp_det.pruning.criteria import build_criterion
 from pgp_det.pruning.hook import PGPHook, plan_pruning_step

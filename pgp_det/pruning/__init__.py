@@ -12,13 +12,15 @@
 * :mod:`.schedules`: pruned fraction per step (``SCHEDULE_REGISTRY``), and the iterations the steps
   happen at.
 * :mod:`.allocation`: which channels a step prunes (``ALLOCATION_REGISTRY``: uniform, global,
-  knapsack, adaptive), and the hard/soft split.
+  adaptive; :mod:`.knapsack` registers knapsack); :mod:`.channel_stats`: weight sparsity and
+  gradient protection they read; :mod:`.weak_sets`: the hard/soft split and whole widths.
 * :mod:`.cost`: FLOPs and parameters per group and family, predicted for any pruned widths.
 * :mod:`.latency`: :class:`~.latency.LatencyTable`, a device's latency predicted for any pruned
   widths (measured by :mod:`pgp_det.benchmark.latency_profile`).
 * :mod:`.settings`: the ``PRUNING`` config checked at start-up (:func:`~.settings.check_pruning_config`).
 * :mod:`.hook`: :class:`~.hook.PGPHook`, pruning while detectron2 trains.
 """
+from . import knapsack  # noqa: F401  (registers the knapsack allocation)
 from .dependency import derive_channel_groups, prediction_layers
 from .fold import Fold, fold_zeroed_channels, zeroed_channels
 from .groups import (

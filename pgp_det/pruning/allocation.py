@@ -2,7 +2,7 @@
 
 :func:`allocate` takes the scores of a criterion, the groups being pruned and what the step must
 reach, and returns, per group, the *weak set*: the current channel indices that should not
-survive this step, the lowest-scored ones. :func:`split_hard_soft` then divides each weak set into
+survive this step, the lowest-scored ones. :func:`~pgp_det.pruning.weak_sets.split_hard_soft` then divides each weak set into
 channels removed now and channels zeroed (which may recover until a later step).
 
 What a step must reach (its *budget*):
@@ -63,7 +63,7 @@ How many channels each group keeps is the job of an allocation method, picked by
     from the layer's weight sparsity ratio; the paper's formula, and what it counts as sparse,
     could not be read. Implemented: group ``g`` prunes the
     fraction ``r_g = min(s * sparsity_g, 0.95)`` of its original size, where ``sparsity_g`` is
-    the sparsity of its *live* channels' producer weights (:func:`weight_sparsity`) and the common
+    the sparsity of its *live* channels' producer weights (:func:`~pgp_det.pruning.channel_stats.weight_sparsity`) and the common
     factor ``s`` is searched against the budget, channels or FLOPs (every group alike when no
     group has any sparsity).
 
@@ -84,26 +84,23 @@ Protection, in the spirit of PSAP's "protective reconstruction" (the abstract: g
 which filters are still needed; a secondary summary calls it "pulse gradient supervision"; its
 rule could not be read either):
 ``protected`` marks channels that must not be in this step's weak set. The hook protects, with
-:func:`protect_by_gradient`, the channels whose *recent* gradient
+:func:`~pgp_det.pruning.channel_stats.protect_by_gradient`, the channels whose *recent* gradient
 (:class:`~pgp_det.pruning.criteria.RecentGradientCriterion`, an accumulator of its own whatever
 the criterion) is in the top of their group. The next-weakest unprotected channels are taken
 instead; when too few are left, the group prunes fewer (it never keeps fewer than its allowed
 count requires), and the step may then stay above its budget.
 """
 import dataclasses
-import heapq
 import math
 import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
-from torch import nn
 
 from detectron2.utils.registry import Registry
 
-from ..utils.modules import unwrap_model
 from .groups import ChannelGroup, PruningRequestError, kept_count
 
 __all__ = [
@@ -112,10 +109,6 @@ __all__ = [
     "Budget",
     "allocate",
     "allowed_kept_counts",
-    "protect_by_gradient",
-    "split_hard_soft",
-    "weight_sparsity",
-    "whole_widths",
 ]
 
 ALLOCATION_REGISTRY = Registry("PRUNING_ALLOCATION")
@@ -370,129 +363,6 @@ _global_ranking.__name__ = "global"  # the config name; `global` is a Python key
 ALLOCATION_REGISTRY.register(_global_ranking)
 
 
-_KNAPSACK_LOOKAHEAD = 4  # counts a knapsack step may go down at once
-
-
-def _knapsack_values(request: AllocationRequest) -> Dict[str, torch.Tensor]:
-    """``{group: float64 (C,)}`` value of keeping each channel, >= 0: ``request.values`` when
-    given, else the normalised scores. A group without evidence (no values, or all zero) is
-    valued at the mean channel value of the groups that have some (1 when none has), so it is
-    never cut for free nor spared for nothing."""
-    raw = OrderedDict()
-    for n in request.groups:
-        given = None if request.values is None else request.values.get(n)
-        value = _normalised_scores(request, n) if request.values is None else given
-        raw[n] = None if value is None else value.double().clamp(min=0)
-    evidence = [v for v in raw.values() if v is not None and float(v.sum()) > 0]
-    typical = float(torch.cat(evidence).mean()) if evidence else 1.0
-    return OrderedDict(
-        (n, v if v is not None and float(v.sum()) > 0 else torch.full((request.groups[n].size,), typical, dtype=torch.float64))
-        for n, v in raw.items())
-
-
-@ALLOCATION_REGISTRY.register()
-def knapsack(request: AllocationRequest) -> Dict[str, int]:
-    """The most value kept within the budget: greedy by value lost per unit of cost saved, with
-    the budget checked on the exact predicted cost (see the module docstring)."""
-    names = list(request.groups)
-    order = {n: i for i, n in enumerate(names)}
-    current = {n: request.groups[n].size for n in names}
-    values = _knapsack_values(request)
-    counts, lost_at = {}, {}
-    for n in names:
-        protected = request.protected[n]
-        # removal order: the criterion's lowest scores first (as _weakest takes them), protected never
-        removal = torch.sort(request.scores[n].masked_fill(protected, math.inf), stable=True).indices
-        removal = removal[: int((~protected).sum())]
-        # value lost when the group keeps k channels: the values of the C - k channels removed
-        lost = [0.0] + torch.cumsum(values[n][removal], 0).tolist()
-        lost_at[n] = lambda k, lost=lost, size=current[n]: lost[size - k]
-        counts[n] = [a for a in request.allowed(n) if a >= current[n] - len(removal)]  # ascending, ends at C
-    position = {n: len(counts[n]) - 1 for n in names}  # index of the kept count in counts[n]
-    kept = dict(current)
-    limit = request.budget * (1.0 + _BUDGET_SLACK)
-    cost = request.cost(kept)
-    if cost <= limit:
-        return kept
-    smallest = request.cost({n: counts[n][0] for n in names})
-    if smallest > limit:
-        raise PruningRequestError(
-            f"knapsack allocation cannot meet the budget of {request.describe(request.budget)}: pruning as much as it "
-            f"can leaves {request.describe(smallest)}; lower the target, the floor or the protection, or prune more "
-            "scopes"
-        )
-
-    def step_down(n: str):
-        """``(value lost / cost saved, value lost, order, n, cost after, position after)``
-        of group ``n``'s best step down, or None at its smallest count. A step goes down to one of
-        the next :data:`_KNAPSACK_LOOKAHEAD` counts, the best ratio of them: a device's cost can
-        stay flat over a few counts (a CPU computes 16 channels for 8), which a one-count step
-        would never cross. A step that saves nothing sorts last."""
-        best = None
-        for lower_position in range(position[n] - 1, max(position[n] - 1 - _KNAPSACK_LOOKAHEAD, -1), -1):
-            lower = counts[n][lower_position]
-            trial = dict(kept)
-            trial[n] = lower
-            after = request.cost(trial)
-            saved = cost - after
-            loss = lost_at[n](lower) - lost_at[n](kept[n])
-            key = (loss / saved if saved > 0 else math.inf, loss, order[n], n, after, lower_position)
-            if best is None or key[0] < best[0]:
-                best = key
-        return best
-
-    # lazy greedy: a popped ratio computed before the last accepted step is recomputed first
-    accepted = 0
-    heap = [(*key, accepted) for key in map(step_down, names) if key is not None]
-    heapq.heapify(heap)
-    while cost > limit and heap:
-        *key, stamp = heapq.heappop(heap)
-        n = key[3]
-        if stamp != accepted:
-            fresh = step_down(n)
-            if fresh is not None:
-                heapq.heappush(heap, (*fresh, accepted))
-            continue
-        if key[4] <= limit:
-            # the last step: of the steps that alone meet the budget, the one losing the least
-            # (then saving the least), not necessarily the best ratio (greedy knapsack's fix-up)
-            finishing = [k for k in map(step_down, names) if k is not None and k[4] <= limit]
-            key = min(finishing, key=lambda k: (k[1], -k[4], k[2]))
-            n = key[3]
-        position[n] = key[5]
-        kept[n] = counts[n][position[n]]
-        cost = request.cost(kept)
-        accepted += 1
-        fresh = step_down(n)
-        if fresh is not None:
-            heapq.heappush(heap, (*fresh, accepted))
-    if cost > limit:  # every group at its smallest count, which fits: cannot happen
-        raise AssertionError(f"knapsack allocation left {request.describe(cost)} above its budget")
-
-    # give steps back, most value regained per unit of cost first, while the budget holds
-    while True:
-        best = None
-        for n in names:
-            if position[n] + 1 == len(counts[n]):
-                continue
-            upper = counts[n][position[n] + 1]
-            trial = dict(kept)
-            trial[n] = upper
-            trial_cost = request.cost(trial)
-            if trial_cost > limit:
-                continue
-            gain = lost_at[n](kept[n]) - lost_at[n](upper)
-            added = trial_cost - cost
-            value = (gain / added if added > 0 else math.inf, gain, -order[n])
-            if best is None or value > best[0]:
-                best = (value, n, trial_cost)
-        if best is None:
-            return kept
-        _, n, cost = best
-        position[n] += 1
-        kept[n] = counts[n][position[n]]
-
-
 @ALLOCATION_REGISTRY.register()
 def adaptive(request: AllocationRequest) -> Dict[str, int]:
     """PSAP-style: group ``g`` prunes ``min(s * sparsity_g, 0.95)`` of its original size, ``s``
@@ -519,78 +389,6 @@ def adaptive(request: AllocationRequest) -> Dict[str, int]:
     # beyond this factor every group with some sparsity is at the largest ratio
     high = MAX_ADAPTIVE_RATIO / min(w for w in weights.values() if w > 0)
     return _meet_budget(request, "adaptive", raw_kept, high)
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers for the adaptive method and for protection
-
-
-@torch.no_grad()
-def weight_sparsity(
-    model: nn.Module,
-    groups: Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]],
-    threshold: float = 0.01,
-    excluded: Optional[Mapping[str, Iterable[int]]] = None,
-) -> Dict[str, float]:
-    """Share of each prunable group's producer weights that are near zero, over its *live* channels.
-
-    A weight entry of producer layer ``l`` counts as sparse when ``|w| <= threshold * max |W_l|``
-    (relative to the layer's largest live entry, so layers of any scale compare). A group's
-    sparsity is the sparse share over its live channels' filters (rows ``W_l[c]`` of the producer
-    layers' conv/linear ``weight``; norms and biases left out). Channels pruning zeroed are not
-    live: they would make the groups pruned last look the sparsest.
-
-    Args:
-        excluded: ``{group: channel indices}`` that are not live, e.g. the channels the last
-            pruning step zeroed (exactly zero, or grown back a little since).
-
-    Returns:
-        ``{group name: float in [0, 1]}`` (0 for a group without a live channel).
-    """
-    if not threshold >= 0:
-        raise PruningRequestError(f"threshold must be >= 0, got {threshold}")
-    if isinstance(groups, Mapping):
-        groups = groups.values()
-    model = unwrap_model(model)
-    excluded = excluded or {}
-    result = OrderedDict()
-    for group in groups:
-        if not group.prunable:
-            continue
-        live = torch.ones(group.size, dtype=torch.bool)
-        live[torch.as_tensor(list(excluded.get(group.name, ())), dtype=torch.long)] = False
-        sparse, total = 0, 0
-        for layer in group.producer_layers:
-            weight = model.get_submodule(layer).weight.detach()  # (C, ...): the group's channels on dim 0
-            magnitude = weight.abs().reshape(weight.shape[0], -1)[live.to(weight.device)]
-            if magnitude.numel():
-                sparse += int((magnitude <= threshold * magnitude.max()).sum())
-                total += magnitude.numel()
-        result[group.name] = sparse / total if total else 0.0
-    return result
-
-
-def protect_by_gradient(grad_scores: Mapping[str, torch.Tensor], quantile: float = 0.9) -> Dict[str, torch.Tensor]:
-    """Channels whose recent gradient score is in the top of their group, to keep out of a weak set.
-
-    Args:
-        grad_scores: ``{group: (C,) scores}``, e.g. the scores of the hook's
-            :class:`~pgp_det.pruning.criteria.RecentGradientCriterion` (gradient magnitude of the
-            last iterations before the step).
-        quantile: in ``[0, 1)``; a channel is protected when its score is strictly above its
-            group's ``quantile`` (so about ``1 - quantile`` of each group; equal scores protect
-            nothing).
-
-    Returns:
-        ``{group: bool CPU tensor (C,)}``, True = protected.
-    """
-    if not 0.0 <= quantile < 1.0:
-        raise PruningRequestError(f"protection quantile must be in [0, 1), got {quantile}")
-    result = OrderedDict()
-    for name, scores in grad_scores.items():
-        scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
-        result[name] = scores > torch.quantile(scores, quantile)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,93 +540,3 @@ def allocate(
             )
         weak[name] = _weakest(request, name, count)
     return weak
-
-
-def whole_widths(
-    weak: Mapping[str, Sequence[int]],
-    scores: Mapping[str, torch.Tensor],
-    groups: Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]],
-    multiple: int = 8,
-    floor: int = 8,
-) -> Dict[str, List[int]]:
-    """Weak sets that leave every group at an allowed multiple, for the last pruning step.
-
-    Between steps a group's width is its kept count plus the channels the step zeroed (any
-    number: :func:`split_hard_soft` removes the share asked for), and "keep every current channel"
-    is always an allowed count. At the last step that would leave such a width for good: a group
-    that keeps all of a width that is not a multiple of ``lcm(multiple, channel_multiple)`` also
-    gives up its lowest-scored kept channels down to the largest allowed count below it.
-
-    Returns:
-        ``{group: sorted weak indices}``, a superset of ``weak``.
-    """
-    groups = _group_dict(groups)
-    settled = OrderedDict()
-    for name, channels in weak.items():
-        group = groups[name]
-        channels = sorted(int(c) for c in channels)
-        kept = group.size - len(channels)
-        lower = [a for a in allowed_kept_counts(group.size, multiple, floor, group.channel_multiple) if a < kept]
-        if kept == group.size and lower and group.size % math.lcm(multiple, group.channel_multiple):
-            score = torch.as_tensor(scores[name]).detach().float().cpu().reshape(-1)
-            taken = set(channels)
-            weakest_first = [c for c in torch.sort(score, stable=True).indices.tolist() if c not in taken]
-            channels = sorted(channels + weakest_first[: kept - lower[-1]])
-        settled[name] = channels
-    return settled
-
-
-def _removal_count(size: int, weak: int, remove_ratio: float, channel_multiple: int) -> int:
-    """How many of ``weak`` channels to remove now (see :func:`split_hard_soft`)."""
-    if remove_ratio >= 1.0:
-        return weak
-    ideal = remove_ratio * weak
-    candidates = [r for r in range(weak + 1) if (size - r) % channel_multiple == 0]  # 0 always is
-    # nearest to the ideal share; a tie goes to removing more
-    return min(candidates, key=lambda r: (abs(r - ideal), -r))
-
-
-def split_hard_soft(
-    weak: Mapping[str, Sequence[int]],
-    scores: Mapping[str, torch.Tensor],
-    remove_ratio: float,
-    groups: Optional[Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]]] = None,
-) -> Tuple[Dict[str, List[int]], Dict[str, List[int]]]:
-    """Split each weak set into channels removed now (hard) and channels zeroed (soft).
-
-    Of group ``g``'s weak set of ``w`` channels, the lowest-scored ``n`` are removed and the rest
-    zeroed, ``n`` the whole number nearest ``remove_ratio * w`` (a tie removes more): the share
-    removed is ``remove_ratio`` up to the rounding to whole channels, whatever ``w``. The one
-    exception is a GroupNorm group (``channel_multiple`` > 1), whose width must stay a multiple of
-    its channels per norm group: ``n`` is the nearest count that keeps it so (removing none
-    always does). The widths in between steps are therefore not rounded to hardware-friendly
-    multiples; the kept counts, and so the widths after the last step, are.
-    ``remove_ratio == 1`` removes the whole weak set (the last pruning step).
-
-    Args:
-        weak: ``{group: channel indices}``, e.g. from :func:`allocate`.
-        scores: ``{group: (C,) scores}``; ``C`` is the group's current size.
-        remove_ratio: in ``[0, 1]``.
-        groups: the groups, for their ``channel_multiple`` (1 when not given).
-
-    Returns:
-        ``(remove, zero)``: ``{group: sorted indices}`` each, an entry for every group in ``weak``.
-    """
-    if isinstance(remove_ratio, bool) or not isinstance(remove_ratio, numbers.Real) or not 0.0 <= remove_ratio <= 1.0:
-        raise PruningRequestError(f"remove_ratio must be in [0, 1], got {remove_ratio!r}")
-    groups = _group_dict(groups) if groups is not None else {}
-    remove, zero = OrderedDict(), OrderedDict()
-    for name, channels in weak.items():
-        if name not in scores:
-            raise PruningRequestError(f"no scores for channel group {name}")
-        score = torch.as_tensor(scores[name]).detach().float().cpu().reshape(-1)
-        size = score.numel()
-        channels = [int(c) for c in channels]
-        if any(not 0 <= c < size for c in channels) or len(set(channels)) != len(channels):
-            raise PruningRequestError(f"{name}: weak channels must be distinct indices in 0..{size - 1}")
-        channel_multiple = groups[name].channel_multiple if name in groups else 1
-        count = _removal_count(size, len(channels), float(remove_ratio), channel_multiple)
-        ordered = sorted(channels, key=lambda c: (score[c].item(), c))  # weakest first, ties by index
-        remove[name] = sorted(ordered[:count])
-        zero[name] = sorted(ordered[count:])
-    return remove, zero

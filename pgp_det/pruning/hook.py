@@ -35,7 +35,9 @@ from detectron2.utils import comm
 
 from ..utils.io import atomic_write_json
 from ..utils.modules import rewrap_model, unwrap_model
-from .allocation import allocate, protect_by_gradient, split_hard_soft, weight_sparsity, whole_widths
+from .allocation import allocate
+from .channel_stats import protect_by_gradient, weight_sparsity
+from .weak_sets import split_hard_soft, whole_widths
 from .criteria import RecentGradientCriterion, build_criterion
 from .dependency import derive_channel_groups
 from .loss_change import LossChangeEstimate
@@ -77,7 +79,7 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
 
     Returns:
         ``{group: sorted weak channel indices}`` (see :func:`~pgp_det.pruning.allocation.allocate`);
-        at the last step, :func:`~pgp_det.pruning.allocation.whole_widths` of them.
+        at the last step, :func:`~pgp_det.pruning.weak_sets.whole_widths` of them.
     """
     p = cfg.PRUNING
     ratios = target.ratios(groups)
