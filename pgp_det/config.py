@@ -13,8 +13,7 @@ from detectron2.config import CfgNode as CN
 from .errors import UserInputError
 
 __all__ = ["add_pgp_config", "add_dataset_config", "add_domain_adaptation_config", "add_pruning_config", "get_pgp_cfg",
-           "load_config",
-           "resolve_config_path"]
+           "load_config", "RENAMED_PRUNING_KEYS", "resolve_config_path"]
 
 
 def add_dataset_config(cfg: CN) -> CN:
@@ -34,107 +33,161 @@ def add_pruning_config(cfg: CN) -> CN:
 
     Keys (defaults in brackets):
         ENABLED [False]: prune while training.
-        TARGET ["ratio"]: ``"ratio"``: prune ``RATIO`` of every pruned group's channels;
-            ``"flops"``: every step's allocation meets the schedule's share of a
-            ``FLOPS_REDUCTION`` cut of the unpruned model's FLOPs at ``COST_INPUT_SIZE``
-            (predicted; within a fraction of a point, never less), reached at the last step;
-            ``"latency"``: the same with the latency ``LATENCY_TABLE`` predicts, down to
-            ``TARGET_LATENCY_MS`` (or ``1000 / TARGET_FPS``) at the last step.
-        RATIO [0.5]: final fraction of channels pruned per group, in [0, 1).
-        FLOPS_REDUCTION [0.5]: final fraction of FLOPs removed, in (0, 1), for ``TARGET "flops"``.
-        COST_INPUT_SIZE [(800, 1333)]: (height, width) at which FLOPs are counted; with
-            ``TARGET "latency"`` it must be the latency table's input size.
-        LATENCY_TABLE [""]: for ``TARGET "latency"``: a table made by ``tools/profile_latency.py``
-            on the device the model will run on (``pgp_det.pruning.latency.LatencyTable``).
-        TARGET_LATENCY_MS [0.0], TARGET_FPS [0.0]: for ``TARGET "latency"``, exactly one > 0:
-            the final predicted batch-1 latency in ms, or a frame rate (``1000 / TARGET_FPS`` ms).
-            The latency is predicted at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals, so fewer
-            proposals leave more channels.
-        LATENCY_DEVICE [""]: ``"cpu"`` or ``"cuda"``: the kind of device the model will run on;
-            a table measured on another kind is refused. ``""`` accepts the table's.
-        SCOPES: which parts are pruned, among ``backbone``, ``fpn``, ``rpn``, ``roi_heads``.
-        SCOPE_RATIOS [()]: per-scope overrides of ``RATIO`` as ``(("roi_heads", 0.3), ...)``.
-        CRITERION ["pgp"]: channel score, by name in ``CRITERION_REGISTRY``: ``pgp`` (L1 norm of
-            the gradient summed signed since the last step), ``pgp_pass`` (the same over an extra
-            pass of ``EXTRA_PASS_BATCHES`` batches), ``rpgp`` (summed gradient L1 norms), ``l1``,
-            ``l2``, ``taylor``, ``bn_gamma``, ``frs`` (see ``pgp_det.pruning.criteria``).
-        EXTRA_PASS_BATCHES [16]: batches of the extra pass before each step, for the criteria
-            that need one (``pgp_pass``, ``frs``).
-        SCHEDULE ["pgp_exponential"]: pruned fraction over steps, by name in
-            ``SCHEDULE_REGISTRY``: ``pgp_exponential`` (the paper's ``exp(-lambda k)``),
-            ``pgp_exponential_shifted`` (the authors' code: ``exp(-lambda (k + 1))``), ``psfp``,
-            ``linear``, ``cubic``.
-        ALLOCATION ["uniform"]: how the step's budget is shared among groups, by name in
-            ``ALLOCATION_REGISTRY``: ``uniform``, ``global`` (one normalised ranking),
-            ``knapsack`` (the most value, ``KNAPSACK_VALUE``, within the budget, greedy by value
-            per unit of cost: HALP-style with ``TARGET "latency"``), ``adaptive`` (PSAP-style,
-            from the live channels' weight sparsity).
-        KNAPSACK_VALUE ["taylor"]: what a channel is worth to the ``knapsack`` allocation, on one
-            scale for every group (``pgp_det.pruning.loss_change``): ``"taylor"``, the first-order
-            training-loss change of removing it (filter, bias and norm zeroed), averaged over the
-            iterations since the last step; ``"taylor_squared"``, the mean squared per-iteration
-            change (Molchanov et al. 2019, HALP); ``"scores"``, the criterion's scores put on one
-            scale by its normalisation (one-shot pruning, which has no gradients, always uses
-            these).
-        PROTECT_QUANTILE [0.0]: when > 0, channels whose recent gradient (L1 with a half-life of
-            a quarter of the pruning interval, an accumulator of its own whatever ``CRITERION``)
-            is above this quantile of their group are not pruned at that step (PSAP-style
-            protection); 0 disables it.
-        UNIT ["iter"]: unit of START, END and INTERVAL: ``"iter"`` or ``"epoch"`` (converted with
-            the training set's size and ``SOLVER.IMS_PER_BATCH``).
-        START [0], END [-1], INTERVAL [-1]: pruning steps happen at START + k * INTERVAL and at
-            END, the last step, where the target is reached exactly. END -1: 3/4 of
-            ``SOLVER.MAX_ITER``; INTERVAL -1: (END - START) / 10.
-        REMOVE_RATIO [0.5]: share of each step's weak channels removed physically; the rest is
-            zeroed and may recover. 1.0: hard pruning only; 0.0: soft only (SFP/PSFP). At the last
-            step every weak channel is removed.
-        SOFT_MODE ["pgp"]: how the weak channels that are not removed are zeroed (soft pruning;
-            see ``pgp_det.pruning.surgery``). ``"pgp"``: zero the filter weights (conv/linear rows
-            computing the channel) and their optimizer state (momentum), keep the bias and the
-            norm's scale, shift and statistics, so the channel keeps receiving gradient and may
-            grow back (the PGP paper's text); ``"sfp"``: the same with the optimizer state kept
-            (SFP/PSFP); ``"zero_path"``: zero filter, bias, norm scale, shift and statistics and
-            the momentum of all of them, and hold them at zero until the next step removes the
-            channel (the PGP authors' public code: behind a zero norm scale or a ReLU the filter
-            gets no gradient anyway; the hold also covers norm-free layers, FPN's). A removed
-            channel's constant output (its shift after the activation) is folded into its
-            consumers (exact for linear and 1x1-conv consumers, see ``pgp_det.pruning.fold``).
-        KEEP_ZEROED [False]: hold zeroed channels' filter weights at zero until the next step
-            (masked after every iteration, in ``SOFT_MODE``; their bias and norm are kept)
-            instead of letting them recover.
-        CHANNEL_MULTIPLE [8]: kept channel counts are rounded to this multiple (speed on GPUs).
-        MIN_CHANNELS [8]: no group keeps fewer channels.
+        SCOPES [all]: which parts are pruned, among ``backbone``, ``fpn``, ``rpn``, ``roi_heads``.
         ALLOW_FROZEN [False]: also prune groups that touch frozen layers (``FREEZE_AT``).
+        TARGET: what the last step reaches (:mod:`pgp_det.pruning.target`).
+            KIND ["channels"]: ``"channels"`` (``TARGET.CHANNELS``), ``"flops"``
+                (``TARGET.FLOPS``) or ``"latency"`` (``TARGET.LATENCY``). Every step's allocation
+                meets the schedule's share of the target, predicted (within a fraction of a point,
+                never less), and the last step reaches the target itself.
+            CHANNELS.RATIO [0.5]: final fraction of channels pruned per group, in [0, 1).
+            CHANNELS.SCOPE_RATIOS [()]: per-scope overrides of ``RATIO`` as
+                ``(("roi_heads", 0.3), ...)``.
+            FLOPS.REDUCTION [0.5]: final fraction of FLOPs removed, in (0, 1).
+            FLOPS.INPUT_SIZE [(800, 1333)]: (height, width) at which FLOPs are counted (the FLOPs
+                target, and the FLOPs every kind reports; a latency target counts them at its
+                table's input size).
+            LATENCY.TABLE [""]: a table made by ``tools/profile_latency.py`` on the device the
+                model will run on; its input size is the one the target is met at.
+            LATENCY.MS [0.0], LATENCY.FPS [0.0]: exactly one > 0: the final predicted batch-1
+                latency in ms, or a frame rate (``1000 / FPS`` ms). The latency is predicted at
+                ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals, so fewer proposals leave more channels.
+            LATENCY.DEVICE [""]: ``"cpu"`` or ``"cuda"``: the kind of device the model will run
+                on; a table measured on another kind is refused. ``""`` accepts the table's.
+        CRITERION: how channels are scored.
+            NAME ["pgp"]: by name in ``CRITERION_REGISTRY``: ``pgp`` (L1 norm of the gradient
+                summed signed since the last step), ``pgp_pass`` (the same over an extra pass),
+                ``rpgp`` (summed gradient L1 norms), ``l1``, ``l2``, ``taylor``, ``bn_gamma``,
+                ``frs`` (see ``pgp_det.pruning.criteria``).
+            EXTRA_PASS_BATCHES [16]: batches of the extra pass before each step, for the
+                criteria that need one (``pgp_pass``, ``frs``).
+        SCHEDULE: when steps happen and how much each prunes.
+            NAME ["pgp_exponential"]: pruned fraction over steps, by name in
+                ``SCHEDULE_REGISTRY``: ``pgp_exponential`` (the paper's ``exp(-lambda k)``),
+                ``pgp_exponential_shifted`` (the authors' code: ``exp(-lambda (k + 1))``),
+                ``psfp``, ``linear``, ``cubic``.
+            UNIT ["iter"]: unit of START, END and INTERVAL: ``"iter"`` or ``"epoch"`` (converted
+                with the training set's size and ``SOLVER.IMS_PER_BATCH``).
+            START [0], END [-1], INTERVAL [-1]: steps happen at START + k * INTERVAL and at END,
+                the last step, where the target is reached exactly. END -1: 3/4 of
+                ``SOLVER.MAX_ITER``; INTERVAL -1: (END - START) / 10.
+        ALLOCATION: how a step's budget is shared among groups.
+            NAME ["uniform"]: by name in ``ALLOCATION_REGISTRY``: ``uniform``, ``global`` (one
+                normalised ranking), ``knapsack`` (the most value, ``KNAPSACK_VALUE``, within the
+                budget, greedy by value per unit of cost: HALP-style with a latency target),
+                ``adaptive`` (PSAP-style, from the live channels' weight sparsity).
+            KNAPSACK_VALUE ["taylor"]: what a channel is worth to ``knapsack``, on one scale for
+                every group (``pgp_det.pruning.loss_change``): ``"taylor"``, the first-order
+                training-loss change of removing it (filter, bias and norm zeroed), averaged over
+                the iterations since the last step; ``"taylor_squared"``, the mean squared
+                per-iteration change (Molchanov et al. 2019, HALP); ``"scores"``, the criterion's
+                scores put on one scale by its normalisation (one-shot pruning, which has no
+                gradients, always uses these).
+            PROTECT_QUANTILE [0.0]: when > 0, channels whose recent gradient (L1 with a
+                half-life of a quarter of the pruning interval) is above this quantile of their
+                group are not pruned at that step (PSAP-style protection); 0 disables it.
+        SOFT: what happens to a step's weak channels that are not removed.
+            REMOVE_RATIO [0.5]: share of each step's weak channels removed physically; the rest
+                is zeroed and may recover. 1.0: hard pruning only; 0.0: soft only (SFP/PSFP).
+                At the last step every weak channel is removed.
+            MODE ["pgp"]: how they are zeroed (see ``pgp_det.pruning.surgery``). ``"pgp"``: zero
+                the filter weights and their optimizer state (momentum), keep the bias and the
+                norm's scale, shift and statistics, so the channel keeps receiving gradient and
+                may grow back (the PGP paper's text); ``"sfp"``: the same with the optimizer
+                state kept (SFP/PSFP); ``"zero_path"``: zero filter, bias, norm scale, shift and
+                statistics and the momentum of all of them, and hold them at zero until the next
+                step removes the channel (the PGP authors' public code). A removed channel's
+                constant output is folded into its consumers (``pgp_det.pruning.fold``).
+            KEEP_ZEROED [False]: hold zeroed channels' filter weights at zero until the next
+                step instead of letting them recover.
+        ROUNDING: which kept channel counts are allowed.
+            MULTIPLE [8]: kept channel counts are rounded to this multiple (speed on GPUs).
+            MIN_CHANNELS [8]: no group keeps fewer channels.
+
+    A config that still uses a key of the earlier flat vocabulary (``PRUNING.RATIO``, ...) is
+    refused at load time with the new key's name (:data:`RENAMED_PRUNING_KEYS`).
     """
     cfg.PRUNING = CN()
-    cfg.PRUNING.ENABLED = False
-    cfg.PRUNING.TARGET = "ratio"
-    cfg.PRUNING.RATIO = 0.5
-    cfg.PRUNING.FLOPS_REDUCTION = 0.5
-    cfg.PRUNING.COST_INPUT_SIZE = (800, 1333)
-    cfg.PRUNING.LATENCY_TABLE = ""
-    cfg.PRUNING.TARGET_LATENCY_MS = 0.0
-    cfg.PRUNING.TARGET_FPS = 0.0
-    cfg.PRUNING.LATENCY_DEVICE = ""
-    cfg.PRUNING.SCOPES = ("backbone", "fpn", "rpn", "roi_heads")
-    cfg.PRUNING.SCOPE_RATIOS = ()
-    cfg.PRUNING.CRITERION = "pgp"
-    cfg.PRUNING.EXTRA_PASS_BATCHES = 16
-    cfg.PRUNING.SCHEDULE = "pgp_exponential"
-    cfg.PRUNING.ALLOCATION = "uniform"
-    cfg.PRUNING.KNAPSACK_VALUE = "taylor"
-    cfg.PRUNING.PROTECT_QUANTILE = 0.0
-    cfg.PRUNING.UNIT = "iter"
-    cfg.PRUNING.START = 0
-    cfg.PRUNING.END = -1
-    cfg.PRUNING.INTERVAL = -1
-    cfg.PRUNING.REMOVE_RATIO = 0.5
-    cfg.PRUNING.SOFT_MODE = "pgp"
-    cfg.PRUNING.KEEP_ZEROED = False
-    cfg.PRUNING.CHANNEL_MULTIPLE = 8
-    cfg.PRUNING.MIN_CHANNELS = 8
-    cfg.PRUNING.ALLOW_FROZEN = False
+    p = cfg.PRUNING
+    p.ENABLED = False
+    p.SCOPES = ("backbone", "fpn", "rpn", "roi_heads")
+    p.ALLOW_FROZEN = False
+    p.TARGET = CN()
+    p.TARGET.KIND = "channels"
+    p.TARGET.CHANNELS = CN()
+    p.TARGET.CHANNELS.RATIO = 0.5
+    p.TARGET.CHANNELS.SCOPE_RATIOS = ()
+    p.TARGET.FLOPS = CN()
+    p.TARGET.FLOPS.REDUCTION = 0.5
+    p.TARGET.FLOPS.INPUT_SIZE = (800, 1333)
+    p.TARGET.LATENCY = CN()
+    p.TARGET.LATENCY.TABLE = ""
+    p.TARGET.LATENCY.MS = 0.0
+    p.TARGET.LATENCY.FPS = 0.0
+    p.TARGET.LATENCY.DEVICE = ""
+    p.CRITERION = CN()
+    p.CRITERION.NAME = "pgp"
+    p.CRITERION.EXTRA_PASS_BATCHES = 16
+    p.SCHEDULE = CN()
+    p.SCHEDULE.NAME = "pgp_exponential"
+    p.SCHEDULE.UNIT = "iter"
+    p.SCHEDULE.START = 0
+    p.SCHEDULE.END = -1
+    p.SCHEDULE.INTERVAL = -1
+    p.ALLOCATION = CN()
+    p.ALLOCATION.NAME = "uniform"
+    p.ALLOCATION.KNAPSACK_VALUE = "taylor"
+    p.ALLOCATION.PROTECT_QUANTILE = 0.0
+    p.SOFT = CN()
+    p.SOFT.REMOVE_RATIO = 0.5
+    p.SOFT.MODE = "pgp"
+    p.SOFT.KEEP_ZEROED = False
+    p.ROUNDING = CN()
+    p.ROUNDING.MULTIPLE = 8
+    p.ROUNDING.MIN_CHANNELS = 8
     return cfg
+
+
+# the flat PRUNING keys of earlier versions and the keys that replaced them
+RENAMED_PRUNING_KEYS = {
+    "PRUNING." + old: "PRUNING." + new for old, new in (
+        ("TARGET", "TARGET.KIND"),
+        ("RATIO", "TARGET.CHANNELS.RATIO"),
+        ("SCOPE_RATIOS", "TARGET.CHANNELS.SCOPE_RATIOS"),
+        ("FLOPS_REDUCTION", "TARGET.FLOPS.REDUCTION"),
+        ("COST_INPUT_SIZE", "TARGET.FLOPS.INPUT_SIZE"),
+        ("LATENCY_TABLE", "TARGET.LATENCY.TABLE"),
+        ("TARGET_LATENCY_MS", "TARGET.LATENCY.MS"),
+        ("TARGET_FPS", "TARGET.LATENCY.FPS"),
+        ("LATENCY_DEVICE", "TARGET.LATENCY.DEVICE"),
+        ("CRITERION", "CRITERION.NAME"),
+        ("EXTRA_PASS_BATCHES", "CRITERION.EXTRA_PASS_BATCHES"),
+        ("SCHEDULE", "SCHEDULE.NAME"),
+        ("UNIT", "SCHEDULE.UNIT"),
+        ("START", "SCHEDULE.START"),
+        ("END", "SCHEDULE.END"),
+        ("INTERVAL", "SCHEDULE.INTERVAL"),
+        ("ALLOCATION", "ALLOCATION.NAME"),
+        ("KNAPSACK_VALUE", "ALLOCATION.KNAPSACK_VALUE"),
+        ("PROTECT_QUANTILE", "ALLOCATION.PROTECT_QUANTILE"),
+        ("REMOVE_RATIO", "SOFT.REMOVE_RATIO"),
+        ("SOFT_MODE", "SOFT.MODE"),
+        ("KEEP_ZEROED", "SOFT.KEEP_ZEROED"),
+        ("CHANNEL_MULTIPLE", "ROUNDING.MULTIPLE"),
+        ("MIN_CHANNELS", "ROUNDING.MIN_CHANNELS"),
+    )
+}
+
+
+def _renamed_key_hint(error) -> str:
+    """The one-line fix for an error yacs raised on a key of the earlier flat ``PRUNING``
+    vocabulary (an unknown key, or a value where a group of keys now is), else ""."""
+    found = re.search(r"(?:config key|key): (PRUNING\.[A-Z_]+)(?![A-Z_.])", str(error))
+    if not found or found.group(1) not in RENAMED_PRUNING_KEYS:
+        return ""
+    old, new = found.group(1), RENAMED_PRUNING_KEYS[found.group(1)]
+    extra = " (its value 'ratio' is now 'channels')" if old == "PRUNING.TARGET" else ""
+    return f"{old} was renamed {new}{extra}: use the new key (see pgp_det.config.add_pruning_config)"
 
 
 def add_domain_adaptation_config(cfg: CN) -> CN:
@@ -238,10 +291,16 @@ def load_config(path: str, opts=(), register_voc=(), register_coco=(), label: st
         problem = getattr(e, "problem", None) or _first_line(e)
         raise UserInputError(f"{where}config {path} is not valid YAML: {problem}{at}; fix the file") from None
     except (KeyError, ValueError, AssertionError, TypeError, OSError) as e:
+        renamed = _renamed_key_hint(e)
+        if renamed:
+            raise UserInputError(f"{where}config {path}: {renamed}") from None
         raise UserInputError(f"{where}bad config {path}: {_first_line(e)}{_number_hint(e)}") from None
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError, TypeError) as e:
+        renamed = _renamed_key_hint(e)
+        if renamed:
+            raise UserInputError(f"{where}override {renamed}") from None
         raise UserInputError(f"{where}bad override in {list(opts)}: {_first_line(e)}{_number_hint(e)}") from None
     _check_test_time_settings(cfg, where)
     cfg.DATASETS.CUSTOM_VOC.extend([list(entry) for entry in register_voc or ()])

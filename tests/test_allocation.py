@@ -332,7 +332,7 @@ def synthetic_r18(*overrides):
     """The demo's R18-FPN config (random init, CPU) with PRUNING ``overrides``, and its model."""
     cfg = get_pgp_cfg()
     cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "faster_rcnn_R_18_FPN_synth.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "PRUNING.COST_INPUT_SIZE", COST_SIZE, *overrides])
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "PRUNING.TARGET.FLOPS.INPUT_SIZE", COST_SIZE, *overrides])
     torch.manual_seed(0)
     return cfg, build_model(cfg).eval()
 
@@ -341,11 +341,11 @@ def prunable_groups(model, names=None):
     return {n: g for n, g in derive_channel_groups(model).items() if g.prunable and (names is None or n in names)}
 
 
-@pytest.mark.parametrize("target", ["ratio", "flops"])
+@pytest.mark.parametrize("target", ["channels", "flops"])
 @pytest.mark.parametrize("method", ["uniform", "global", "knapsack", "adaptive"])
 def test_every_allocation_meets_each_steps_target(method, target):
-    cfg, model = synthetic_r18("PRUNING.ALLOCATION", method, "PRUNING.TARGET", target, "PRUNING.RATIO", 0.5,
-                               "PRUNING.FLOPS_REDUCTION", 0.5, "PRUNING.SCHEDULE", "pgp_exponential")
+    cfg, model = synthetic_r18("PRUNING.ALLOCATION.NAME", method, "PRUNING.TARGET.KIND", target, "PRUNING.TARGET.CHANNELS.RATIO", 0.5,
+                               "PRUNING.TARGET.FLOPS.REDUCTION", 0.5, "PRUNING.SCHEDULE.NAME", "pgp_exponential")
     costs = CostModel(model, *COST_SIZE)
     groups = prunable_groups(model)
     original = {n: g.size for n, g in groups.items()}
@@ -381,7 +381,7 @@ def test_unreachable_flops_budget_fails_clearly():
 
 
 def test_adaptive_sparsity_ignores_channels_pruning_zeroed():
-    cfg, model = synthetic_r18("PRUNING.ALLOCATION", "adaptive", "PRUNING.TARGET", "flops")
+    cfg, model = synthetic_r18("PRUNING.ALLOCATION.NAME", "adaptive", "PRUNING.TARGET.KIND", "flops")
     costs = CostModel(model, *COST_SIZE)
     groups = prunable_groups(model)
     original = {n: g.size for n, g in groups.items()}
@@ -415,9 +415,9 @@ def test_adaptive_sparsity_ignores_channels_pruning_zeroed():
 
 def test_protection_spares_channels_with_large_recent_gradients_under_pgp():
     cfg = get_pgp_cfg()
-    cfg.merge_from_list(["SOLVER.MAX_ITER", 16, "PRUNING.CRITERION", "pgp", "PRUNING.PROTECT_QUANTILE", 0.95,
-                         "PRUNING.START", 0, "PRUNING.INTERVAL", 8, "PRUNING.END", 16,
-                         "PRUNING.CHANNEL_MULTIPLE", 1, "PRUNING.MIN_CHANNELS", 1])
+    cfg.merge_from_list(["SOLVER.MAX_ITER", 16, "PRUNING.CRITERION.NAME", "pgp", "PRUNING.ALLOCATION.PROTECT_QUANTILE", 0.95,
+                         "PRUNING.SCHEDULE.START", 0, "PRUNING.SCHEDULE.INTERVAL", 8, "PRUNING.SCHEDULE.END", 16,
+                         "PRUNING.ROUNDING.MULTIPLE", 1, "PRUNING.ROUNDING.MIN_CHANNELS", 1])
     hook = PGPHook(cfg)
     model = nn.Module()
     model.fc = nn.Linear(4, 16)
@@ -435,7 +435,7 @@ def test_protection_spares_channels_with_large_recent_gradients_under_pgp():
         hook.protector.update(model)
     scores = hook.criterion.scores(model)
     assert int(scores["fc"].argmin()) == 0
-    protected = protect_by_gradient(hook.protector.scores(model), quantile=cfg.PRUNING.PROTECT_QUANTILE)
+    protected = protect_by_gradient(hook.protector.scores(model), quantile=cfg.PRUNING.ALLOCATION.PROTECT_QUANTILE)
     assert protected["fc"].nonzero().reshape(-1).tolist() == [0]
 
     def weak(protected=None):

@@ -250,7 +250,7 @@ def test_unreachable_target_is_refused_even_when_nothing_would_be_pruned(tmp_pat
     not skip the reachability check of the FLOPs target."""
     out = tmp_path / "out"
     proc = run_tool("train_net.py", "--config", "synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml", *QUICK,
-                    "PRUNING.MIN_CHANNELS", "10000", "OUTPUT_DIR", str(out))
+                    "PRUNING.ROUNDING.MIN_CHANNELS", "10000", "OUTPUT_DIR", str(out))
     assert_one_line_error(proc, "is unreachable")
     assert not out.exists()
 
@@ -299,7 +299,7 @@ def test_yaml_config_that_would_run_code_is_refused(tmp_path):
     [
         (["--resume", *QUICK, "MODEL.ROI_HEADS.NUM_CLASSES", "3"],
          "MODEL.ROI_HEADS.NUM_CLASSES is 3 but dataset 'synth_voc_train' has 6"),
-        (["--resume", *QUICK, "PRUNING.ENABLED", "True", "PRUNING.RATIO", "1.5"], "PRUNING.RATIO"),
+        (["--resume", *QUICK, "PRUNING.ENABLED", "True", "PRUNING.TARGET.CHANNELS.RATIO", "1.5"], "PRUNING.TARGET.CHANNELS.RATIO"),
         (["--resume", *QUICK, "MODEL.FPN.OUT_CHANNELS", "32"], "was saved from a different architecture"),
         (QUICK, "already holds a training run"),  # a valid run, but not --resume
     ],
@@ -428,13 +428,13 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
 
 
 def test_whole_number_for_a_float_key_names_the_fix(tmp_path):
-    with pytest.raises(UserInputError, match=r"PRUNING\.TARGET_FPS holds a float: write 40\.0$"):
-        load_config(CONFIG, ["PRUNING.TARGET_FPS", "40"])
+    with pytest.raises(UserInputError, match=r"PRUNING\.TARGET\.LATENCY\.FPS holds a float: write 40\.0$"):
+        load_config(CONFIG, ["PRUNING.TARGET.LATENCY.FPS", "40"])
     config = tmp_path / "lr.yaml"
     config.write_text(f'_BASE_: "{os.path.abspath(CONFIG)}"\nSOLVER:\n  BASE_LR: 1\n')
     with pytest.raises(UserInputError, match=r"SOLVER\.BASE_LR holds a float: write 1\.0$"):
         load_config(str(config))
-    load_config(CONFIG, ["PRUNING.TARGET_FPS", "40.0"])  # the float itself is taken
+    load_config(CONFIG, ["PRUNING.TARGET.LATENCY.FPS", "40.0"])  # the float itself is taken
 
 
 def test_option_after_the_overrides_gets_a_hint(tmp_path):
@@ -525,23 +525,23 @@ def test_min_channels_above_every_width_warns(cfg, caplog, tmp_path, files):
     warned = cfg.clone()
     warned.defrost()
     warned.PRUNING.ENABLED = True
-    warned.PRUNING.MIN_CHANNELS = 100000
+    warned.PRUNING.ROUNDING.MIN_CHANNELS = 100000
     warned.OUTPUT_DIR = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="pgp_det"):
         check_training_run(warned, eval_only=False, resume=False)
     assert any("nothing will be pruned" in r.getMessage() for r in caplog.records)
-    proc = run_tool("prune_net.py", "--config-file", CONFIG, "--ratio", "0.5", "--floor", "100000",
+    proc = run_tool("prune_net.py", "--config-file", CONFIG, "--ratio", "0.5", "--min-channels", "100000",
                     "--output", str(tmp_path / "p"), "MODEL.WEIGHTS", files["good"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "warning: PRUNING.MIN_CHANNELS (--floor) 100000" in proc.stderr
+    assert "warning: PRUNING.ROUNDING.MIN_CHANNELS (--min-channels) 100000" in proc.stderr
 
 
 def test_sweep_checks_every_variant_before_the_first_training(tmp_path):
     out = tmp_path / "sweep"
     proc = run_tool("sweep.py", "--config-file", CONFIG, "--baseline", "--flops-reductions", "0.5",
-                    "--variant", "ok=PRUNING.CRITERION l2", "--variant", "bad=PRUNING.SCHEDULE nonsense",
+                    "--variant", "ok=PRUNING.CRITERION.NAME l2", "--variant", "bad=PRUNING.SCHEDULE.NAME nonsense",
                     "--output", str(out))
-    assert_one_line_error(proc, "run 'bad_flops0.5': PRUNING.SCHEDULE = 'nonsense' is invalid")
+    assert_one_line_error(proc, "run 'bad_flops0.5': PRUNING.SCHEDULE.NAME = 'nonsense' is invalid")
     assert not out.exists()
 
 

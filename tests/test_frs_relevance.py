@@ -271,8 +271,8 @@ def test_global_allocation_keeps_a_criterions_own_normalisation():
     assert build_criterion("l1").global_normalisation == "mean"
 
     cfg = get_pgp_cfg()
-    cfg.merge_from_list(["PRUNING.ALLOCATION", "global", "PRUNING.CHANNEL_MULTIPLE", 1, "PRUNING.MIN_CHANNELS", 1,
-                         "PRUNING.SCHEDULE", "linear"])
+    cfg.merge_from_list(["PRUNING.ALLOCATION.NAME", "global", "PRUNING.ROUNDING.MULTIPLE", 1, "PRUNING.ROUNDING.MIN_CHANNELS", 1,
+                         "PRUNING.SCHEDULE.NAME", "linear"])
     planned = plan_pruning_step(cfg, None, groups, scores, 1, 1, {n: g.size for n, g in groups.items()},
                                 ChannelTarget({g.scope: 0.25 for g in groups.values()}), normalisation="none")
     assert planned == as_given

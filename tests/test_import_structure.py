@@ -164,7 +164,7 @@ def test_front_door_exports_the_main_pieces_without_loading_them():
         "from detectron2.config import get_cfg\n"
         "print(PGPHook is pgp_det.pruning.hook.PGPHook, issubclass(PGPHook, HookBase),\n"
         "      CRITERION_REGISTRY is pgp_det.pruning.criteria.CRITERION_REGISTRY, 'pgp' in CRITERION_REGISTRY)\n"
-        "print(add_pgp_config(get_cfg()).PRUNING.CRITERION)\n"
+        "print(add_pgp_config(get_cfg()).PRUNING.CRITERION.NAME)\n"
         "print(sorted(n for n in pgp_det.__all__ if getattr(pgp_det, n, None) is None))\n"
         "try:\n"
         "    from pgp_det import no_such_name\n"

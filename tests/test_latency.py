@@ -47,7 +47,7 @@ def flop_timer(fn):
 def synthetic_cfg(*extra):
     cfg = get_pgp_cfg()
     cfg.merge_from_file(os.path.join(ROOT, "configs", CONFIG))
-    cfg.merge_from_list(OVERRIDES + ["PRUNING.COST_INPUT_SIZE", SIZE, *extra])
+    cfg.merge_from_list(OVERRIDES + ["PRUNING.TARGET.FLOPS.INPUT_SIZE", SIZE, *extra])
     return cfg
 
 
@@ -281,16 +281,16 @@ def test_profiler_table_predicts_what_the_fake_timer_measures(r18_table, capsys)
 @pytest.mark.parametrize("method", ["knapsack", "uniform"])
 def test_each_pruning_step_meets_its_latency_budget(r18_table, method):
     table = LatencyTable.load(r18_table)
-    cfg = synthetic_cfg("PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table, "PRUNING.TARGET_FPS",
-                        str(1000.0 / (0.5 * table.predict())), "PRUNING.ALLOCATION", method,
-                        "PRUNING.SCHEDULE", "pgp_exponential")
+    cfg = synthetic_cfg("PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table, "PRUNING.TARGET.LATENCY.FPS",
+                        str(1000.0 / (0.5 * table.predict())), "PRUNING.ALLOCATION.NAME", method,
+                        "PRUNING.SCHEDULE.NAME", "pgp_exponential")
     check_pruning_config(cfg)
     model = synthetic_model(cfg)
     groups = {n: g for n, g in derive_channel_groups(model).items() if g.prunable}
     original = {n: g.size for n, g in groups.items()}
     criterion = build_criterion("l1")
     target = build_target(cfg, derive_channel_groups(model))
-    budgets = [target.budget(cfg.PRUNING.SCHEDULE, step, 3).limit for step in (1, 2, 3)]
+    budgets = [target.budget(cfg.PRUNING.SCHEDULE.NAME, step, 3).limit for step in (1, 2, 3)]
     assert budgets[0] > budgets[1] > budgets[2] == pytest.approx(0.5 * table.predict())
     for step, budget in zip((1, 2, 3), budgets):
         criterion.attach(model, groups)
@@ -308,10 +308,10 @@ def test_each_pruning_step_meets_its_latency_budget(r18_table, method):
 def test_hook_logs_predicted_latency_at_each_step(r18_table, tmp_path):
     table = LatencyTable.load(r18_table)
     target = 0.6 * table.predict()
-    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
-                        "PRUNING.TARGET_LATENCY_MS", str(target), "PRUNING.ALLOCATION", "knapsack",
-                        "PRUNING.CRITERION", "l1", "PRUNING.REMOVE_RATIO", "0.5", "SOLVER.MAX_ITER", "20",
-                        "PRUNING.START", "0", "PRUNING.INTERVAL", "5", "PRUNING.END", "10", "OUTPUT_DIR", str(tmp_path))
+    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table,
+                        "PRUNING.TARGET.LATENCY.MS", str(target), "PRUNING.ALLOCATION.NAME", "knapsack",
+                        "PRUNING.CRITERION.NAME", "l1", "PRUNING.SOFT.REMOVE_RATIO", "0.5", "SOLVER.MAX_ITER", "20",
+                        "PRUNING.SCHEDULE.START", "0", "PRUNING.SCHEDULE.INTERVAL", "5", "PRUNING.SCHEDULE.END", "10", "OUTPUT_DIR", str(tmp_path))
     check_pruning_config(cfg)
     model = synthetic_model(cfg)
     hook = PGPHook(cfg)
@@ -350,8 +350,8 @@ def test_hook_warns_when_the_model_is_tested_where_the_table_was_not_measured(r1
     import logging
 
     table = LatencyTable.load(r18_table)
-    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
-                        "PRUNING.TARGET_LATENCY_MS", str(0.6 * table.predict()), "INPUT.MIN_SIZE_TEST", str(test_size),
+    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table,
+                        "PRUNING.TARGET.LATENCY.MS", str(0.6 * table.predict()), "INPUT.MIN_SIZE_TEST", str(test_size),
                         "MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals), "MODEL.RPN.PRE_NMS_TOPK_TEST", str(pre_nms),
                         "OUTPUT_DIR", str(tmp_path))
     model = synthetic_model(cfg)
@@ -404,10 +404,10 @@ def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys, test_size
     (["--latency-table", "{table}", "--target-latency-ms", "1e9"], [], "is not below the unpruned model's"),
     (["--latency-table", "{table}", "--target-latency-ms", "0.001"], [], "is unreachable: pruning every prunable group"),
     (["--latency-table", "{table}", "--target-fps", "30", "--input-size", "256x256"], [],
-     "was measured at 128x160, not at the 256x256 asked for"),
+     "--input-size does not apply to a latency target"),
     (["--latency-table", "{table}", "--target-fps", "30"], ["MODEL.FPN.OUT_CHANNELS", "32"],
      "was made for another architecture: channel group backbone.fpn.inner has 64 channels there and 32"),
-    (["--latency-table", "{table}", "--target-fps", "30"], ["PRUNING.LATENCY_DEVICE", "cuda"], "not on cuda"),
+    (["--latency-table", "{table}", "--target-fps", "30"], ["PRUNING.TARGET.LATENCY.DEVICE", "cuda"], "not on cuda"),
 ])
 def test_prune_net_refuses_bad_latency_requests_in_one_line(r18_table, tmp_path, capsys, options, overrides, message):
     tool = load_tool("prune_net")
@@ -477,29 +477,29 @@ def test_profile_tool_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
 
 def test_settings_check_the_latency_keys(r18_table, tmp_path):
     def check(*extra):
-        cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", *extra)
+        cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", *extra)
         return check_pruning_config(cfg)
 
-    good = ["PRUNING.LATENCY_TABLE", r18_table]
-    check(*good, "PRUNING.TARGET_LATENCY_MS", "100.0")
-    check(*good, "PRUNING.TARGET_FPS", "20.0", "PRUNING.LATENCY_DEVICE", "cpu")
+    good = ["PRUNING.TARGET.LATENCY.TABLE", r18_table]
+    check(*good, "PRUNING.TARGET.LATENCY.MS", "100.0")
+    check(*good, "PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.LATENCY.DEVICE", "cpu")
     cases = [
-        (["PRUNING.TARGET_FPS", "20.0"], "PRUNING.LATENCY_TABLE is empty"),
+        (["PRUNING.TARGET.LATENCY.FPS", "20.0"], "PRUNING.TARGET.LATENCY.TABLE is empty"),
         (good, "are invalid: give exactly one latency target: a latency in ms or a frame rate, not neither"),
-        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.TARGET_LATENCY_MS", "5.0"], "not both"),
-        (good + ["PRUNING.TARGET_FPS", "-2.0"], "must be a number >= 0"),
-        (["PRUNING.LATENCY_TABLE", str(tmp_path / "none.json"), "PRUNING.TARGET_FPS", "20.0"], "does not exist"),
-        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.COST_INPUT_SIZE", "(256, 256)"],
-         "PRUNING.COST_INPUT_SIZE = (256, 256) is invalid: the latency table"),
-        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.LATENCY_DEVICE", "cuda"], "was measured on cpu"),
-        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.LATENCY_DEVICE", "tpu"], "PRUNING.LATENCY_DEVICE = 'tpu'"),
-        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.SCOPE_RATIOS", "(('fpn', 0.3),)"], "TARGET 'ratio' only"),
-        (good + ["PRUNING.TARGET_FPS", "20.0", "PRUNING.ALLOCATION", "magic"], "PRUNING.ALLOCATION = 'magic'"),
+        (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.LATENCY.MS", "5.0"], "not both"),
+        (good + ["PRUNING.TARGET.LATENCY.FPS", "-2.0"], "must be a number >= 0"),
+        (["PRUNING.TARGET.LATENCY.TABLE", str(tmp_path / "none.json"), "PRUNING.TARGET.LATENCY.FPS", "20.0"], "does not exist"),
+        (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.FLOPS.INPUT_SIZE", "(256, 256)"],
+         "PRUNING.TARGET.FLOPS.INPUT_SIZE = (256, 256) is invalid: the latency table"),
+        (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.LATENCY.DEVICE", "cuda"], "was measured on cpu"),
+        (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.LATENCY.DEVICE", "tpu"], "PRUNING.TARGET.LATENCY.DEVICE = 'tpu'"),
+        (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.CHANNELS.SCOPE_RATIOS", "(('fpn', 0.3),)"], "PRUNING.TARGET.KIND 'channels' only"),
+        (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.ALLOCATION.NAME", "magic"], "PRUNING.ALLOCATION.NAME = 'magic'"),
     ]
     for extra, message in cases:
         assert message in one_line_error(check, *extra), extra
-    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "speed")
-    assert "use 'ratio', 'flops' or 'latency'" in one_line_error(check_pruning_config, cfg)
+    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "speed")
+    assert "use 'channels', 'flops' or 'latency'" in one_line_error(check_pruning_config, cfg)
 
 
 def test_training_preflight_refuses_a_table_of_another_architecture(r18_table):
@@ -507,8 +507,8 @@ def test_training_preflight_refuses_a_table_of_another_architecture(r18_table):
     table made for another architecture; the matching one passes."""
     from pgp_det.engine.preflight import _check_model_for_pruning
 
-    latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
-               "PRUNING.TARGET_FPS", "20.0"]
+    latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table,
+               "PRUNING.TARGET.LATENCY.FPS", "20.0"]
     _check_model_for_pruning(synthetic_cfg(*latency))
     message = one_line_error(_check_model_for_pruning, synthetic_cfg(*latency, "MODEL.ROI_BOX_HEAD.FC_DIM", "128"))
     assert "was made for another architecture: channel group roi_heads.box_head.fc1 has 256 channels there" in message
@@ -530,18 +530,18 @@ def test_training_refuses_an_unreachable_target_before_writing_anything(r18_tabl
     from pgp_det.engine.preflight import check_training_run
 
     run = tmp_path / "run"
-    latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
-               "PRUNING.ALLOCATION", "knapsack", "OUTPUT_DIR", str(run)]
+    latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table,
+               "PRUNING.ALLOCATION.NAME", "knapsack", "OUTPUT_DIR", str(run)]
     table = LatencyTable.load(r18_table)
     floor = table.predict({name: 8 for name in table.groups})
-    message = one_line_error(check_training_run, synthetic_cfg(*latency, "PRUNING.TARGET_LATENCY_MS", str(0.9 * floor)),
+    message = one_line_error(check_training_run, synthetic_cfg(*latency, "PRUNING.TARGET.LATENCY.MS", str(0.9 * floor)),
                              eval_only=False, resume=False)
     assert "is unreachable" in message and f"leaves {floor:.4g} ms" in message, message
-    flops = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "flops", "PRUNING.FLOPS_REDUCTION", "0.999",
+    flops = ["PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "flops", "PRUNING.TARGET.FLOPS.REDUCTION", "0.999",
              "OUTPUT_DIR", str(run)]
     assert "FLOPs reduction of 99.9% at 128x160 is unreachable" in one_line_error(
         check_training_run, synthetic_cfg(*flops), eval_only=False, resume=False)
-    assert check_training_run(synthetic_cfg(*latency, "PRUNING.TARGET_LATENCY_MS", str(1.1 * floor)),
+    assert check_training_run(synthetic_cfg(*latency, "PRUNING.TARGET.LATENCY.MS", str(1.1 * floor)),
                               eval_only=False, resume=False) == ""
     assert not run.exists()
 
@@ -1286,8 +1286,8 @@ def fixed_stage_meter(table, fixed_share: float):
 
 
 def latency_cfg(table_path, target_ms):
-    cfg = synthetic_cfg("PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", table_path,
-                        "PRUNING.TARGET_LATENCY_MS", float(target_ms), "PRUNING.ALLOCATION", "knapsack", "SEED", 3,
+    cfg = synthetic_cfg("PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", table_path,
+                        "PRUNING.TARGET.LATENCY.MS", float(target_ms), "PRUNING.ALLOCATION.NAME", "knapsack", "SEED", 3,
                         "INPUT.MIN_SIZE_TEST", 128)  # tested at the table's size: no warning of its own
     cfg.freeze()
     return cfg

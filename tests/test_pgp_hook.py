@@ -21,7 +21,7 @@ TINY = [
     "SOLVER.MAX_ITER", "24", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "5", "SOLVER.STEPS", "(20,)",
     "SOLVER.CHECKPOINT_PERIOD", "8", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(160,)",
     "INPUT.MAX_SIZE_TRAIN", "240", "DATASETS.TEST", "()",
-    "PRUNING.START", "0", "PRUNING.INTERVAL", "4", "PRUNING.END", "15", "PRUNING.COST_INPUT_SIZE", "(256, 384)",
+    "PRUNING.SCHEDULE.START", "0", "PRUNING.SCHEDULE.INTERVAL", "4", "PRUNING.SCHEDULE.END", "15", "PRUNING.TARGET.FLOPS.INPUT_SIZE", "(256, 384)",
 ]
 
 
@@ -170,7 +170,7 @@ def test_resume_mid_interval_ends_with_the_same_kept_channels(tmp_path, allocati
         cfg = get_pgp_cfg()
         cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"))
         cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "16", "SOLVER.CHECKPOINT_PERIOD", "10",
-                                    "PRUNING.ALLOCATION", allocation, "PRUNING.CRITERION", "pgp",
+                                    "PRUNING.ALLOCATION.NAME", allocation, "PRUNING.CRITERION.NAME", "pgp",
                                     "OUTPUT_DIR", str(out)])
         register_custom_datasets(cfg)
         return cfg
@@ -206,8 +206,8 @@ def test_an_extra_pass_takes_no_batch_from_training(tmp_path):
 
     cfg = get_pgp_cfg()
     cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"))
-    cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "10", "PRUNING.END", "8", "PRUNING.CRITERION", "pgp_pass",
-                                "PRUNING.EXTRA_PASS_BATCHES", "3", "OUTPUT_DIR", str(tmp_path)])
+    cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "10", "PRUNING.SCHEDULE.END", "8", "PRUNING.CRITERION.NAME", "pgp_pass",
+                                "PRUNING.CRITERION.EXTRA_PASS_BATCHES", "3", "OUTPUT_DIR", str(tmp_path)])
     register_custom_datasets(cfg)
     stream = iter(build_detection_train_loader(cfg))
     batches = [next(stream) for _ in range(4)]
@@ -270,7 +270,7 @@ if __name__ == "__main__":
 
 
 def test_two_processes_take_identical_decisions_and_end_with_identical_models(tmp_path):
-    opts = [*TINY, "SOLVER.MAX_ITER", "12", "PRUNING.END", "7", "OUTPUT_DIR", str(tmp_path)]
+    opts = [*TINY, "SOLVER.MAX_ITER", "12", "PRUNING.SCHEDULE.END", "7", "OUTPUT_DIR", str(tmp_path)]
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS.format(root=ROOT, opts=opts))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT)
@@ -315,8 +315,8 @@ def test_zeroed_channels_stay_zero_only_when_masked():
     def run(keep_zeroed, out):
         cfg = get_pgp_cfg()
         cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"))
-        cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "8", "PRUNING.END", "7", "PRUNING.REMOVE_RATIO", "0.0",
-                                    "PRUNING.KEEP_ZEROED", str(keep_zeroed), "OUTPUT_DIR", str(out)])
+        cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "8", "PRUNING.SCHEDULE.END", "7", "PRUNING.SOFT.REMOVE_RATIO", "0.0",
+                                    "PRUNING.SOFT.KEEP_ZEROED", str(keep_zeroed), "OUTPUT_DIR", str(out)])
         register_custom_datasets(cfg)
         trainer = Trainer(cfg)
         watch = Watch()
@@ -342,11 +342,11 @@ def test_zeroed_channels_stay_zero_only_when_masked():
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["PRUNING.RATIO", "1.0"], "PRUNING.RATIO = 1.0 is invalid"),
+        (["PRUNING.TARGET.CHANNELS.RATIO", "1.0"], "PRUNING.TARGET.CHANNELS.RATIO = 1.0 is invalid"),
         (["PRUNING.SCOPES", "('backbone', 'neck')"], "PRUNING.SCOPES = 'neck' is invalid"),
-        (["PRUNING.CRITERION", "magic"], "PRUNING.CRITERION = 'magic' is invalid: known: "),
-        (["PRUNING.SCHEDULE", "steps"], "PRUNING.SCHEDULE = 'steps' is invalid"),
-        (["PRUNING.END", "5", "PRUNING.START", "10"], "PRUNING.END = 5 is invalid"),
+        (["PRUNING.CRITERION.NAME", "magic"], "PRUNING.CRITERION.NAME = 'magic' is invalid: known: "),
+        (["PRUNING.SCHEDULE.NAME", "steps"], "PRUNING.SCHEDULE.NAME = 'steps' is invalid"),
+        (["PRUNING.SCHEDULE.END", "5", "PRUNING.SCHEDULE.START", "10"], "PRUNING.SCHEDULE.END = 5 is invalid"),
     ],
 )
 def test_bad_pruning_settings_fail_at_start_up(tmp_path, override, message):
@@ -361,10 +361,10 @@ def test_bad_pruning_settings_fail_at_start_up(tmp_path, override, message):
 
 def test_epochs_convert_to_iterations():
     cfg = get_pgp_cfg()
-    cfg.merge_from_list(["SOLVER.MAX_ITER", "1000", "PRUNING.UNIT", "epoch", "PRUNING.START", "1",
-                         "PRUNING.INTERVAL", "2", "PRUNING.END", "7"])
+    cfg.merge_from_list(["SOLVER.MAX_ITER", "1000", "PRUNING.SCHEDULE.UNIT", "epoch", "PRUNING.SCHEDULE.START", "1",
+                         "PRUNING.SCHEDULE.INTERVAL", "2", "PRUNING.SCHEDULE.END", "7"])
     assert resolve_pruning_iterations(cfg, iters_per_epoch=100) == [300, 500, 700]
-    cfg.merge_from_list(["PRUNING.UNIT", "iter", "PRUNING.START", "0", "PRUNING.INTERVAL", "-1", "PRUNING.END", "-1"])
+    cfg.merge_from_list(["PRUNING.SCHEDULE.UNIT", "iter", "PRUNING.SCHEDULE.START", "0", "PRUNING.SCHEDULE.INTERVAL", "-1", "PRUNING.SCHEDULE.END", "-1"])
     assert resolve_pruning_iterations(cfg) == list(range(75, 750, 75)) + [750]
 
 
@@ -407,7 +407,7 @@ def test_channels_without_gradient_are_the_ones_pgp_removes():
         optimizer.step()
     scores = criterion.scores(model)
     cfg = get_pgp_cfg()
-    cfg.merge_from_list(["PRUNING.TARGET", "ratio", "PRUNING.CHANNEL_MULTIPLE", 1, "PRUNING.MIN_CHANNELS", 1])
+    cfg.merge_from_list(["PRUNING.TARGET.KIND", "channels", "PRUNING.ROUNDING.MULTIPLE", 1, "PRUNING.ROUNDING.MIN_CHANNELS", 1])
     sizes = {n: g.size for n, g in groups.items()}
     weak = plan_pruning_step(cfg, model, groups, scores, 1, 1, sizes,
                              ChannelTarget({g.scope: 0.25 for g in groups.values()}))
@@ -425,8 +425,8 @@ def test_kept_counts_follow_the_schedule_at_every_step(tmp_path):
     from pgp_det.pruning import derive_channel_groups, kept_count
     from pgp_det.pruning.schedules import pruned_fraction
 
-    train(tmp_path, "PRUNING.TARGET", "ratio", "PRUNING.RATIO", "0.5", "PRUNING.REMOVE_RATIO", "1.0",
-          "PRUNING.CRITERION", "l1", "PRUNING.CHANNEL_MULTIPLE", "1", "PRUNING.MIN_CHANNELS", "1")
+    train(tmp_path, "PRUNING.TARGET.KIND", "channels", "PRUNING.TARGET.CHANNELS.RATIO", "0.5", "PRUNING.SOFT.REMOVE_RATIO", "1.0",
+          "PRUNING.CRITERION.NAME", "l1", "PRUNING.ROUNDING.MULTIPLE", "1", "PRUNING.ROUNDING.MIN_CHANNELS", "1")
     log = pruning_log(tmp_path)
     cfg = get_pgp_cfg()
     cfg.merge_from_file(os.path.join(tmp_path, "config.yaml"))
@@ -499,8 +499,8 @@ def test_every_holder_of_the_ddp_wrapper_sees_the_new_one(tmp_path, monkeypatch)
 
     cfg = get_pgp_cfg()
     cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "pgp_faster_rcnn_R_18_FPN_synth.yaml"))
-    cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "3", "PRUNING.INTERVAL", "2", "PRUNING.END", "2",
-                                "PRUNING.REMOVE_RATIO", "1.0", "TEST.PRECISE_BN.ENABLED", "True",
+    cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "3", "PRUNING.SCHEDULE.INTERVAL", "2", "PRUNING.SCHEDULE.END", "2",
+                                "PRUNING.SOFT.REMOVE_RATIO", "1.0", "TEST.PRECISE_BN.ENABLED", "True",
                                 "TEST.PRECISE_BN.NUM_ITER", "1", "OUTPUT_DIR", str(tmp_path / "run")])
     register_custom_datasets(cfg)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -527,7 +527,7 @@ def test_every_holder_of_the_ddp_wrapper_sees_the_new_one(tmp_path, monkeypatch)
 def test_train_net_with_two_cpu_processes_ends_cleanly(tmp_path):
     """--num-gpus 2 on a CPU: both ranks train, prune and exit 0 (no abort at interpreter exit)."""
     out = tmp_path / "run"
-    train(out, "SOLVER.MAX_ITER", "8", "PRUNING.END", "7", num_gpus=2)
+    train(out, "SOLVER.MAX_ITER", "8", "PRUNING.SCHEDULE.END", "7", num_gpus=2)
     assert json.loads((out / "results.json").read_text()) == {}  # no test set: nothing evaluated
     assert [s["step"] for s in pruning_log(out)["steps"]] == [1, 2]
     assert checkpoint_architecture(out / "model_final.pth") == pruning_log(out)["architecture"]

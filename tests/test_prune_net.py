@@ -30,7 +30,8 @@ def tool():
 
 def one_shot_config(*pruning):
     """The synthetic config at random init, FLOPs counted at 128x160, with ``PRUNING`` items."""
-    keys = ["PRUNING.COST_INPUT_SIZE", "(128, 160)", *(f"PRUNING.{v}" if i % 2 == 0 else v for i, v in enumerate(pruning))]
+    keys = ["PRUNING.TARGET.FLOPS.INPUT_SIZE", "(128, 160)",
+            *(f"PRUNING.{v}" if i % 2 == 0 else v for i, v in enumerate(pruning))]
     cfg = load_config(os.path.join(ROOT, "configs", CONFIG), OVERRIDES + keys)
     cfg.freeze()
     return cfg
@@ -40,7 +41,7 @@ def one_shot_config(*pruning):
 def pruned(tmp_path_factory):
     """The library's result at ratio 0.5, and the files it wrote."""
     out = tmp_path_factory.mktemp("pruned") / "out"
-    cfg = one_shot_config("TARGET", "ratio", "RATIO", "0.5")
+    cfg = one_shot_config("TARGET.KIND", "channels", "TARGET.CHANNELS.RATIO", "0.5")
     result = prune_once(cfg, "l1")
     result.write(str(out), cfg)
     return cfg, result.model.eval(), out
@@ -70,7 +71,7 @@ def test_cli_writes_checkpoint_and_report(tool, tmp_path, capsys):
     assert sum(flops["after_gflops_per_family"].values()) == pytest.approx(flops["after_gflops"])
     assert params["after"] < params["before"]
     assert report["settings"]["criterion"] == "l1" and report["settings"]["requested"] == {"ratio": 0.5}
-    assert report["settings"]["allocation"] == "uniform"  # the config's PRUNING.ALLOCATION
+    assert report["settings"]["allocation"] == "uniform"  # the config's PRUNING.ALLOCATION.NAME
     for name, group in report["groups"].items():  # every group halved, on a multiple of 8
         assert group["kept"] % 8 == 0 and abs(group["kept"] - group["original"] / 2) <= 4, name
 
@@ -119,14 +120,15 @@ def test_flops_target_and_scopes(tool, tmp_path, capsys):
             assert group["kept"] == group["original"] and group["out_of_scope"], name
 
 
-@pytest.mark.parametrize("target", [["TARGET", "ratio", "RATIO", "0.5"], ["TARGET", "flops", "FLOPS_REDUCTION", "0.5"]])
+@pytest.mark.parametrize("target", [["TARGET.KIND", "channels", "TARGET.CHANNELS.RATIO", "0.5"],
+                                    ["TARGET.KIND", "flops", "TARGET.FLOPS.REDUCTION", "0.5"]])
 def test_every_allocation_meets_the_target(target):
     kept = {}
     for allocation in ("uniform", "global", "adaptive"):
-        report = prune_once(one_shot_config(*target, "ALLOCATION", allocation), "l1").report
+        report = prune_once(one_shot_config(*target, "ALLOCATION.NAME", allocation), "l1").report
         assert report["settings"]["allocation"] == allocation
         groups = report["groups"].values()
-        if target[1] == "ratio":
+        if target[1] == "channels":
             removed = 1.0 - sum(g["kept"] for g in groups) / sum(g["original"] for g in groups)
         else:  # measured by fvcore on the pruned model
             removed = report["flops"]["reduction_percent"] / 100

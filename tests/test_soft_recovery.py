@@ -282,15 +282,15 @@ def test_soft_mode_config_key():
     from pgp_det.pruning.hook import PGPHook
 
     cfg = get_pgp_cfg()
-    assert cfg.PRUNING.SOFT_MODE == "pgp"
-    cfg.merge_from_list(["PRUNING.ENABLED", True, "SOLVER.MAX_ITER", 100, "PRUNING.SOFT_MODE", "sfp"])
+    assert cfg.PRUNING.SOFT.MODE == "pgp"
+    cfg.merge_from_list(["PRUNING.ENABLED", True, "SOLVER.MAX_ITER", 100, "PRUNING.SOFT.MODE", "sfp"])
     check_pruning_config(cfg)
     assert PGPHook(cfg).masks.mode == "sfp"
-    cfg.merge_from_list(["PRUNING.SOFT_MODE", "zero_path"])
+    cfg.merge_from_list(["PRUNING.SOFT.MODE", "zero_path"])
     check_pruning_config(cfg)
     assert PGPHook(cfg).masks.mode == "zero_path"
-    cfg.merge_from_list(["PRUNING.SOFT_MODE", "zero"])
-    with pytest.raises(UserInputError, match="PRUNING.SOFT_MODE = 'zero' is invalid"):
+    cfg.merge_from_list(["PRUNING.SOFT.MODE", "zero"])
+    with pytest.raises(UserInputError, match="PRUNING.SOFT.MODE = 'zero' is invalid"):
         check_pruning_config(cfg)
 
 

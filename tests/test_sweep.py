@@ -14,12 +14,12 @@ SWEEP = os.path.join(ROOT, "tools", "sweep.py")
 
 def test_training_sweep_plans_baseline_targets_and_variants():
     args = argparse.Namespace(ratios="0.3", flops_reductions="0.5", baseline=True, oneshot=False,
-                              variant=["psfp=PRUNING.CRITERION l2 PRUNING.REMOVE_RATIO 0.0"])
+                              variant=["psfp=PRUNING.CRITERION.NAME l2 PRUNING.SOFT.REMOVE_RATIO 0.0"])
     runs = plan_runs(args)
     assert [label for label, _ in runs] == ["baseline", "pgp_ratio0.3", "psfp_ratio0.3", "pgp_flops0.5", "psfp_flops0.5"]
     assert runs[0][1] == ["PRUNING.ENABLED", "False"]
-    assert runs[4][1] == ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "flops", "PRUNING.FLOPS_REDUCTION", "0.5",
-                          "PRUNING.CRITERION", "l2", "PRUNING.REMOVE_RATIO", "0.0"]
+    assert runs[4][1] == ["PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "flops", "PRUNING.TARGET.FLOPS.REDUCTION", "0.5",
+                          "PRUNING.CRITERION.NAME", "l2", "PRUNING.SOFT.REMOVE_RATIO", "0.0"]
 
 
 def test_oneshot_sweep_writes_the_report(tmp_path):

@@ -8,7 +8,7 @@ wall time of ``trainer.train()`` with evaluation switched off. Several runs, med
 Example::
 
     python tools/benchmark_hook_overhead.py --config synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml \\
-        --runs 3 SOLVER.MAX_ITER 100 PRUNING.END 75 PRUNING.INTERVAL 15
+        --runs 3 SOLVER.MAX_ITER 100 PRUNING.SCHEDULE.END 75 PRUNING.SCHEDULE.INTERVAL 15
 """
 import argparse
 import logging

@@ -15,8 +15,8 @@ Examples::
         --flops-reductions 0.3,0.5,0.7 --output output/sweep
     # methods at the same target: PSFP (L2, soft) and one-shot prune at iteration 200 + fine-tune
     python tools/sweep.py --config synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml --flops-reductions 0.5 \\
-        --variant psfp="PRUNING.CRITERION l2 PRUNING.SCHEDULE psfp PRUNING.REMOVE_RATIO 0.0" \\
-        --variant oneshot="PRUNING.CRITERION l1 PRUNING.START 0 PRUNING.INTERVAL 200 PRUNING.END 200" \\
+        --variant psfp="PRUNING.CRITERION.NAME l2 PRUNING.SCHEDULE.NAME psfp PRUNING.SOFT.REMOVE_RATIO 0.0" \\
+        --variant oneshot="PRUNING.CRITERION.NAME l1 PRUNING.SCHEDULE.START 0 PRUNING.SCHEDULE.INTERVAL 200 PRUNING.SCHEDULE.END 200" \\
         --output output/methods
     # one-shot pruning of trained weights at several ratios, no training
     python tools/sweep.py --config synthetic/faster_rcnn_R_18_FPN_synth.yaml --oneshot \\
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="", metavar="NAME.yaml", help="config file inside configs/")
     parser.add_argument("--config-file", default="", metavar="PATH")
-    parser.add_argument("--ratios", default="", help="channel ratios, e.g. 0.3,0.5,0.7 (PRUNING.TARGET ratio)")
-    parser.add_argument("--flops-reductions", default="", help="FLOPs reductions, e.g. 0.3,0.5 (PRUNING.TARGET flops)")
+    parser.add_argument("--ratios", default="", help="channel ratios, e.g. 0.3,0.5,0.7 (PRUNING.TARGET.KIND channels)")
+    parser.add_argument("--flops-reductions", default="", help="FLOPs reductions, e.g. 0.3,0.5 (PRUNING.TARGET.KIND flops)")
     parser.add_argument("--baseline", action="store_true", help="also train the unpruned model (training sweeps)")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL='KEY VALUE ...'",
                         help="also train each target with these PRUNING overrides (repeatable)")

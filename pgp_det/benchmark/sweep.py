@@ -55,8 +55,8 @@ def plan_runs(args) -> List[Tuple[str, List[str]]]:
         runs = [(f"ratio{r:g}", ["--ratio", str(r)]) for r in ratios]
         runs += [(f"flops{f:g}", ["--flops-reduction", str(f)]) for f in reductions]
     else:
-        targets = [(f"ratio{r:g}", ["PRUNING.TARGET", "ratio", "PRUNING.RATIO", str(r)]) for r in ratios]
-        targets += [(f"flops{f:g}", ["PRUNING.TARGET", "flops", "PRUNING.FLOPS_REDUCTION", str(f)]) for f in reductions]
+        targets = [(f"ratio{r:g}", ["PRUNING.TARGET.KIND", "channels", "PRUNING.TARGET.CHANNELS.RATIO", str(r)]) for r in ratios]
+        targets += [(f"flops{f:g}", ["PRUNING.TARGET.KIND", "flops", "PRUNING.TARGET.FLOPS.REDUCTION", str(f)]) for f in reductions]
         runs = []
         for label, opts in targets:
             runs.append((f"pgp_{label}", ["PRUNING.ENABLED", "True", *opts]))

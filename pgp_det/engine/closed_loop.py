@@ -14,10 +14,13 @@ Each round prunes afresh from the original weights, so the rounds differ only in
 The loop runs only on the device the table was made on (its name and thread count): a share
 measured elsewhere says nothing about that device.
 """
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from ..benchmark.latency_profile import default_timer, time_interleaved
@@ -26,8 +29,11 @@ from ..errors import UserInputError
 from ..pruning.groups import PruningRequestError
 from ..pruning.latency import LatencyTable
 from .one_shot import OneShotResult, load_model_to_prune, prune_once
+from ..pruning.target import TARGET_KINDS, load_latency_table
+from ..utils.output_dir import claim_output_dir
 
-__all__ = ["LoopRound", "check_table_device", "describe_rounds", "measured_share", "prune_to_measured_latency"]
+__all__ = ["LoopRound", "check_table_device", "describe_rounds", "measured_share", "prune_and_write",
+           "prune_to_measured_latency"]
 
 # (unpruned model, pruned model) -> pruned time over unpruned time, as measured on this device
 ShareMeter = Callable[[nn.Module, nn.Module], float]
@@ -81,7 +87,7 @@ def measured_share(table: LatencyTable, rounds: int = 5, device: str = "cpu", im
 def prune_to_measured_latency(cfg, criterion: str, meter: ShareMeter, *, tolerance: float = 0.05,
                               max_rounds: int = 4, trusted: bool = False, progress=None,
                               **report_args) -> OneShotResult:
-    """Prune ``cfg``'s model once to its latency target (``PRUNING.TARGET "latency"``), then close
+    """Prune ``cfg``'s model once to its latency target (``PRUNING.TARGET.KIND "latency"``), then close
     the loop on the measured share (see the module docstring).
 
     Args:
@@ -101,7 +107,8 @@ def prune_to_measured_latency(cfg, criterion: str, meter: ShareMeter, *, toleran
         UserInputError: ``cfg`` has no latency target, or the first round's target is
             unreachable (one line).
     """
-    if cfg.PRUNING.TARGET != "latency":
+    kind = TARGET_KINDS[cfg.PRUNING.TARGET.KIND]
+    if not kind.measured_on_device:
         raise UserInputError("the closed loop needs a latency target (--target-latency-ms or --target-fps)")
     if not 0.0 < tolerance < 1.0 or max_rounds < 1:
         raise UserInputError(f"closed loop: tolerance {tolerance} must be in (0, 1) and rounds {max_rounds} >= 1")
@@ -134,7 +141,7 @@ def prune_to_measured_latency(cfg, criterion: str, meter: ShareMeter, *, toleran
             break
         budget *= target_share / record.measured_share
         try:
-            result = prune_once(_with_budget(cfg, budget), criterion, trusted=trusted, **report_args)
+            result = prune_once(kind.config_with_limit(cfg, budget), criterion, trusted=trusted, **report_args)
         except PruningRequestError as e:  # the correction asks for more than the floor allows
             stopped = f"the corrected budget {budget:.3f} ms is unreachable ({e})"
             break
@@ -154,16 +161,6 @@ def prune_to_measured_latency(cfg, criterion: str, meter: ShareMeter, *, toleran
             f"{miss:+.1f}% from the target share {target_share:.3f} ({stopped}); raise the target, prune more scopes or "
             "lower the floor")
     return chosen
-
-
-def _with_budget(cfg, budget_ms: float):
-    """``cfg`` with ``TARGET_LATENCY_MS`` ``budget_ms`` (and no frame-rate target)."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.PRUNING.TARGET_LATENCY_MS = float(budget_ms)
-    cfg.PRUNING.TARGET_FPS = 0.0
-    cfg.freeze()
-    return cfg
 
 
 def _round_to_keep(rounds: List[LoopRound], target_share: float, tolerance: float) -> int:
@@ -187,3 +184,37 @@ def describe_rounds(report: dict) -> Optional[str]:
     return (f"closed loop: kept round {loop['kept_round']} of {len(loop['rounds'])}, measured share "
             f"{kept['measured_share']:.3f} against {loop['target_share']:.3f} ({loop['error_percent']:+.1f}%, "
             f"{'met' if loop['met'] else 'missed'})")
+
+
+def prune_and_write(cfg, criterion: str, output: str, loop=None, *, trusted: bool = False, threads: int = 0,
+                    config_path: str = "", overrides=(), say: Callable[[str], None] = print) -> List[str]:
+    """Prune ``cfg``'s model once to its target (:func:`~pgp_det.engine.one_shot.prune_once`), or,
+    with ``loop`` (:class:`~pgp_det.engine.one_shot_request.ClosedLoopSettings`), until its
+    latency measured here is within the tolerance (:func:`prune_to_measured_latency`, on the latency
+    table's device only), and write the result to ``output``, claimed first so that a failed run
+    leaves an earlier one's files as they were. Progress and the summary go to ``say``, warnings
+    to stderr.
+
+    Returns:
+        the paths written.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    report_args = dict(overrides=overrides, config_path=config_path)
+    with claim_output_dir(output, "--output") as claimed:
+        started = time.perf_counter()
+        if loop is not None:
+            table = load_latency_table(cfg.PRUNING.TARGET.LATENCY.TABLE)
+            check_table_device(table)
+            result = prune_to_measured_latency(
+                cfg, criterion, measured_share(table, loop.timing_rounds), tolerance=loop.tolerance,
+                max_rounds=loop.max_rounds, trusted=trusted, progress=say, **report_args)
+        else:
+            result = prune_once(cfg, criterion, trusted=trusted, **report_args)
+        for line in result.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        claimed.start_writing()
+        written = result.write(output, cfg)
+    say("\n".join(filter(None, [result.summary(), describe_rounds(result.report)])))
+    say(f"wrote {', '.join(written)} in {time.perf_counter() - started:.0f} s")
+    return written

@@ -3,9 +3,9 @@ config's ``PRUNING`` node names, by a criterion that needs only the weights.
 
 One-shot pruning is the training hook's pruning step 1 of 1 (the final target at once): the same
 target (:func:`~pgp_det.pruning.target.build_target`), allocation and rounding, read from the same
-keys (``TARGET`` and its keys, ``SCOPES``, ``ALLOCATION``, ``CHANNEL_MULTIPLE``, ``MIN_CHANNELS``,
-``ALLOW_FROZEN``, ``COST_INPUT_SIZE``). Per-scope ratios (``SCOPE_RATIOS``) are not used: one-shot
-pruning takes one ratio for every pruned group. Use::
+keys (``TARGET`` and its keys, ``SCOPES``, ``ALLOCATION.NAME``, ``ROUNDING``, ``ALLOW_FROZEN``).
+Per-scope ratios (``TARGET.CHANNELS.SCOPE_RATIOS``) are not used: one-shot pruning takes one ratio
+for every pruned group. Use::
 
     result = prune_once(cfg, "l1")      # loads MODEL.WEIGHTS; nothing is written
     print(result.summary())
@@ -25,7 +25,7 @@ from ..pruning.cost import CostModel, format_group_costs
 from ..pruning.criteria import CRITERION_REGISTRY, build_criterion
 from ..pruning.groups import removable_channels
 from ..pruning.hook import plan_pruning_step
-from ..pruning.target import build_target
+from ..pruning.target import build_target, cost_input_size
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.weights import check_weights_available
 
@@ -137,8 +137,9 @@ def prune_once(cfg, criterion: str = "l1", *, trusted: bool = False, config_path
     ``criterion`` scores; nothing is written.
 
     Args:
-        cfg: the run's config; ``PRUNING.COST_INPUT_SIZE`` is where FLOPs are counted (with a
-            latency target, the table's size).
+        cfg: the run's config; FLOPs are counted at
+            :func:`~pgp_det.pruning.target.cost_input_size` (``PRUNING.TARGET.FLOPS.INPUT_SIZE``,
+            or a latency target's table size).
         criterion: a registered criterion that needs only the weights (:func:`one_shot_criteria`).
         trusted: load weights files that pickle Python objects (runs code they hold).
         config_path, overrides: recorded in the report (how the config was made).
@@ -151,15 +152,15 @@ def prune_once(cfg, criterion: str = "l1", *, trusted: bool = False, config_path
     p = cfg.PRUNING
     model = load_model_to_prune(cfg, trusted)
     scopes = tuple(p.SCOPES)
-    height, width = (int(v) for v in p.COST_INPUT_SIZE)
+    height, width = cost_input_size(cfg)
     groups = derive_channel_groups(model, allow_frozen=p.ALLOW_FROZEN)
     costs = CostModel(model, height, width)
     before = costs.predict({})  # the measurement itself: nothing pruned yet
     target = build_target(cfg, groups, cost_model=lambda: costs)  # refuses an unreachable target first
     warnings = list(target.warnings)
-    if removable_channels(groups, scopes, p.MIN_CHANNELS) == 0:
-        warnings.append(f"PRUNING.MIN_CHANNELS (--floor) {p.MIN_CHANNELS} is at least the width of every prunable "
-                        f"group in {','.join(scopes)}: nothing will be pruned; lower it")
+    if removable_channels(groups, scopes, p.ROUNDING.MIN_CHANNELS) == 0:
+        warnings.append(f"PRUNING.ROUNDING.MIN_CHANNELS (--min-channels) {p.ROUNDING.MIN_CHANNELS} is at least the width "
+                        f"of every prunable group in {','.join(scopes)}: nothing will be pruned; lower it")
     pruned = {name: g for name, g in groups.items() if g.prunable and g.scope in scopes}
     ratio = target.uniform_ratio(pruned)
 
@@ -179,12 +180,12 @@ def prune_once(cfg, criterion: str = "l1", *, trusted: bool = False, config_path
         "weights": cfg.MODEL.WEIGHTS,
         "settings": {
             "criterion": criterion,
-            "allocation": p.ALLOCATION,
+            "allocation": p.ALLOCATION.NAME,
             "ratio": ratio,
             "requested": target.request(),
             "scopes": list(scopes),
-            "multiple": int(p.CHANNEL_MULTIPLE),
-            "floor": int(p.MIN_CHANNELS),
+            "multiple": int(p.ROUNDING.MULTIPLE),
+            "floor": int(p.ROUNDING.MIN_CHANNELS),
             "allow_frozen": bool(p.ALLOW_FROZEN),
             "input_size": [height, width],
             "overrides": list(overrides),

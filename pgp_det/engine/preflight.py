@@ -24,7 +24,7 @@ from ..pruning.cost import CostModel
 from ..pruning.dependency import derive_channel_groups
 from ..pruning.groups import removable_channels
 from ..pruning.settings import check_pruning_config
-from ..pruning.target import build_target
+from ..pruning.target import build_target, cost_input_size
 from ..utils.weights import check_weights_available
 
 __all__ = [
@@ -121,12 +121,12 @@ def _check_model_for_pruning(cfg, model=None) -> None:
     groups = derive_channel_groups(model, allow_frozen=p.ALLOW_FROZEN)
     # a target no pruning reaches is refused first (one line), whatever would be warned below
     if any(g.prunable and g.scope in set(p.SCOPES) for g in groups.values()):
-        height, width = p.COST_INPUT_SIZE
+        height, width = cost_input_size(cfg)
         build_target(cfg, groups, cost_model=lambda: CostModel(model, height, width))  # the hook logs the warnings
-    if removable_channels(groups, p.SCOPES, p.MIN_CHANNELS) == 0:
+    if removable_channels(groups, p.SCOPES, p.ROUNDING.MIN_CHANNELS) == 0:
         logger.warning(
-            "PRUNING.MIN_CHANNELS %d is at least the width of every prunable channel group in PRUNING.SCOPES %s: "
-            "nothing will be pruned; lower PRUNING.MIN_CHANNELS or widen PRUNING.SCOPES", p.MIN_CHANNELS, tuple(p.SCOPES))
+            "PRUNING.ROUNDING.MIN_CHANNELS %d is at least the width of every prunable channel group in PRUNING.SCOPES %s: "
+            "nothing will be pruned; lower PRUNING.ROUNDING.MIN_CHANNELS or widen PRUNING.SCOPES", p.ROUNDING.MIN_CHANNELS, tuple(p.SCOPES))
 
 
 def check_training_run(cfg, *, eval_only: bool, resume: bool, trusted: bool = False) -> str:

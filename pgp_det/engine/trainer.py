@@ -47,7 +47,7 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         hooks = super().build_hooks()
         if self.cfg.PRUNING.ENABLED:
-            epoch = iterations_per_epoch(self.cfg) if self.cfg.PRUNING.UNIT == "epoch" else None
+            epoch = iterations_per_epoch(self.cfg) if self.cfg.PRUNING.SCHEDULE.UNIT == "epoch" else None
             # after LRScheduler (index 1), before PreciseBN, checkpointing and evaluation
             hooks.insert(2, PGPHook(self.cfg, epoch))
         return hooks

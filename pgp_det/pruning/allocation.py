@@ -17,7 +17,7 @@ What a step must reach (its *budget*):
   last step reaches the target itself.
 
 How many channels each group keeps is the job of an allocation method, picked by name from
-:data:`ALLOCATION_REGISTRY` (``PRUNING.ALLOCATION``):
+:data:`ALLOCATION_REGISTRY` (``PRUNING.ALLOCATION.NAME``):
 
 ``uniform``
     Every group is pruned alike (PGP, PSFP). Channel target: each group keeps its own target
@@ -41,7 +41,7 @@ How many channels each group keeps is the job of an allocation method, picked by
     Keep the most value within the budget, as HALP does ("maximise kept importance subject to
     latency <= budget", arXiv 2110.10811, solved greedily here; HALP's own solver is not used).
     The value kept is additive, ``sum over kept channels of v[c]``, so it compares groups only
-    when ``v`` is on one scale for all of them: ``values`` (``PRUNING.KNAPSACK_VALUE``
+    when ``v`` is on one scale for all of them: ``values`` (``PRUNING.ALLOCATION.KNAPSACK_VALUE``
     ``taylor`` or ``taylor_squared``: the training-loss change of removing each channel,
     :mod:`~pgp_det.pruning.loss_change`), or, without them (``scores``), the criterion's scores
     put on one scale by ``normalisation`` (``"mean"``: every group's average channel is worth 1,
@@ -512,7 +512,7 @@ def allocate(
         normalisation: ``global`` and ``knapsack``: ``"mean"`` divides each group's scores by
             their mean, ``"none"`` takes them as given (a criterion's ``global_normalisation``).
         values: ``knapsack``: ``{group: (C,)}`` worth of each channel on one scale for all groups
-            (``PRUNING.KNAPSACK_VALUE``); None: the scores normalised by ``normalisation``.
+            (``PRUNING.ALLOCATION.KNAPSACK_VALUE``); None: the scores normalised by ``normalisation``.
 
     Returns:
         ``{group: sorted current indices of the channels that should not survive this step}``,

@@ -1,6 +1,6 @@
 """What the allocations read about channels besides their scores: the weight sparsity of each
 group's live channels (the ``adaptive`` allocation, PSAP-style) and the channels a recent gradient
-protects from a step (``PRUNING.PROTECT_QUANTILE``). See :mod:`pgp_det.pruning.allocation`.
+protects from a step (``PRUNING.ALLOCATION.PROTECT_QUANTILE``). See :mod:`pgp_det.pruning.allocation`.
 """
 from collections import OrderedDict
 from typing import Dict, Iterable, Mapping, Optional, Union

@@ -1,19 +1,19 @@
 """Progressive pruning while training, as a detectron2 hook.
 
-At each pruning step ``k`` of ``K`` (iterations set by ``PRUNING.START/END/INTERVAL``):
+At each pruning step ``k`` of ``K`` (iterations set by ``PRUNING.SCHEDULE.START/END/INTERVAL``):
 
 1. the criterion's scores (accumulated since the previous step from what training already
    computed) rank each group's current channels;
 2. the schedule gives the fraction ``p_k`` of each group's *original* channels to be gone (with
-   ``TARGET flops``: of the original FLOPs, which every allocation meets at ``COST_INPUT_SIZE``;
-   with ``TARGET latency``: of the way from the unpruned model's latency, predicted by the
+   ``TARGET.KIND flops``: of the original FLOPs, which every allocation meets at
+   ``TARGET.FLOPS.INPUT_SIZE``; with ``latency``: of the way from the unpruned model's latency, predicted by the
    device's :class:`~pgp_det.pruning.latency.LatencyTable`, to the target), and the allocation
    picks the weak set: the channels that must not survive this step (:func:`plan_pruning_step`);
-3. the lowest ``REMOVE_RATIO`` share of the weak set is removed physically (surgery: smaller
+3. the lowest ``SOFT.REMOVE_RATIO`` share of the weak set is removed physically (surgery: smaller
    tensors, optimizer momentum sliced; removed channels that are still zeroed have their constant
    output folded into their consumers), the rest is zeroed: its filter weights are set to 0 (and
-   their momentum cleared with ``SOFT_MODE "pgp"``), while its bias and norm parameters stay, so
-   it keeps receiving gradient and may grow back before the next step, unless ``KEEP_ZEROED``
+   their momentum cleared with ``SOFT.MODE "pgp"``), while its bias and norm parameters stay, so
+   it keeps receiving gradient and may grow back before the next step, unless ``SOFT.KEEP_ZEROED``
    masks its filters. At step ``K`` the whole weak set is removed, so the model ends physically at
    the target. Each step logs how many of the channels zeroed by the previous step grew back.
 
@@ -43,7 +43,7 @@ from .dependency import derive_channel_groups
 from .loss_change import LossChangeEstimate
 from .schedules import pruned_fraction, resolve_pruning_iterations
 from .surgery import ChannelMasks, hard_prune, zeroed_channels
-from .target import PruningTarget, build_target
+from .target import PruningTarget, build_target, cost_input_size
 
 __all__ = ["PGPHook", "iterations_per_epoch", "plan_pruning_step"]
 
@@ -59,11 +59,11 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
     The step's budget is the schedule's share of the final ``target``
     (:meth:`~pgp_det.pruning.target.PruningTarget.budget`; with a channel target each group is
     scheduled to have lost ``p_k(ratio)`` of its original channels, ``p_k`` =
-    :func:`~pgp_det.pruning.schedules.pruned_fraction` of ``PRUNING.SCHEDULE``). ``adaptive``
+    :func:`~pgp_det.pruning.schedules.pruned_fraction` of ``PRUNING.SCHEDULE.NAME``). ``adaptive``
     measures weight sparsity over live channels only (``zeroed`` left out).
 
     Args:
-        cfg: reads ``PRUNING.SCHEDULE``, ``ALLOCATION``, ``CHANNEL_MULTIPLE`` and ``MIN_CHANNELS``.
+        cfg: reads ``PRUNING.SCHEDULE.NAME``, ``ALLOCATION.NAME`` and ``ROUNDING``.
         model: the model being pruned (its weights, for ``adaptive``).
         groups: ``{name: ChannelGroup}``, the pruned groups at their current sizes.
         scores: ``{group: (C,) scores}`` of the criterion.
@@ -75,7 +75,7 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
             per-layer L2-normalised scores as they are).
         values: ``knapsack``: ``{group: (C,)}`` worth of each channel on one scale for all
             groups (the hook's :class:`~pgp_det.pruning.loss_change.LossChangeEstimate` with
-            ``KNAPSACK_VALUE`` ``taylor``/``taylor_squared``); None: the normalised scores.
+            ``ALLOCATION.KNAPSACK_VALUE`` ``taylor``/``taylor_squared``); None: the normalised scores.
 
     Returns:
         ``{group: sorted weak channel indices}`` (see :func:`~pgp_det.pruning.allocation.allocate`);
@@ -83,15 +83,15 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
     """
     p = cfg.PRUNING
     ratios = target.ratios(groups)
-    fractions = {name: pruned_fraction(p.SCHEDULE, step, num_steps, ratios[name]) for name in groups}
-    sparsity = weight_sparsity(model, groups, excluded=zeroed) if p.ALLOCATION == "adaptive" else None
+    fractions = {name: pruned_fraction(p.SCHEDULE.NAME, step, num_steps, ratios[name]) for name in groups}
+    sparsity = weight_sparsity(model, groups, excluded=zeroed) if p.ALLOCATION.NAME == "adaptive" else None
     weak = allocate(
-        p.ALLOCATION, scores, groups, fractions, original_sizes, multiple=p.CHANNEL_MULTIPLE, floor=p.MIN_CHANNELS,
-        weight_sparsity=sparsity, protected=protected, budget=target.budget(p.SCHEDULE, step, num_steps),
+        p.ALLOCATION.NAME, scores, groups, fractions, original_sizes, multiple=p.ROUNDING.MULTIPLE, floor=p.ROUNDING.MIN_CHANNELS,
+        weight_sparsity=sparsity, protected=protected, budget=target.budget(p.SCHEDULE.NAME, step, num_steps),
         normalisation=normalisation, values=values,
     )
     if step == num_steps:  # the widths kept for good are whole multiples
-        weak = whole_widths(weak, scores, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS)
+        weak = whole_widths(weak, scores, groups, p.ROUNDING.MULTIPLE, p.ROUNDING.MIN_CHANNELS)
     return weak
 
 
@@ -103,7 +103,7 @@ class PGPHook(HookBase):
     """Prune the trainer's model progressively during training (see the module docstring).
 
     Logs to detectron2's event storage at each step: ``pruning/step``, ``pruning/kept_<scope>``
-    (channels kept in each scope), ``pruning/gflops`` (at ``PRUNING.COST_INPUT_SIZE``),
+    (channels kept in each scope), ``pruning/gflops`` (at ``PRUNING.TARGET.FLOPS.INPUT_SIZE``),
     ``pruning/params_m``, ``pruning/regrown`` (channels zeroed by the previous step whose filters
     are no longer all zero), ``pruning/step_seconds`` and, with ``TARGET "latency"``,
     ``pruning/latency_ms`` (the table's prediction for the model's widths after the step, zeroed
@@ -119,20 +119,20 @@ class PGPHook(HookBase):
         self.cfg = cfg
         p = cfg.PRUNING
         self.step_iters = resolve_pruning_iterations(cfg, iters_per_epoch)
-        self.start_iter = int(p.START * (iters_per_epoch if p.UNIT == "epoch" else 1))
-        self.criterion = build_criterion(p.CRITERION)
+        self.start_iter = int(p.SCHEDULE.START * (iters_per_epoch if p.SCHEDULE.UNIT == "epoch" else 1))
+        self.criterion = build_criterion(p.CRITERION.NAME)
         # protection watches a recent-gradient statistic of its own, whatever the criterion:
         # gradient L1 with a half-life of a quarter of the shortest interval between steps
         self.protector = None
-        if p.PROTECT_QUANTILE > 0:
+        if p.ALLOCATION.PROTECT_QUANTILE > 0:
             bounds = [self.start_iter] + self.step_iters
             shortest = min(b - a for a, b in zip(bounds, bounds[1:]))
             self.protector = RecentGradientCriterion(half_life=max(1.0, shortest / 4))
         # the knapsack's values on one scale for all groups: an estimate of its own, any criterion
         self.value_estimate = None
-        if p.ALLOCATION == "knapsack" and p.KNAPSACK_VALUE != "scores":
-            self.value_estimate = LossChangeEstimate(p.KNAPSACK_VALUE)
-        self.masks = ChannelMasks(mode=p.SOFT_MODE)  # zeroes filters (and, in "pgp", their momentum)
+        if p.ALLOCATION.NAME == "knapsack" and p.ALLOCATION.KNAPSACK_VALUE != "scores":
+            self.value_estimate = LossChangeEstimate(p.ALLOCATION.KNAPSACK_VALUE)
+        self.masks = ChannelMasks(mode=p.SOFT.MODE)  # zeroes filters (and, in "pgp", their momentum)
         self.steps_done = 0
         self.original_sizes: Dict[str, int] = {}
         self.target: Optional[PruningTarget] = None  # built in before_train, at the original widths
@@ -174,8 +174,8 @@ class PGPHook(HookBase):
         self.target = build_target(self.cfg, original, cost_model=self._cost)
         for line in self.target.warnings:
             logger.warning(line)
-        logger.info("PRUNING.TARGET %s: each step's %s allocation meets the schedule's share of %s", p.TARGET,
-                    p.ALLOCATION, self.target.describe())
+        logger.info("PRUNING.TARGET.KIND %s: each step's %s allocation meets the schedule's share of %s", p.TARGET.KIND,
+                    p.ALLOCATION.NAME, self.target.describe())
 
     def _extra_pass_data(self):
         """The batches of the criterion's extra pass: an iterator of its own over the training set,
@@ -189,7 +189,7 @@ class PGPHook(HookBase):
         from .cost import CostModel
 
         if self._cost_model is None:
-            height, width = self.cfg.PRUNING.COST_INPUT_SIZE
+            height, width = cost_input_size(self.cfg)
             # referred to the original widths: a resumed run measures the model already pruned
             self._cost_model = CostModel(self.model, height, width).rescaled(self.original_sizes)
         return self._cost_model
@@ -264,17 +264,17 @@ class PGPHook(HookBase):
         regrown = self._regrown()
         previously_zeroed = sum(len(v) for v in self.zeroed.values())
         if self.criterion.needs_extra_pass:
-            self.criterion.run_extra_pass(model, self._extra_pass_data(), p.EXTRA_PASS_BATCHES)
+            self.criterion.run_extra_pass(model, self._extra_pass_data(), p.CRITERION.EXTRA_PASS_BATCHES)
         scores = self.criterion.scores(model)
         protected = None
         if self.protector is not None:
-            protected = protect_by_gradient(self.protector.scores(model), quantile=p.PROTECT_QUANTILE)
+            protected = protect_by_gradient(self.protector.scores(model), quantile=p.ALLOCATION.PROTECT_QUANTILE)
         weak = plan_pruning_step(
             self.cfg, model, self.pruned_groups, scores, step, num_steps, self.original_sizes, self.target,
             protected=protected, zeroed=self.zeroed, normalisation=self.criterion.global_normalisation,
             values=None if self.value_estimate is None else self.value_estimate.values(),
         )
-        remove_ratio = 1.0 if step == num_steps else float(p.REMOVE_RATIO)
+        remove_ratio = 1.0 if step == num_steps else float(p.SOFT.REMOVE_RATIO)
         remove, zero = split_hard_soft(weak, scores, remove_ratio, groups=self.pruned_groups)
         remove = {name: list(idx) for name, idx in remove.items() if len(idx)}
         zero = {name: list(idx) for name, idx in zero.items() if len(idx)}
@@ -290,7 +290,7 @@ class PGPHook(HookBase):
         self.masks.after_hard_prune(after, remove)
         self.masks.apply(model, self.trainer.optimizer)
         self.zeroed = self.masks.masked()
-        if not (p.KEEP_ZEROED or p.SOFT_MODE == "zero_path"):
+        if not (p.SOFT.KEEP_ZEROED or p.SOFT.MODE == "zero_path"):
             # zero_path channels wait, dead, for the next step (the authors' code): held at zero,
             # since a norm-free layer with no ReLU after it (FPN) would otherwise learn them back
             self.masks.clear()
@@ -329,7 +329,7 @@ class PGPHook(HookBase):
         storage.put_scalar("pruning/step_seconds", seconds, smoothing_hint=False)
         # the model as it runs now (zeroed channels still compute) and as the allocation chose it
         kept_sizes = {name: size - len(self.zeroed.get(name, ())) for name, size in sizes.items()}
-        measured = self.target.step_record(sizes, kept_sizes, self.cfg.PRUNING.SCHEDULE, step, num_steps)
+        measured = self.target.step_record(sizes, kept_sizes, self.cfg.PRUNING.SCHEDULE.NAME, step, num_steps)
         for key in ("latency_ms", "latency_kept_ms"):
             if key in measured:
                 storage.put_scalar(f"pruning/{key}", measured[key], smoothing_hint=False)

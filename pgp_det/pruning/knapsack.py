@@ -1,4 +1,4 @@
-"""The ``knapsack`` allocation (``PRUNING.ALLOCATION knapsack``): keep the most value within a
+"""The ``knapsack`` allocation (``PRUNING.ALLOCATION.NAME knapsack``): keep the most value within a
 step's budget, greedy by value lost per unit of cost saved. What a channel is worth, and how the
 greedy steps and give-backs go, is described in :mod:`pgp_det.pruning.allocation`'s docstring;
 this module registers the method in :data:`~pgp_det.pruning.allocation.ALLOCATION_REGISTRY`

@@ -1,5 +1,5 @@
 """What removing a channel would cost in training loss: per-channel values that compare across
-groups, for the ``knapsack`` allocation (``PRUNING.KNAPSACK_VALUE``).
+groups, for the ``knapsack`` allocation (``PRUNING.ALLOCATION.KNAPSACK_VALUE``).
 
 Removing channel ``c`` of a group sets every parameter that produces it to zero: the filter rows
 of each producing conv/linear, their biases, and the scale and shift of the norms after them
@@ -37,7 +37,7 @@ from .groups import ROLE_INPUT, ChannelGroup, PruningRequestError
 
 __all__ = ["KNAPSACK_VALUES", "LossChangeEstimate"]
 
-# PRUNING.KNAPSACK_VALUE: "scores" values channels by the criterion's own (normalised) scores
+# PRUNING.ALLOCATION.KNAPSACK_VALUE: "scores" values channels by the criterion's own (normalised) scores
 KNAPSACK_VALUES = ("taylor", "taylor_squared", "scores")
 
 

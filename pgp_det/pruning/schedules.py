@@ -2,7 +2,7 @@
 
 A schedule maps pruning step ``k`` (1..``num_steps``) and the final ratio ``r`` to the pruned
 fraction ``p_k``; every schedule reaches ``p_{num_steps} == r`` exactly, and ``p_0 == 0``.
-Pick one by name through :data:`SCHEDULE_REGISTRY` (``PRUNING.SCHEDULE``). When the steps happen:
+Pick one by name through :data:`SCHEDULE_REGISTRY` (``PRUNING.SCHEDULE.NAME``). When the steps happen:
 :func:`pruning_iterations`, and :func:`resolve_pruning_iterations` from a config.
 """
 import math
@@ -125,7 +125,7 @@ def pruning_iterations(start_iter: int, end_iter: int, interval: int) -> List[in
 def resolve_pruning_iterations(cfg, iters_per_epoch: Optional[int] = None) -> List[int]:
     """Numbers of completed training iterations after which the pruning steps happen.
 
-    ``START``/``END``/``INTERVAL`` are converted from epochs when ``PRUNING.UNIT == "epoch"``
+    ``START``/``END``/``INTERVAL`` are converted from epochs when ``PRUNING.SCHEDULE.UNIT == "epoch"``
     (``iters_per_epoch`` required). Steps happen once ``START + INTERVAL, START + 2 INTERVAL, ...``
     iterations are done and at ``END`` (at most ``SOLVER.MAX_ITER``); scores accumulate from
     ``START``.
@@ -135,14 +135,14 @@ def resolve_pruning_iterations(cfg, iters_per_epoch: Optional[int] = None) -> Li
     """
     p = cfg.PRUNING
     scale = 1
-    if p.UNIT == "epoch":
+    if p.SCHEDULE.UNIT == "epoch":
         if not iters_per_epoch:
-            raise ValueError("PRUNING.UNIT 'epoch' needs the number of iterations per epoch")
+            raise ValueError("PRUNING.SCHEDULE.UNIT 'epoch' needs the number of iterations per epoch")
         scale = iters_per_epoch
-    start = int(p.START * scale)
-    end = int(p.END * scale) if p.END != -1 else (3 * cfg.SOLVER.MAX_ITER) // 4
-    interval = int(p.INTERVAL * scale) if p.INTERVAL != -1 else max(1, (end - start) // 10)
+    start = int(p.SCHEDULE.START * scale)
+    end = int(p.SCHEDULE.END * scale) if p.SCHEDULE.END != -1 else (3 * cfg.SOLVER.MAX_ITER) // 4
+    interval = int(p.SCHEDULE.INTERVAL * scale) if p.SCHEDULE.INTERVAL != -1 else max(1, (end - start) // 10)
     end = min(end, cfg.SOLVER.MAX_ITER)
     if end <= start:
-        raise ValueError(f"pruning ends at iteration {end}, not after it starts ({start}): check PRUNING.START/END")
+        raise ValueError(f"pruning ends at iteration {end}, not after it starts ({start}): check PRUNING.SCHEDULE.START/END")
     return pruning_iterations(start + interval, end, interval) if start + interval <= end else [end]

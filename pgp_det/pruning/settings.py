@@ -29,55 +29,58 @@ def check_pruning_config(cfg) -> None:
     def fail(key, value, accepted):
         raise UserInputError(f"PRUNING.{key} = {value!r} is invalid: {accepted}")
 
-    if p.TARGET not in TARGET_KINDS:
+    if p.TARGET.KIND not in TARGET_KINDS:
         kinds = [repr(kind) for kind in TARGET_KINDS]
-        fail("TARGET", p.TARGET, f"use {', '.join(kinds[:-1])} or {kinds[-1]}")
-    if not 0.0 <= p.RATIO < 1.0:
-        fail("RATIO", p.RATIO, "use a fraction in [0, 1)")
-    if not 0.0 < p.FLOPS_REDUCTION < 1.0:
-        fail("FLOPS_REDUCTION", p.FLOPS_REDUCTION, "use a fraction in (0, 1)")
-    if len(p.COST_INPUT_SIZE) != 2 or min(p.COST_INPUT_SIZE) < 32:
-        fail("COST_INPUT_SIZE", p.COST_INPUT_SIZE, "use (height, width), each >= 32")
+        renamed = " ('ratio' is now 'channels')" if p.TARGET.KIND == "ratio" else ""
+        fail("TARGET.KIND", p.TARGET.KIND, f"use {', '.join(kinds[:-1])} or {kinds[-1]}{renamed}")
+    if not 0.0 <= p.TARGET.CHANNELS.RATIO < 1.0:
+        fail("TARGET.CHANNELS.RATIO", p.TARGET.CHANNELS.RATIO, "use a fraction in [0, 1)")
+    if not 0.0 < p.TARGET.FLOPS.REDUCTION < 1.0:
+        fail("TARGET.FLOPS.REDUCTION", p.TARGET.FLOPS.REDUCTION, "use a fraction in (0, 1)")
+    if len(p.TARGET.FLOPS.INPUT_SIZE) != 2 or min(p.TARGET.FLOPS.INPUT_SIZE) < 32:
+        fail("TARGET.FLOPS.INPUT_SIZE", p.TARGET.FLOPS.INPUT_SIZE, "use (height, width), each >= 32")
     if not p.SCOPES:
         fail("SCOPES", p.SCOPES, f"name at least one of {SCOPES}")
     for scope in p.SCOPES:
         if scope not in SCOPES:
             fail("SCOPES", scope, f"scopes are {SCOPES}")
-    for entry in p.SCOPE_RATIOS:
+    for entry in p.TARGET.CHANNELS.SCOPE_RATIOS:
         if len(entry) != 2 or entry[0] not in p.SCOPES:
-            fail("SCOPE_RATIOS", entry, f"use (scope, ratio) pairs with a scope in PRUNING.SCOPES {tuple(p.SCOPES)}")
+            fail("TARGET.CHANNELS.SCOPE_RATIOS", entry, f"use (scope, ratio) pairs with a scope in PRUNING.SCOPES {tuple(p.SCOPES)}")
         if not 0.0 <= float(entry[1]) < 1.0:
-            fail("SCOPE_RATIOS", entry, "ratios are fractions in [0, 1)")
-    TARGET_KINDS[p.TARGET].check_config(cfg)
+            fail("TARGET.CHANNELS.SCOPE_RATIOS", entry, "ratios are fractions in [0, 1)")
+    TARGET_KINDS[p.TARGET.KIND].check_config(cfg)
     for key, registry in (("CRITERION", CRITERION_REGISTRY), ("SCHEDULE", SCHEDULE_REGISTRY),
                           ("ALLOCATION", ALLOCATION_REGISTRY)):
-        value = p.get(key)
+        value = p.get(key).NAME
         if value not in registry:
-            fail(key, value, f"known: {', '.join(_registry_names(registry))}")
-    if p.CRITERION in ("pgp_pass", "frs") and p.EXTRA_PASS_BATCHES < 1:
-        fail("EXTRA_PASS_BATCHES", p.EXTRA_PASS_BATCHES, f"the {p.CRITERION} criterion needs an extra pass of >= 1 batch")
-    if p.KNAPSACK_VALUE not in KNAPSACK_VALUES:
-        fail("KNAPSACK_VALUE", p.KNAPSACK_VALUE, f"use one of {', '.join(KNAPSACK_VALUES)}")
-    if not 0.0 <= p.PROTECT_QUANTILE < 1.0:
-        fail("PROTECT_QUANTILE", p.PROTECT_QUANTILE, "use a quantile in [0, 1); 0 disables protection")
-    if p.UNIT not in ("iter", "epoch"):
-        fail("UNIT", p.UNIT, "use 'iter' or 'epoch'")
-    if p.START < 0:
-        fail("START", p.START, "use a value >= 0")
-    if p.END != -1 and p.END < p.START:
-        fail("END", p.END, f"must be >= PRUNING.START ({p.START}), or -1 for 3/4 of SOLVER.MAX_ITER")
-    if p.INTERVAL != -1 and p.INTERVAL <= 0:
-        fail("INTERVAL", p.INTERVAL, "use a positive interval, or -1 for a tenth of END - START")
-    if not 0.0 <= p.REMOVE_RATIO <= 1.0:
-        fail("REMOVE_RATIO", p.REMOVE_RATIO, "use a fraction in [0, 1]")
-    if p.SOFT_MODE not in SOFT_MODES:
-        fail("SOFT_MODE", p.SOFT_MODE, "use 'pgp' (zero filters and their momentum; they may recover), 'sfp' (zero "
+            fail(f"{key}.NAME", value, f"known: {', '.join(_registry_names(registry))}")
+    if p.CRITERION.NAME in ("pgp_pass", "frs") and p.CRITERION.EXTRA_PASS_BATCHES < 1:
+        fail("CRITERION.EXTRA_PASS_BATCHES", p.CRITERION.EXTRA_PASS_BATCHES,
+             f"the {p.CRITERION.NAME} criterion needs an extra pass of >= 1 batch")
+    if p.ALLOCATION.KNAPSACK_VALUE not in KNAPSACK_VALUES:
+        fail("ALLOCATION.KNAPSACK_VALUE", p.ALLOCATION.KNAPSACK_VALUE, f"use one of {', '.join(KNAPSACK_VALUES)}")
+    if not 0.0 <= p.ALLOCATION.PROTECT_QUANTILE < 1.0:
+        fail("ALLOCATION.PROTECT_QUANTILE", p.ALLOCATION.PROTECT_QUANTILE, "use a quantile in [0, 1); 0 disables protection")
+    if p.SCHEDULE.UNIT not in ("iter", "epoch"):
+        fail("SCHEDULE.UNIT", p.SCHEDULE.UNIT, "use 'iter' or 'epoch'")
+    if p.SCHEDULE.START < 0:
+        fail("SCHEDULE.START", p.SCHEDULE.START, "use a value >= 0")
+    if p.SCHEDULE.END != -1 and p.SCHEDULE.END < p.SCHEDULE.START:
+        fail("SCHEDULE.END", p.SCHEDULE.END,
+             f"must be >= PRUNING.SCHEDULE.START ({p.SCHEDULE.START}), or -1 for 3/4 of SOLVER.MAX_ITER")
+    if p.SCHEDULE.INTERVAL != -1 and p.SCHEDULE.INTERVAL <= 0:
+        fail("SCHEDULE.INTERVAL", p.SCHEDULE.INTERVAL, "use a positive interval, or -1 for a tenth of END - START")
+    if not 0.0 <= p.SOFT.REMOVE_RATIO <= 1.0:
+        fail("SOFT.REMOVE_RATIO", p.SOFT.REMOVE_RATIO, "use a fraction in [0, 1]")
+    if p.SOFT.MODE not in SOFT_MODES:
+        fail("SOFT.MODE", p.SOFT.MODE, "use 'pgp' (zero filters and their momentum; they may recover), 'sfp' (zero "
              "filters, keep momentum) or 'zero_path' (zero filter, bias, norm and momentum: the PGP authors' code)")
-    if p.CHANNEL_MULTIPLE < 1:
-        fail("CHANNEL_MULTIPLE", p.CHANNEL_MULTIPLE, "use an integer >= 1")
-    if p.MIN_CHANNELS < 1:
-        fail("MIN_CHANNELS", p.MIN_CHANNELS, "use an integer >= 1")
-    if p.UNIT == "iter":
+    if p.ROUNDING.MULTIPLE < 1:
+        fail("ROUNDING.MULTIPLE", p.ROUNDING.MULTIPLE, "use an integer >= 1")
+    if p.ROUNDING.MIN_CHANNELS < 1:
+        fail("ROUNDING.MIN_CHANNELS", p.ROUNDING.MIN_CHANNELS, "use an integer >= 1")
+    if p.SCHEDULE.UNIT == "iter":
         try:
             resolve_pruning_iterations(cfg)
         except ValueError as e:

@@ -6,23 +6,28 @@ refuses at construction what no pruning can reach (one line naming the fix), and
 that step, ``full * (1 - p_k(r))`` with ``p_k`` the schedule. Allocations take that budget;
 nothing else needs to know which kind of target it is.
 
-Kinds (``PRUNING.TARGET``):
+Kinds (``PRUNING.TARGET.KIND``):
 
-``ratio`` (:class:`ChannelTarget`)
+``channels`` (:class:`ChannelTarget`, ``TARGET.CHANNELS``)
     Prune ``RATIO`` (per scope: ``SCOPE_RATIOS``) of every pruned group's channels; the step's
     budget is the scheduled channel count of each group (no cost model).
-``flops`` (:class:`FlopsTarget`)
-    Remove ``FLOPS_REDUCTION`` of the unpruned model's FLOPs at ``COST_INPUT_SIZE``
+``flops`` (:class:`FlopsTarget`, ``TARGET.FLOPS``)
+    Remove ``REDUCTION`` of the unpruned model's FLOPs at ``INPUT_SIZE``
     (:class:`~pgp_det.pruning.cost.CostModel`).
-``latency`` (:class:`LatencyTarget`)
+``latency`` (:class:`LatencyTarget`, ``TARGET.LATENCY``)
     Bring the latency a device's table predicts (:class:`~pgp_det.pruning.latency.LatencyTable`,
-    at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals) down to ``TARGET_LATENCY_MS`` or
-    ``1000 / TARGET_FPS``.
+    at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals) down to ``MS`` or ``1000 / FPS``, at the
+    table's input size.
+
+Each kind also says at which input size FLOPs are counted for it (:func:`cost_input_size`) and
+what it needs of the config (:meth:`PruningTarget.check_config`).
 
 A new kind (energy, memory, another runtime's latency) is one new class and one line of
 :data:`TARGET_KINDS`.
 """
-from typing import Dict, Mapping, Optional
+import copy
+import os
+from typing import Dict, Mapping, Optional, Tuple
 
 from .allocation import Budget
 from .cost import ratio_for_flops_reduction, uniform_sizes
@@ -32,8 +37,8 @@ from .latency import DEVICE_KINDS, LatencyTable, latency_reduction, target_laten
 from .schedules import pruned_fraction
 
 __all__ = [
-    "check_latency_settings", "latency_table_at_test_settings", "ChannelTarget", "FlopsTarget", "LatencyTarget", "PruningTarget", "TARGET_KINDS", "build_target", "flops_budget",
-    "latency_budget",
+    "ChannelTarget", "FlopsTarget", "LatencyTarget", "PruningTarget", "TARGET_KINDS", "build_target",
+    "check_latency_settings", "cost_input_size", "flops_budget", "latency_budget", "latency_table_at_test_settings",
 ]
 
 
@@ -57,13 +62,29 @@ class PruningTarget:
 
     warnings = ()  # what the config does differently from what the target was measured with
 
+    # whether a pruned model's cost can be measured against the target on a device (closed loop)
+    measured_on_device = False
+
+    @staticmethod
+    def config_with_limit(cfg, limit: float):
+        """A frozen copy of ``cfg`` whose target is the final cost ``limit`` in this kind's unit
+        (the closed loop's corrected budget); only kinds measured on a device have one."""
+        raise NotImplementedError(f"a {cfg.PRUNING.TARGET.KIND} target has no measured limit")
+
     @staticmethod
     def check_config(cfg) -> None:
         """Refuse, at start-up, ``PRUNING`` keys this kind cannot use (one line naming the key);
         per-scope ratios belong to channel targets only."""
-        if cfg.PRUNING.SCOPE_RATIOS:
-            raise UserInputError(f"PRUNING.SCOPE_RATIOS = {cfg.PRUNING.SCOPE_RATIOS!r} is invalid: per-scope ratios "
-                                 "apply to TARGET 'ratio' only")
+        scope_ratios = cfg.PRUNING.TARGET.CHANNELS.SCOPE_RATIOS
+        if scope_ratios:
+            raise UserInputError(f"PRUNING.TARGET.CHANNELS.SCOPE_RATIOS = {scope_ratios!r} is invalid: per-scope "
+                                 "ratios apply to PRUNING.TARGET.KIND 'channels' only")
+
+    @staticmethod
+    def input_size(cfg) -> Tuple[int, int]:
+        """(height, width) at which this kind counts FLOPs: ``PRUNING.TARGET.FLOPS.INPUT_SIZE``."""
+        height, width = (int(v) for v in cfg.PRUNING.TARGET.FLOPS.INPUT_SIZE)
+        return height, width
 
     @classmethod
     def from_config(cls, cfg, groups: Mapping[str, ChannelGroup], cost_model) -> "PruningTarget":
@@ -112,11 +133,11 @@ class PruningTarget:
 class ChannelTarget(PruningTarget):
     """Prune ``ratios[scope]`` of every pruned group's channels."""
 
-    kind = "ratio"
+    kind = "channels"
 
     @staticmethod
     def check_config(cfg):
-        pass  # SCOPE_RATIOS are checked with the other PRUNING keys
+        pass  # TARGET.CHANNELS.SCOPE_RATIOS are checked with the other PRUNING keys
 
     def __init__(self, scope_ratios: Mapping[str, float], ratio: Optional[float] = None):
         self.scope_ratios = dict(scope_ratios)
@@ -125,9 +146,9 @@ class ChannelTarget(PruningTarget):
     @classmethod
     def from_config(cls, cfg, groups, cost_model):
         p = cfg.PRUNING
-        ratios = {scope: float(p.RATIO) for scope in p.SCOPES}
-        ratios.update({scope: float(ratio) for scope, ratio in p.SCOPE_RATIOS})
-        return cls(ratios, float(p.RATIO))
+        ratios = {scope: float(p.TARGET.CHANNELS.RATIO) for scope in p.SCOPES}
+        ratios.update({scope: float(ratio) for scope, ratio in p.TARGET.CHANNELS.SCOPE_RATIOS})
+        return cls(ratios, float(p.TARGET.CHANNELS.RATIO))
 
     def request(self):
         return {"ratio": self.ratio, **({"scope_ratios": self.scope_ratios} if len(set(self.scope_ratios.values())) > 1
@@ -159,7 +180,7 @@ class FlopsTarget(PruningTarget):
     @classmethod
     def from_config(cls, cfg, groups, cost_model):
         p = cfg.PRUNING
-        return cls(cost_model(), p.FLOPS_REDUCTION, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, tuple(p.SCOPES))
+        return cls(cost_model(), p.TARGET.FLOPS.REDUCTION, groups, p.ROUNDING.MULTIPLE, p.ROUNDING.MIN_CHANNELS, tuple(p.SCOPES))
 
     def ratios(self, pruned_groups):
         return {name: self.ratio for name in pruned_groups}
@@ -186,10 +207,27 @@ class LatencyTarget(PruningTarget):
 
     kind = "latency"
 
+    measured_on_device = True
+
+    @staticmethod
+    def config_with_limit(cfg, limit):
+        """``cfg`` with ``TARGET.LATENCY.MS`` ``limit`` (milliseconds) and no frame-rate target."""
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.PRUNING.TARGET.LATENCY.MS = float(limit)
+        cfg.PRUNING.TARGET.LATENCY.FPS = 0.0
+        cfg.freeze()
+        return cfg
+
     @staticmethod
     def check_config(cfg):
         PruningTarget.check_config(cfg)
         check_latency_settings(cfg)
+
+    @staticmethod
+    def input_size(cfg):
+        """The latency table's input size: the target holds there, and FLOPs are counted there."""
+        return tuple(load_latency_table(cfg.PRUNING.TARGET.LATENCY.TABLE).input_size)
 
     def __init__(self, table, target_ms: float, groups: Mapping[str, ChannelGroup], multiple: int, floor: int,
                  scopes, table_path: str = "", warnings=(), target_fps: float = 0.0):
@@ -209,18 +247,18 @@ class LatencyTarget(PruningTarget):
 
     @classmethod
     def from_config(cls, cfg, groups, cost_model):
-        """Loads ``LATENCY_TABLE``, checks that it was made for this model at ``COST_INPUT_SIZE``
-        on a ``LATENCY_DEVICE`` device, and binds it to ``MODEL.RPN.POST_NMS_TOPK_TEST``; what the
+        """Loads ``TARGET.LATENCY.TABLE``, checks that it was made for this model on a
+        ``TARGET.LATENCY.DEVICE`` device, and binds it to ``MODEL.RPN.POST_NMS_TOPK_TEST``; what the
         config does differently from the profiled run is in :attr:`warnings`."""
         p = cfg.PRUNING
-        target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
-        table = LatencyTable.load(p.LATENCY_TABLE)
-        table.check_compatible({n: g.size for n, g in groups.items()}, tuple(p.COST_INPUT_SIZE),
-                               p.LATENCY_DEVICE or None)
-        table, warnings = latency_table_at_test_settings(cfg, table, p.LATENCY_TABLE)
-        return cls(table, target, groups, p.CHANNEL_MULTIPLE, p.MIN_CHANNELS, tuple(p.SCOPES),
-                   table_path=p.LATENCY_TABLE, warnings=warnings,
-                   target_fps=0.0 if float(p.TARGET_LATENCY_MS) > 0 else float(p.TARGET_FPS))
+        latency = p.TARGET.LATENCY
+        target = target_latency_ms(float(latency.MS), float(latency.FPS))
+        table = load_latency_table(latency.TABLE)
+        table.check_compatible({n: g.size for n, g in groups.items()}, table.input_size, latency.DEVICE or None)
+        table, warnings = latency_table_at_test_settings(cfg, table, latency.TABLE)
+        return cls(table, target, groups, p.ROUNDING.MULTIPLE, p.ROUNDING.MIN_CHANNELS, tuple(p.SCOPES),
+                   table_path=latency.TABLE, warnings=warnings,
+                   target_fps=0.0 if float(latency.MS) > 0 else float(latency.FPS))
 
     def ratios(self, pruned_groups):
         return {name: self.reduction for name in pruned_groups}  # only checked: the budget decides
@@ -260,10 +298,10 @@ class LatencyTarget(PruningTarget):
 
 
 def check_latency_settings(cfg):
-    """Check ``TARGET "latency"``'s keys and load the table: ``LATENCY_TABLE`` names a readable
-    table measured at ``COST_INPUT_SIZE`` on a ``LATENCY_DEVICE`` device (when set), and exactly
-    one of ``TARGET_LATENCY_MS`` and ``TARGET_FPS`` is > 0. Whether the table fits the model is
-    checked where the model is built (the hook's ``before_train``, ``tools/prune_net.py``).
+    """Check ``PRUNING.TARGET.LATENCY``'s keys and load the table: ``TABLE`` names a readable
+    table measured on a ``DEVICE`` device (when set), and exactly one of ``MS`` and ``FPS`` is > 0.
+    Whether the table fits the model is checked where the model is built (the hook's
+    ``before_train``, ``tools/prune_net.py``).
 
     Returns:
         ``(table, target milliseconds)``.
@@ -271,34 +309,51 @@ def check_latency_settings(cfg):
     Raises:
         UserInputError: one line naming the bad key.
     """
-    p = cfg.PRUNING
-    if p.LATENCY_DEVICE not in ("",) + DEVICE_KINDS:
-        raise UserInputError(f"PRUNING.LATENCY_DEVICE = {p.LATENCY_DEVICE!r} is invalid: use 'cpu', 'cuda' or '' (any)")
-    if not p.LATENCY_TABLE:
+    latency = cfg.PRUNING.TARGET.LATENCY
+    if latency.DEVICE not in ("",) + DEVICE_KINDS:
+        raise UserInputError(f"PRUNING.TARGET.LATENCY.DEVICE = {latency.DEVICE!r} is invalid: use 'cpu', 'cuda' or '' "
+                             "(any)")
+    if not latency.TABLE:
         raise UserInputError(
-            "PRUNING.LATENCY_TABLE is empty: TARGET 'latency' needs a table made by tools/profile_latency.py on the "
-            "device the model will run on"
+            "PRUNING.TARGET.LATENCY.TABLE is empty: a latency target needs a table made by tools/profile_latency.py on "
+            "the device the model will run on"
         )
     try:
-        target = target_latency_ms(float(p.TARGET_LATENCY_MS), float(p.TARGET_FPS))
+        target = target_latency_ms(float(latency.MS), float(latency.FPS))
     except UserInputError as e:
-        raise UserInputError(f"PRUNING.TARGET_LATENCY_MS = {p.TARGET_LATENCY_MS!r}, PRUNING.TARGET_FPS = "
-                             f"{p.TARGET_FPS!r} are invalid: {e}") from None
-    table = LatencyTable.load(p.LATENCY_TABLE)
-    if tuple(p.COST_INPUT_SIZE) != table.input_size:
-        height, width = table.input_size
+        raise UserInputError(f"PRUNING.TARGET.LATENCY.MS = {latency.MS!r}, PRUNING.TARGET.LATENCY.FPS = "
+                             f"{latency.FPS!r} are invalid: {e}") from None
+    table = load_latency_table(latency.TABLE)
+    if latency.DEVICE and latency.DEVICE != table.device_kind:
         raise UserInputError(
-            f"PRUNING.COST_INPUT_SIZE = {tuple(p.COST_INPUT_SIZE)} is invalid: the latency table {p.LATENCY_TABLE} "
-            f"was measured at {height}x{width}; set PRUNING.COST_INPUT_SIZE ({height}, {width}) or profile at the "
-            "size you want"
-        )
-    if p.LATENCY_DEVICE and p.LATENCY_DEVICE != table.device_kind:
-        raise UserInputError(
-            f"PRUNING.LATENCY_DEVICE = {p.LATENCY_DEVICE!r} is invalid: the latency table {p.LATENCY_TABLE} was "
+            f"PRUNING.TARGET.LATENCY.DEVICE = {latency.DEVICE!r} is invalid: the latency table {latency.TABLE} was "
             f"measured on {table.device_kind} ({table.metadata.get('device_name', '?')}); profile on the device the "
             "model will run on"
         )
     return table, target
+
+
+def load_latency_table(path: str) -> LatencyTable:
+    """The table at ``path``, read once per version of the file: a run asks for it where its
+    settings are checked, where its input size is needed and where the target is built."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size) if stat else None
+    if key is None or key not in _TABLES:
+        table = LatencyTable.load(path)  # raises the one-line error for a missing or bad file
+        if key is None:
+            return table
+        _TABLES.clear()  # one table at a time is all a run uses
+        _TABLES[key] = table
+    return copy.deepcopy(_TABLES[key])
+
+
+_TABLES: Dict[tuple, LatencyTable] = {}
+
+
+def cost_input_size(cfg) -> Tuple[int, int]:
+    """(height, width) at which ``cfg``'s target kind counts FLOPs and reaches its budget
+    (``PRUNING.TARGET.FLOPS.INPUT_SIZE``, or a latency table's input size)."""
+    return TARGET_KINDS[cfg.PRUNING.TARGET.KIND].input_size(cfg)
 
 
 def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
@@ -349,15 +404,15 @@ def build_target(cfg, groups: Mapping[str, ChannelGroup], cost_model=None) -> Pr
 
     Args:
         groups: every channel group of the model at its *original* widths.
-        cost_model: ``() -> CostModel`` of the unpruned model at ``COST_INPUT_SIZE`` (called only
+        cost_model: ``() -> CostModel`` of the unpruned model at :func:`cost_input_size` (called only
             by the kinds that count FLOPs).
 
     Raises:
         PruningRequestError: the target is unreachable (one line naming the fix).
         UserInputError: a latency table that cannot be read or was made for something else.
     """
-    return TARGET_KINDS[cfg.PRUNING.TARGET].from_config(cfg, groups, cost_model)
+    return TARGET_KINDS[cfg.PRUNING.TARGET.KIND].from_config(cfg, groups, cost_model)
 
 
-# PRUNING.TARGET -> the class that implements it
-TARGET_KINDS = {"ratio": ChannelTarget, "flops": FlopsTarget, "latency": LatencyTarget}
+# PRUNING.TARGET.KIND -> the class that implements it
+TARGET_KINDS = {"channels": ChannelTarget, "flops": FlopsTarget, "latency": LatencyTarget}

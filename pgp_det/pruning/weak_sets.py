@@ -1,5 +1,5 @@
 """What becomes of a step's weak sets: which of them are removed now and which zeroed
-(:func:`split_hard_soft`, ``PRUNING.REMOVE_RATIO``), and, at the last step, the weak sets that
+(:func:`split_hard_soft`, ``PRUNING.SOFT.REMOVE_RATIO``), and, at the last step, the weak sets that
 leave every group at an allowed width (:func:`whole_widths`). The weak sets themselves come from
 :func:`pgp_det.pruning.allocation.allocate`.
 """

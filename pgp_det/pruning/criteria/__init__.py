@@ -34,7 +34,7 @@ Criteria (registry names)
     rate and momentum). Read from ``.grad`` every iteration; no extra pass.
 ``pgp_pass``
     PGP as the paper's code runs it: the same signed sum over an extra pass of
-    ``PRUNING.EXTRA_PASS_BATCHES`` batches without optimizer steps, right before each pruning
+    ``PRUNING.CRITERION.EXTRA_PASS_BATCHES`` batches without optimizer steps, right before each pruning
     step (:meth:`ExtraPassGradientCriterion.run_extra_pass`).
 ``rpgp``
     RPGP, the paper's online variant: ``s_l[c] = sum_t || dL/dW_l[c] ||_1``, the filter's

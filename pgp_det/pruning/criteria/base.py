@@ -16,7 +16,7 @@ from ..groups import ChannelGroup, PruningRequestError
 
 
 CRITERION_REGISTRY = Registry("PRUNING_CRITERION")
-CRITERION_REGISTRY.__doc__ = "fn(**kwargs) -> ChannelCriterion; the name is the config value (PRUNING.CRITERION)"
+CRITERION_REGISTRY.__doc__ = "fn(**kwargs) -> ChannelCriterion; the name is the config value (PRUNING.CRITERION.NAME)"
 
 Groups = Union[Mapping[str, ChannelGroup], Iterable[ChannelGroup]]
 _Key = Tuple[str, str]  # (group name, producer layer name)

@@ -18,7 +18,7 @@ from .gradient import _extra_pass_batches
 class FeatureRelevanceCriterion(_AccumulatingCriterion):
     """FRS (Aketi et al., arXiv 2002.09958): alpha-beta LRP relevance from the true class.
 
-    :meth:`run_extra_pass` runs ``N`` training batches (``PRUNING.EXTRA_PASS_BATCHES``) right
+    :meth:`run_extra_pass` runs ``N`` training batches (``PRUNING.CRITERION.EXTRA_PASS_BATCHES``) right
     before each pruning step, without optimizer steps and without touching ``.grad``. Per batch:
 
     1. one training-mode forward of the detector under :class:`~.relevance.AlphaBetaLRP` (RPN

@@ -78,7 +78,7 @@ class RecentGradientCriterion(GradientL1Criterion):
     iterations scores high even when its sum since the last step is small.
 
     Not registered as a pruning criterion; the hook keeps one of its own for
-    ``PRUNING.PROTECT_QUANTILE`` whatever ``PRUNING.CRITERION`` is.
+    ``PRUNING.ALLOCATION.PROTECT_QUANTILE`` whatever ``PRUNING.CRITERION.NAME`` is.
     """
 
     name = "recent_gradient"
