@@ -327,10 +327,9 @@ def test_second_run_into_a_folder_in_use_is_refused_at_once(tmp_path):
         while not (out / ".pgp_det.lock").exists():
             assert first.poll() is None and time.time() < deadline, "the first run did not start"
             time.sleep(0.5)
-        started = time.time()
+        # refused, not queued: run_tool's timeout would end a second run that waited for the first
         second = run_tool("train_net.py", "--config-file", CONFIG, "--resume", *QUICK, "OUTPUT_DIR", str(out))
         assert_one_line_error(second, f"OUTPUT_DIR '{out}' is in use by another run (pid {first.pid}")
-        assert time.time() - started < 60
     finally:
         first.kill()
         first.wait()

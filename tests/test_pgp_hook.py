@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -84,17 +83,30 @@ def test_hook_reaches_flops_target_and_keeps_training(pgp_run):
     assert log["steps"][-1]["gflops"] == pytest.approx(pruned_gflops, rel=0.01)
 
 
+# runs tools/train_net.py, killing the process (SIGKILL) right after the checkpoint of iteration
+# KILL_AT is written: a deterministic kill point, whatever the machine's speed
+KILLED_RUN = """
+import os, runpy, signal, sys
+from detectron2.engine import hooks
+kill_at = int(sys.argv[1])
+save = hooks.PeriodicCheckpointer.after_step
+def after_step(self):
+    save(self)
+    if self.trainer.iter == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+hooks.PeriodicCheckpointer.after_step = after_step
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_resume_after_kill_ends_with_the_same_architecture(pgp_run, tmp_path):
-    proc = train(tmp_path, wait=False)
-    last = tmp_path / "last_checkpoint"
-    deadline = time.time() + 300
-    # kill -9 once the mid-schedule checkpoint (after 8 iterations, two of four steps done) is there
-    while time.time() < deadline and not (last.exists() and "model_0000007" in last.read_text()):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # killed after the mid-schedule checkpoint (after 8 iterations, two of four steps done)
+    command = [sys.executable, "-c", KILLED_RUN, "7", TRAIN_NET, *CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (tmp_path / "model_final.pth").exists()
+    assert "model_0000007" in (tmp_path / "last_checkpoint").read_text()
     state = torch.load(tmp_path / "model_0000007.pth", map_location="cpu", weights_only=False)
     assert state["trainer"]["hooks"]["PGPHook"]["steps_done"] == 2
 

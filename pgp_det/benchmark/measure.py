@@ -23,6 +23,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import inference_on_dataset
 
 from ..checkpoint import load_model
+from ..modeling.fold_norms import fold_norms
 from ..config import load_config
 from ..data import add_dataset_arguments, check_dataset_available, check_num_classes, register_custom_datasets
 from ..errors import UserInputError
@@ -68,6 +69,9 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time the first N dataset images once each (0: skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-eval", action="store_true", help="only time and count; no mAP")
+    parser.add_argument("--fold-norms", action="store_true",
+                        help="fold frozen/eval batch norms into their convolutions first, as a runtime does "
+                             "(pgp_det.modeling.fold_norms)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="measure every model at each value of a test-time config key (repeatable: all "
                              "combinations), e.g. MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 or INPUT.MIN_SIZE_TEST=256,192; "
@@ -261,7 +265,10 @@ def prepare_model(spec: ModelSpec, args) -> PreparedModel:
             check_num_classes(cfg, [dataset])
     print(f"[{spec.label}] loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}",
           flush=True)
-    return PreparedModel(spec, cfg, load_model(cfg, spec.weights, trusted=args.trust_weights), dataset)
+    model = load_model(cfg, spec.weights, trusted=args.trust_weights)
+    if getattr(args, "fold_norms", False):
+        print(f"[{spec.label}] folded the norms of {len(fold_norms(model.eval()))} convolutions", flush=True)
+    return PreparedModel(spec, cfg, model, dataset)
 
 
 def benchmark_model(prepared: PreparedModel, args, output_dir: str,
