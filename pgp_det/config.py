@@ -83,6 +83,10 @@ def add_pruning_config(cfg: CN) -> CN:
                 per-iteration change (Molchanov et al. 2019, HALP); ``"scores"``, the criterion's
                 scores put on one scale by its normalisation (one-shot pruning, which has no
                 gradients, always uses these).
+            KNAPSACK_OBJECTIVE ["sum"]: how a group's kept values add up: ``"sum"`` (removing
+                channels loses their values) or ``"log_share"`` (``V log(V / kept)``: the same for
+                small cuts, without bound as a group loses most of its value; see
+                ``pgp_det.pruning.knapsack``).
             PROTECT_QUANTILE [0.0]: when > 0, channels whose recent gradient (L1 with a
                 half-life of a quarter of the pruning interval) is above this quantile of their
                 group are not pruned at that step (PSAP-style protection); 0 disables it.
@@ -137,6 +141,7 @@ def add_pruning_config(cfg: CN) -> CN:
     p.ALLOCATION = CN()
     p.ALLOCATION.NAME = "uniform"
     p.ALLOCATION.KNAPSACK_VALUE = "taylor"
+    p.ALLOCATION.KNAPSACK_OBJECTIVE = "sum"
     p.ALLOCATION.PROTECT_QUANTILE = 0.0
     p.SOFT = CN()
     p.SOFT.REMOVE_RATIO = 0.5

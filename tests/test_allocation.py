@@ -291,6 +291,37 @@ def test_knapsack_never_cuts_a_group_without_evidence_for_free(given):
         assert knapsack_kept(zero, values={"a": scores["a"], "b": scores["b"]}) == kept
 
 
+def costly_and_cheap(objective, limit):
+    """Kept counts of the knapsack for two 64-channel groups: ``costly`` costs 4 a channel and
+    each of its channels is worth 4; ``cheap`` costs 1 and each channel is worth 2 (twice the
+    value per unit of cost)."""
+    scores = {"costly": torch.ones(64), "cheap": torch.ones(64)}
+    groups = {name: group(name, 64) for name in scores}
+    budget = Budget(lambda kept: 4.0 * kept.get("costly", 64) + kept.get("cheap", 64), limit, str)
+    weak = allocate("knapsack", scores, groups, 0.0, {"costly": 64, "cheap": 64}, multiple=8, floor=8, budget=budget,
+                    values={"costly": torch.full((64,), 4.0), "cheap": torch.full((64,), 2.0)},
+                    knapsack_objective=objective)
+    return {name: 64 - len(channels) for name, channels in weak.items()}
+
+
+def test_log_share_knapsack_keeps_a_costly_group_from_its_floor():
+    """Under a deep cut the sum cuts the costly group to its floor (its channels are worth least
+    per unit of cost); the log-share objective, whose loss grows without bound as a group loses
+    its value, shares the cut."""
+    deep = 4 * 8 + 64 + 8  # the costly group at its floor and the cheap one whole just fit
+    summed, logged = costly_and_cheap("sum", deep), costly_and_cheap("log_share", deep)
+    assert summed == {"costly": 8, "cheap": 64}, summed
+    assert logged["costly"] > 8 and logged["cheap"] < 64, logged
+    for kept in (summed, logged):
+        assert 4 * kept["costly"] + kept["cheap"] <= deep
+
+
+def test_log_share_knapsack_cuts_a_little_as_the_sum_does():
+    """A shallow cut: both objectives take the same first steps (equal first-order terms)."""
+    shallow = 4 * 64 + 64 - 32
+    assert costly_and_cheap("log_share", shallow) == costly_and_cheap("sum", shallow) == {"costly": 56, "cheap": 64}
+
+
 def test_knapsack_values_must_fit_the_groups():
     scores = three_groups()
     with pytest.raises(PruningRequestError, match="b: knapsack values must be 64 finite numbers"):

@@ -105,6 +105,7 @@ from .groups import ChannelGroup, PruningRequestError, kept_count
 
 __all__ = [
     "ALLOCATION_REGISTRY",
+    "KNAPSACK_OBJECTIVES",
     "AllocationRequest",
     "Budget",
     "allocate",
@@ -113,6 +114,9 @@ __all__ = [
 
 ALLOCATION_REGISTRY = Registry("PRUNING_ALLOCATION")
 ALLOCATION_REGISTRY.__doc__ = "fn(request: AllocationRequest) -> {group name: channels to keep (int)}"
+
+# PRUNING.ALLOCATION.KNAPSACK_OBJECTIVE: how knapsack adds up what each group keeps
+KNAPSACK_OBJECTIVES = ("sum", "log_share")
 
 # no group is asked to prune more than this share of its original channels (adaptive)
 MAX_ADAPTIVE_RATIO = 0.95
@@ -175,6 +179,8 @@ class AllocationRequest:
             scale shared by all groups (``knapsack`` only; e.g. the loss change of removing it,
             :class:`~pgp_det.pruning.loss_change.LossChangeEstimate`), or None: the normalised
             scores are the values.
+        knapsack_objective: how ``knapsack`` adds up a group's kept values (``KNAPSACK_OBJECTIVES``):
+            ``"sum"`` or ``"log_share"`` (see :mod:`~pgp_det.pruning.knapsack`).
     """
 
     scores: Mapping[str, torch.Tensor]
@@ -188,6 +194,7 @@ class AllocationRequest:
     step_budget: Optional[Budget] = None
     normalisation: str = "mean"
     values: Optional[Mapping[str, torch.Tensor]] = None
+    knapsack_objective: str = "sum"
 
     @property
     def cost_budget(self) -> bool:
@@ -492,6 +499,7 @@ def allocate(
     budget: Optional[Budget] = None,
     normalisation: str = "mean",
     values: Optional[Mapping[str, torch.Tensor]] = None,
+    knapsack_objective: str = "sum",
 ) -> Dict[str, List[int]]:
     """The weak set of every group at one pruning step.
 
@@ -513,6 +521,8 @@ def allocate(
             their mean, ``"none"`` takes them as given (a criterion's ``global_normalisation``).
         values: ``knapsack``: ``{group: (C,)}`` worth of each channel on one scale for all groups
             (``PRUNING.ALLOCATION.KNAPSACK_VALUE``); None: the scores normalised by ``normalisation``.
+        knapsack_objective: ``knapsack``: ``"sum"`` or ``"log_share"``
+            (``PRUNING.ALLOCATION.KNAPSACK_OBJECTIVE``, :data:`KNAPSACK_OBJECTIVES`).
 
     Returns:
         ``{group: sorted current indices of the channels that should not survive this step}``,
@@ -527,9 +537,13 @@ def allocate(
         raise PruningRequestError(f"unknown allocation method {method!r}; known: {known}")
     if normalisation not in ("mean", "none"):
         raise PruningRequestError(f"unknown score normalisation {normalisation!r}; use 'mean' or 'none'")
+    if knapsack_objective not in KNAPSACK_OBJECTIVES:
+        raise PruningRequestError(f"unknown knapsack objective {knapsack_objective!r}; use one of "
+                                  f"{', '.join(KNAPSACK_OBJECTIVES)}")
     request = _build_request(
         scores, groups, fraction, original_sizes, multiple, floor, weight_sparsity, protected, budget)
-    request = dataclasses.replace(request, normalisation=normalisation, values=_checked_values(values, request.groups))
+    request = dataclasses.replace(request, normalisation=normalisation, values=_checked_values(values, request.groups),
+                                  knapsack_objective=knapsack_objective)
     kept = ALLOCATION_REGISTRY.get(method)(request)
     weak = OrderedDict()
     for name, group in request.groups.items():

@@ -88,7 +88,7 @@ def plan_pruning_step(cfg, model, groups, scores, step: int, num_steps: int, ori
     weak = allocate(
         p.ALLOCATION.NAME, scores, groups, fractions, original_sizes, multiple=p.ROUNDING.MULTIPLE, floor=p.ROUNDING.MIN_CHANNELS,
         weight_sparsity=sparsity, protected=protected, budget=target.budget(p.SCHEDULE.NAME, step, num_steps),
-        normalisation=normalisation, values=values,
+        normalisation=normalisation, values=values, knapsack_objective=p.ALLOCATION.KNAPSACK_OBJECTIVE,
     )
     if step == num_steps:  # the widths kept for good are whole multiples
         weak = whole_widths(weak, scores, groups, p.ROUNDING.MULTIPLE, p.ROUNDING.MIN_CHANNELS)

@@ -36,6 +36,17 @@ def _knapsack_values(request: AllocationRequest) -> Dict[str, torch.Tensor]:
         for n, v in raw.items())
 
 
+def _log_share_loss(removed, total: float):
+    """``total * log(total / kept)`` for each cumulative removed value (``kept = total - removed``):
+    the removed value itself while little is removed (its first-order term), growing without bound
+    as the group's kept value goes to zero. ``kept`` is floored at a millionth of ``total`` so a
+    group whose last channels are worth nothing stays finite."""
+    if total <= 0:
+        return list(removed)
+    floor = 1e-6 * total
+    return [total * math.log(total / max(total - r, floor)) for r in removed]
+
+
 @ALLOCATION_REGISTRY.register()
 def knapsack(request: AllocationRequest) -> Dict[str, int]:
     """The most value kept within the budget: greedy by value lost per unit of cost saved, with
@@ -52,6 +63,8 @@ def knapsack(request: AllocationRequest) -> Dict[str, int]:
         removal = removal[: int((~protected).sum())]
         # value lost when the group keeps k channels: the values of the C - k channels removed
         lost = [0.0] + torch.cumsum(values[n][removal], 0).tolist()
+        if request.knapsack_objective == "log_share":
+            lost = _log_share_loss(lost, float(values[n].sum()))
         lost_at[n] = lambda k, lost=lost, size=current[n]: lost[size - k]
         counts[n] = [a for a in request.allowed(n) if a >= current[n] - len(removal)]  # ascending, ends at C
     position = {n: len(counts[n]) - 1 for n in names}  # index of the kept count in counts[n]

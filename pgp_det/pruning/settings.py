@@ -1,7 +1,7 @@
 """The ``PRUNING`` settings of a config (keys added by :func:`pgp_det.config.add_pruning_config`):
 checked at start-up, and read as per-scope ratios."""
 from ..errors import UserInputError
-from .allocation import ALLOCATION_REGISTRY
+from .allocation import ALLOCATION_REGISTRY, KNAPSACK_OBJECTIVES
 from .criteria import CRITERION_REGISTRY
 from .groups import SCOPES
 from .loss_change import KNAPSACK_VALUES
@@ -60,6 +60,9 @@ def check_pruning_config(cfg) -> None:
              f"the {p.CRITERION.NAME} criterion needs an extra pass of >= 1 batch")
     if p.ALLOCATION.KNAPSACK_VALUE not in KNAPSACK_VALUES:
         fail("ALLOCATION.KNAPSACK_VALUE", p.ALLOCATION.KNAPSACK_VALUE, f"use one of {', '.join(KNAPSACK_VALUES)}")
+    if p.ALLOCATION.KNAPSACK_OBJECTIVE not in KNAPSACK_OBJECTIVES:
+        fail("ALLOCATION.KNAPSACK_OBJECTIVE", p.ALLOCATION.KNAPSACK_OBJECTIVE,
+             f"use one of {', '.join(KNAPSACK_OBJECTIVES)}")
     if not 0.0 <= p.ALLOCATION.PROTECT_QUANTILE < 1.0:
         fail("ALLOCATION.PROTECT_QUANTILE", p.ALLOCATION.PROTECT_QUANTILE, "use a quantile in [0, 1); 0 disables protection")
     if p.SCHEDULE.UNIT not in ("iter", "epoch"):
