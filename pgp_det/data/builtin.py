@@ -21,7 +21,14 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json
 
-from .custom import DatasetFormatError, DatasetNotFoundError, check_custom_dataset_files, is_custom_dataset, load_voc_layout
+from .custom import (
+    DatasetFormatError,
+    DatasetNotFoundError,
+    check_custom_dataset_files,
+    is_custom_dataset,
+    load_voc_layout,
+    set_voc_metadata,
+)
 from .synthetic import CLASS_NAMES, generate_synthetic_dataset
 
 __all__ = [
@@ -103,9 +110,7 @@ def register_synthetic_datasets(
         _SYNTHETIC_SOURCES[name] = source
         if layout == "voc":
             DatasetCatalog.register(name, lambda source=source, split=split: _load_synthetic_voc(source, split))
-            MetadataCatalog.get(name).set(
-                evaluator_type="pascal_voc", dirname=source.root, split=split, year=2007,
-                thing_classes=list(CLASS_NAMES))
+            set_voc_metadata(name, source.root, split, CLASS_NAMES)
         else:
             DatasetCatalog.register(
                 name, lambda source=source, split=split, name=name: _load_synthetic_coco(source, split, name))
@@ -133,8 +138,10 @@ def check_dataset_available(name: str) -> None:
     """Make sure dataset ``name`` can be loaded, so a missing dataset fails now in one line.
 
     Synthetic datasets are generated if needed; custom ones must have their files in place;
-    detectron2's builtin ones (``voc_*``, ``coco_*``, ...) must be present under the datasets
-    root, at the paths their registration records.
+    detectron2's builtin ones (``voc_*``, ``coco_*``, ...) and the adaptation benchmarks
+    (:mod:`pgp_det.data.adaptation`) must be present under the datasets root, at the paths their
+    registration records. A registration's metadata key ``files_description`` says what to
+    place there ("Foggy Cityscapes in VOC layout").
 
     Raises:
         DatasetNotFoundError: the name is not registered, or its files are missing.
@@ -159,7 +166,7 @@ def check_dataset_available(name: str) -> None:
                     os.path.join(dirname, "Annotations"), os.path.join(dirname, "JPEGImages")]
         year = metadata.get("year")
         what = f"PASCAL VOC {year}" if name.startswith("voc_") and year else "the dataset"
-        place = f"place {what} under {dirname}"
+        place = f"place {metadata.get('files_description', what)} under {dirname}"
     elif json_file is not None and image_root is not None:  # COCO layout
         expected = [json_file, image_root]
         what = "COCO" if name.startswith("coco_") else "the dataset"

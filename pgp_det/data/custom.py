@@ -22,6 +22,7 @@ __all__ = [
     "register_coco_layout",
     "register_custom_datasets",
     "load_voc_layout",
+    "set_voc_metadata",
     "validate_dataset",
     "check_custom_dataset_files",
     "is_custom_dataset",
@@ -32,6 +33,15 @@ __all__ = [
 # fraction past the border); boxes may overhang the image by this many pixels before they count
 # as wrong. detectron2 clips boxes to the image when it builds training targets.
 BORDER_TOLERANCE = 1.0
+
+# What a VOC-layout loader does with an object whose class is not in its class list: refuse it
+# (a user's class list that misses a class is a mistake), or skip it (a benchmark that keeps a
+# subset of a dataset's classes, such as the car-only Sim10k -> Cityscapes one).
+OTHER_CLASSES_POLICIES = ("error", "ignore")
+
+# Image extensions looked for in JPEGImages/, in this order: VOC's own images are JPEG, while
+# conversions of other datasets to the layout often keep their PNGs (Cityscapes, Foggy Cityscapes).
+VOC_IMAGE_EXTENSIONS = (".jpg", ".png")
 
 # name -> ("voc", dirname, split, class names) or ("coco", json_file, image_root)
 _CUSTOM_DATASETS: Dict[str, tuple] = {}
@@ -110,8 +120,18 @@ def register_voc_layout(name: str, dirname: str, split: str, class_names: Union[
     names = parse_class_names(class_names)
     _claim_name(name, ("voc", dirname, split, tuple(names)))
     DatasetCatalog.register(name, lambda: load_voc_layout(dirname, split, names))
-    MetadataCatalog.get(name).set(
-        evaluator_type="pascal_voc", dirname=dirname, split=split, year=2007, thing_classes=list(names))
+    set_voc_metadata(name, dirname, split, names)
+
+
+def set_voc_metadata(name: str, dirname: str, split: str, class_names: Sequence[str], **extra):
+    """Set the metadata every VOC-layout dataset carries and return it: PASCAL VOC box AP
+    (:class:`pgp_det.evaluation.VOCDetectionEvaluator` reads the ground truth again from
+    ``dirname``'s ``Annotations/`` and ``ImageSets/Main/<split>.txt``, keeping only objects of
+    ``class_names``), and the folder and split that :func:`pgp_det.data.check_dataset_available`
+    looks for. ``extra``: more metadata keys."""
+    # year 2007: the VOC07 11-point AP50 is the headline number, as for the VOC07 test set
+    return MetadataCatalog.get(name).set(
+        evaluator_type="pascal_voc", dirname=dirname, split=split, year=2007, thing_classes=list(class_names), **extra)
 
 
 def register_coco_layout(name: str, json_file: str, image_root: str) -> None:
@@ -183,12 +203,20 @@ def _describe(args: tuple) -> str:
 # VOC layout
 
 
-def load_voc_layout(dirname: str, split: str, class_names: Sequence[str]) -> List[dict]:
+def load_voc_layout(dirname: str, split: str, class_names: Sequence[str], other_classes: str = "error") -> List[dict]:
     """Read a VOC-layout dataset into detectron2's dataset dicts, checking every file.
 
     Boxes in VOC XML are 1-based inclusive pixel indices; they are returned as absolute XYXY
     coordinates with the whole image spanning [0, W] x [0, H] (xmin - 1, ymin - 1, xmax, ymax),
-    the same convention as detectron2's own VOC loader.
+    the same convention as detectron2's own VOC loader. Images are ``JPEGImages/<id>.jpg``, else
+    ``JPEGImages/<id>.png``.
+
+    Args:
+        dirname: directory holding ``Annotations/``, ``ImageSets/Main/`` and ``JPEGImages/``.
+        split: ``ImageSets/Main/<split>.txt`` lists the image ids.
+        class_names: the classes kept; their order gives the category ids.
+        other_classes: an object whose class is not in ``class_names``: ``"error"`` raises,
+            ``"ignore"`` skips it unread (its box is not checked); the image is kept either way.
 
     Returns:
         one dict per image: ``file_name``, ``image_id`` (the file id), ``height``, ``width``,
@@ -197,6 +225,8 @@ def load_voc_layout(dirname: str, split: str, class_names: Sequence[str]) -> Lis
     Raises:
         DatasetFormatError: missing split file, annotation or image; bad XML; unknown class; bad box.
     """
+    if other_classes not in OTHER_CLASSES_POLICIES:
+        raise ValueError(f"other_classes={other_classes!r}: use one of {', '.join(OTHER_CLASSES_POLICIES)}")
     split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
     if not os.path.isfile(split_file):
         raise DatasetFormatError(f"{split_file}: split file not found (the VOC layout lists image ids there)")
@@ -206,15 +236,14 @@ def load_voc_layout(dirname: str, split: str, class_names: Sequence[str]) -> Lis
         raise DatasetFormatError(f"{split_file}: lists no image ids")
 
     class_ids = {n: i for i, n in enumerate(class_names)}
+    ignore_other_classes = other_classes == "ignore"
     dataset = []
     for file_id in file_ids:
         annotation_file = os.path.join(dirname, "Annotations", file_id + ".xml")
-        image_file = os.path.join(dirname, "JPEGImages", file_id + ".jpg")
         if not os.path.isfile(annotation_file):
             raise DatasetFormatError(f"{annotation_file}: annotation file not found (image id listed in {split_file})")
-        if not os.path.isfile(image_file):
-            raise DatasetFormatError(f"{image_file}: image file not found (image id listed in {split_file})")
-        width, height, objects = _parse_voc_xml(annotation_file, class_ids)
+        image_file = _find_voc_image(dirname, file_id, split_file)
+        width, height, objects = _parse_voc_xml(annotation_file, class_ids, ignore_other_classes)
         dataset.append({
             "file_name": image_file, "image_id": file_id, "height": height, "width": width,
             "annotations": [
@@ -224,8 +253,22 @@ def load_voc_layout(dirname: str, split: str, class_names: Sequence[str]) -> Lis
     return dataset
 
 
-def _parse_voc_xml(path: str, class_ids: Dict[str, int]) -> Tuple[int, int, List[Tuple[str, List[float]]]]:
-    """(width, height, [(class name, [x0, y0, x1, y1])]) of one VOC annotation file, checked."""
+def _find_voc_image(dirname: str, file_id: str, split_file: str) -> str:
+    """The image file of ``file_id`` in ``dirname/JPEGImages`` (see :data:`VOC_IMAGE_EXTENSIONS`)."""
+    candidates = [os.path.join(dirname, "JPEGImages", file_id + ext) for ext in VOC_IMAGE_EXTENSIONS]
+    for image_file in candidates:
+        if os.path.isfile(image_file):
+            return image_file
+    others = ", ".join(os.path.basename(c) for c in candidates[1:])
+    raise DatasetFormatError(f"{candidates[0]}: image file not found, nor {others} (image id listed in {split_file})")
+
+
+def _parse_voc_xml(
+    path: str, class_ids: Dict[str, int], ignore_other_classes: bool = False
+) -> Tuple[int, int, List[Tuple[str, List[float]]]]:
+    """(width, height, [(class name, [x0, y0, x1, y1])]) of one VOC annotation file, checked.
+
+    Objects of classes not in ``class_ids`` raise, or are skipped with ``ignore_other_classes``."""
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
@@ -242,6 +285,8 @@ def _parse_voc_xml(path: str, class_ids: Dict[str, int]) -> Tuple[int, int, List
         if not cls:
             raise DatasetFormatError(f"{path}: object {k} has no <name>")
         if cls not in class_ids:
+            if ignore_other_classes:
+                continue
             raise DatasetFormatError(f"{path}: object {k} has class '{cls}', which is not among the dataset's "
                                      f"classes ({','.join(class_ids)})")
         xmin, ymin, xmax, ymax = (_xml_number(path, obj, "bndbox/" + key, f"object {k}", float)
