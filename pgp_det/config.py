@@ -45,7 +45,7 @@ def add_pruning_config(cfg: CN) -> CN:
         COST_INPUT_SIZE [(800, 1333)]: (height, width) at which FLOPs are counted; with
             ``TARGET "latency"`` it must be the latency table's input size.
         LATENCY_TABLE [""]: for ``TARGET "latency"``: a table made by ``tools/profile_latency.py``
-            on the device the model will run on (``pgp_det.pruning.latency.LatencyTable``).
+            on the device the model will run on (``pgp_det.latency.LatencyTable``).
         TARGET_LATENCY_MS [0.0], TARGET_FPS [0.0]: for ``TARGET "latency"``, exactly one > 0:
             the final predicted batch-1 latency in ms, or a frame rate (``1000 / TARGET_FPS`` ms).
             The latency is predicted at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals, so fewer

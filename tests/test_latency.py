@@ -19,12 +19,12 @@ from pgp_det.benchmark.latency_profile import grid_widths, time_whole_model
 from pgp_det.checkpoint import load_model
 from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
+from pgp_det.latency import LatencyEntry, LatencyTable, load_table, save_table, table_from_dict, table_to_dict
 from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import allocate
 from pgp_det.pruning.criteria import build_criterion
 from pgp_det.pruning.hook import PGPHook, plan_pruning_step
-from pgp_det.pruning.target import build_target, latency_budget
-from pgp_det.pruning.latency import LatencyEntry, LatencyTable, target_latency_ms
+from pgp_det.pruning.target import build_target, latency_budget, target_latency_ms
 from pgp_det.pruning.settings import check_pruning_config
 from conftest import load_tool
 
@@ -95,11 +95,11 @@ def toy_group(name, size):
 def test_table_json_round_trip(tmp_path):
     table = toy_table()
     path = str(tmp_path / "table.json")
-    assert table.save(path) == path
+    assert save_table(table, path) == path
     assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # atomic: no temporary left
-    loaded = LatencyTable.load(path)
+    loaded = load_table(path)
     assert loaded.source == path
-    assert loaded.to_dict() == table.to_dict()
+    assert table_to_dict(loaded) == table_to_dict(table)
     for widths, proposals in [({}, None), ({"a": 24, "b": 40, "c": 16}, None), ({"a": 8}, 50), ({"c": 20}, 75)]:
         assert loaded.predict(widths, proposals) == pytest.approx(table.predict(widths, proposals), rel=1e-12)
     assert loaded.metadata["device_name"] == "toy CPU" and loaded.input_size == (128, 160)
@@ -152,22 +152,22 @@ def test_tables_made_for_something_else_are_refused_in_one_line(tmp_path):
     # files that are not tables
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert "is not valid JSON" in one_line_error(LatencyTable.load, str(bad))
+    assert "is not valid JSON" in one_line_error(load_table, str(bad))
     bad.write_text(json.dumps({"format": "something else"}))
-    assert "is not a pgp_det latency table" in one_line_error(LatencyTable.load, str(bad))
-    data = table.to_dict()
+    assert "is not a pgp_det latency table" in one_line_error(load_table, str(bad))
+    data = table_to_dict(table)
     data["entries"][1]["ms"] = data["entries"][1]["ms"][:2]
     bad.write_text(json.dumps(data))
-    assert "layer l2: ms must be a 4 x 4 grid" in one_line_error(LatencyTable.load, str(bad))
-    assert "does not exist" in one_line_error(LatencyTable.load, str(tmp_path / "missing.json"))
+    assert "layer l2: ms must be a 4 x 4 grid" in one_line_error(load_table, str(bad))
+    assert "does not exist" in one_line_error(load_table, str(tmp_path / "missing.json"))
     # a device may hide part of the layers' time (layer_overhead down to -1), never more than all of it
-    data = table.to_dict()
+    data = table_to_dict(table)
     data["rest"]["layer_overhead"] = -0.5
     bad.write_text(json.dumps(data))
-    assert LatencyTable.load(str(bad)).layer_overhead == -0.5
+    assert load_table(str(bad)).layer_overhead == -0.5
     data["rest"]["layer_overhead"] = -1.5
     bad.write_text(json.dumps(data))
-    assert "layer_overhead must be finite and >= -1" in one_line_error(LatencyTable.load, str(bad))
+    assert "layer_overhead must be finite and >= -1" in one_line_error(load_table, str(bad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def r18_table(tmp_path_factory):
 
 
 def test_profiler_table_predicts_what_the_fake_timer_measures(r18_table, capsys):
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     meta = table.metadata
     assert meta["device_kind"] == "cpu" and meta["precision"] == "fp32" and meta["num_threads"] >= 1
     for key in ("device_name", "torch", "torchvision", "detectron2", "profile_seconds"):
@@ -280,7 +280,7 @@ def test_profiler_table_predicts_what_the_fake_timer_measures(r18_table, capsys)
 
 @pytest.mark.parametrize("method", ["knapsack", "uniform"])
 def test_each_pruning_step_meets_its_latency_budget(r18_table, method):
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     cfg = synthetic_cfg("PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table, "PRUNING.TARGET_FPS",
                         str(1000.0 / (0.5 * table.predict())), "PRUNING.ALLOCATION", method,
                         "PRUNING.SCHEDULE", "pgp_exponential")
@@ -306,7 +306,7 @@ def test_each_pruning_step_meets_its_latency_budget(r18_table, method):
 
 
 def test_hook_logs_predicted_latency_at_each_step(r18_table, tmp_path):
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     target = 0.6 * table.predict()
     cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
                         "PRUNING.TARGET_LATENCY_MS", str(target), "PRUNING.ALLOCATION", "knapsack",
@@ -349,7 +349,7 @@ def test_hook_warns_when_the_model_is_tested_where_the_table_was_not_measured(r1
                                                                                proposals, pre_nms, expected):
     import logging
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
                         "PRUNING.TARGET_LATENCY_MS", str(0.6 * table.predict()), "INPUT.MIN_SIZE_TEST", str(test_size),
                         "MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals), "MODEL.RPN.PRE_NMS_TOPK_TEST", str(pre_nms),
@@ -370,7 +370,7 @@ def test_hook_warns_when_the_model_is_tested_where_the_table_was_not_measured(r1
 @pytest.mark.parametrize("test_size, warned", [(128, False), (256, True)])
 def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys, test_size, warned):
     tool = load_tool("prune_net")
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     target = 0.55 * table.predict()
     out = tmp_path / "pruned"
     code = tool.main(["--config", CONFIG, "--latency-table", r18_table, "--target-latency-ms", str(target),
@@ -425,7 +425,7 @@ def test_profiler_says_how_much_pruning_can_remove_and_prune_net_agrees(r18_tabl
     the floor that prune_net then refuses to go below, in the same milliseconds."""
     import re
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     line = load_tool("profile_latency").headroom_report(table)
     least, full, share = (float(x) for x in re.search(r"([\d.]+) ms of ([\d.]+) ms predicted \(([\d.]+)%", line).groups())
     assert full == pytest.approx(table.predict(), abs=1e-3) and 0.0 < least < 0.5 * full
@@ -532,7 +532,7 @@ def test_training_refuses_an_unreachable_target_before_writing_anything(r18_tabl
     run = tmp_path / "run"
     latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET", "latency", "PRUNING.LATENCY_TABLE", r18_table,
                "PRUNING.ALLOCATION", "knapsack", "OUTPUT_DIR", str(run)]
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     floor = table.predict({name: 8 for name in table.groups})
     message = one_line_error(check_training_run, synthetic_cfg(*latency, "PRUNING.TARGET_LATENCY_MS", str(0.9 * floor)),
                              eval_only=False, resume=False)
@@ -565,10 +565,10 @@ def test_steps_reproduce_a_device_that_computes_channels_in_blocks():
     assert entry.at(40, 48) == pytest.approx(entry.at(48, 48))
     # steps must end at the full width and belong to a prunable axis
     table = toy_table()
-    data = table.to_dict()
+    data = table_to_dict(table)
     data["entries"][1]["in_steps"] = [[8, 0.1], [32, 0.2]]
     with pytest.raises(UserInputError, match="layer l2: steps must be ascending widths"):
-        LatencyTable.from_dict(data)
+        table_from_dict(data)
 
 
 def test_knapsack_never_keeps_a_width_that_costs_a_whole_block():
@@ -635,10 +635,10 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
         assert fit_row["measured_ms"] == pytest.approx(plain_row["measured_ms"])
         assert plain_row["error_percent"] > 3.0, plain_row
         assert abs(fit_row["error_percent"]) < 1.5, fit_row
-    from pgp_det.pruning.latency import fit_rest
+    from pgp_det.latency.fit import fit_rest
 
     # the calibration stored with the table (the copies' pruned widths and times) fits it again
-    stored = LatencyTable.from_dict(json.loads(json.dumps(fitted.to_dict()))).metadata["calibration"]
+    stored = table_from_dict(json.loads(json.dumps(table_to_dict(fitted)))).metadata["calibration"]
     refitted = fit_rest(fixed, [(row["widths"], row["measured_ms"]) for row in stored])
     assert refitted.activation_ms == pytest.approx(fitted.activation_ms, rel=1e-9)
     assert refitted.layer_overhead == pytest.approx(fitted.layer_overhead, abs=1e-9)
@@ -668,7 +668,7 @@ def test_contrasting_copies_keep_the_fitted_rest_steady_on_a_noisy_device():
 
     from pgp_det.benchmark.latency_profile import _pruned_copy, check_latency, profile_latency
     from pgp_det.pruning.cost import uniform_sizes
-    from pgp_det.pruning.latency import fit_rest
+    from pgp_det.latency.fit import fit_rest
 
     model = synthetic_model(synthetic_cfg())
     table = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
@@ -860,7 +860,7 @@ def test_profile_check_times_trained_checkpoints_of_the_architecture(r18_table, 
                       str(tmp_path / "trained.json"), *OVERRIDES], timer=flop_timer) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "randomly initialised" not in out
-    table = LatencyTable.load(str(table_path))
+    table = load_table(str(table_path))
     assert table.metadata["images"] == 2 and table.metadata["images_from"] != "noise"
     row = table.metadata["check"][-1]
     assert row["label"].endswith("pruned.pth")
@@ -890,7 +890,7 @@ def test_check_measures_each_model_against_the_unpruned_model_of_its_round(r18_t
     exact, for uniform copies and for a trained pruned model alike."""
     from pgp_det.benchmark.latency_profile import check_latency
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     cfg = synthetic_cfg()
     model = synthetic_model(cfg)
     trained = synthetic_model(cfg)
@@ -1107,10 +1107,10 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
                                        (3 * timings // 4, timings))):
         device = SlowedWhileDevice(element_wise_timer, start, stop, 1.6)
         table = profile_latency(model, SIZE, timer=device, whole_timer=element_wise_timer, points=3)
-        paths.append(table.save(str(tmp_path / f"profile_{k}.json")))
+        paths.append(save_table(table, str(tmp_path / f"profile_{k}.json")))
 
     prunable = [g for g in quiet.groups if half_group_saving(quiet, g) > 0]
-    singles = [LatencyTable.load(p) for p in paths]
+    singles = [load_table(p) for p in paths]
     for t in singles:
         assert any(abs(half_group_saving(t, g) / half_group_saving(quiet, g) - 1) > 0.1 for g in prunable)
 
@@ -1118,7 +1118,7 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
     output = tmp_path / "merged.json"
     assert merge_tool.main(paths + ["--output", str(output)]) == 0
     assert "merged 3 tables" in capsys.readouterr().out
-    merged = LatencyTable.load(str(output))
+    merged = load_table(str(output))
     assert [m["source"] for m in merged.metadata["merged_from"]] == paths
     assert len(merged.metadata["calibration"]) == 3 * len(quiet.metadata["calibration"])
     assert quiet.activation_ms > 0
@@ -1136,9 +1136,9 @@ def test_merging_takes_each_groups_median_element_wise_weight(r18_table):
     """Profiles of a CPU time each group's element-wise work, so the weights differ from profile to
     profile: they merge, each group at its median weight (0 where a profile has none); a table
     weighed the other way (element counts against times) is refused in one line."""
-    from pgp_det.pruning.latency import merge_tables
+    from pgp_det.latency.merge import merge_tables
 
-    base = LatencyTable.load(r18_table)
+    base = load_table(r18_table)
     assert base.metadata["activation_weights"] == "elements written"
     group = max(base.activations, key=lambda g: base.activations[g] * base.groups[g])
     tables = []
@@ -1167,16 +1167,16 @@ def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, 
     table, a file that is not JSON, or an output that is one of the inputs: one error line, exit
     code 2, no file."""
     merge_tool = load_tool("merge_latency_tables")
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     other_threads = copy.deepcopy(table)
     other_threads.metadata["num_threads"] = 7
     other_size = LatencyTable(table.groups, (64, 80), table.entries, table.proposal_counts, table.fixed_ms,
                               table.reference_proposals, table.metadata, activations=table.activations)
-    threads_path = other_threads.save(str(tmp_path / "threads.json"))
-    size_path = other_size.save(str(tmp_path / "size.json"))
+    threads_path = save_table(other_threads, str(tmp_path / "threads.json"))
+    size_path = save_table(other_size, str(tmp_path / "size.json"))
     other_weights = copy.deepcopy(table)
     other_weights.metadata["weights"] = "" if table.metadata.get("weights") else "trained.pth"
-    weights_path = other_weights.save(str(tmp_path / "weights.json"))
+    weights_path = save_table(other_weights, str(tmp_path / "weights.json"))
     garbled = tmp_path / "garbled.json"
     garbled.write_text("{not json")
     output = tmp_path / "merged.json"
@@ -1192,7 +1192,7 @@ def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, 
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and message in err, err
         assert not output.exists()
-    assert LatencyTable.load(threads_path).metadata["num_threads"] == 7
+    assert load_table(threads_path).metadata["num_threads"] == 7
 
 
 def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_path, capsys):
@@ -1202,7 +1202,7 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
     kind of weights (random or trained) other than the table's is refused in one line, with
     nothing written."""
     tool = load_tool("profile_latency")
-    data = LatencyTable.load(r18_table).to_dict()
+    data = table_to_dict(load_table(r18_table))
     for entry in data["entries"]:
         entry["ms"] = [[2 * v for v in row] for row in entry["ms"]]
         for key in ("in_steps", "out_steps"):
@@ -1210,7 +1210,7 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
         if entry.get("proposal_ms"):
             entry["proposal_ms"] = [2 * v for v in entry["proposal_ms"]]
     doubled = str(tmp_path / "doubled.json")
-    LatencyTable.from_dict(data).save(doubled)
+    save_table(table_from_dict(data), doubled)
     before = open(doubled).read()
     errors = {}
     for name, path in (("own", r18_table), ("doubled", doubled)):
@@ -1219,7 +1219,7 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
                           *OVERRIDES], timer=flop_timer) == 0
         out = capsys.readouterr().out
         assert f"checked {path}" in out and "uniformly pruned, ratio 0.50" in out
-        rows = LatencyTable.load(str(output)).metadata["check"]
+        rows = load_table(str(output)).metadata["check"]
         assert [row["ratio"] for row in rows] == [0.0, 0.5]
         errors[name] = [row["error_percent"] for row in rows]
     assert all(abs(e) < 1e-6 for e in errors["own"]), errors
@@ -1241,11 +1241,11 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and message in err, err
         assert not output.exists()
-    data = LatencyTable.load(r18_table).to_dict()
+    data = table_to_dict(load_table(r18_table))
     data["metadata"]["environment"]["freed_memory_kept"] = True
     kept = str(tmp_path / "kept.json")
-    LatencyTable.from_dict(data).save(kept)
-    assert "freed memory kept" in LatencyTable.load(kept).describe()
+    save_table(table_from_dict(data), kept)
+    assert "freed memory kept" in load_table(kept).describe()
     assert tool.main(["--config", CONFIG, "--table", kept, "--output", str(output), *OVERRIDES], timer=flop_timer) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "pass --keep-freed-memory" in err, err
@@ -1255,10 +1255,10 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
 
     PrunedCheckpointer(synthetic_model(synthetic_cfg()), str(tmp_path)).save("trained")
     trained = str(tmp_path / "trained.pth")
-    data = LatencyTable.load(r18_table).to_dict()
+    data = table_to_dict(load_table(r18_table))
     data["metadata"]["weights"] = trained
     of_trained = str(tmp_path / "of_trained.json")
-    LatencyTable.from_dict(data).save(of_trained)
+    save_table(table_from_dict(data), of_trained)
     for path, options, message in ((r18_table, ["--weights", trained], "profiled with randomly initialised weights, "
                                     "this check would time the unpruned model with trained weights: pass --weights ''"),
                                    (of_trained, [], f"profiled with trained weights, this check would time the "
@@ -1296,7 +1296,7 @@ def latency_cfg(table_path, target_ms):
 def test_closed_loop_meets_a_target_the_table_alone_misses(r18_table):
     from pgp_det.engine.closed_loop import prune_to_measured_latency
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     meter = fixed_stage_meter(table, 0.25)
     lines = []
     result = prune_to_measured_latency(latency_cfg(r18_table, 0.6 * table.predict()), "l1", meter, progress=lines.append)
@@ -1316,7 +1316,7 @@ def test_closed_loop_meets_a_target_the_table_alone_misses(r18_table):
 def test_closed_loop_says_by_how_much_an_unreachable_target_is_missed(r18_table):
     from pgp_det.engine.closed_loop import prune_to_measured_latency
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     meter = fixed_stage_meter(table, 3.0)  # the fixed stage alone is 3/4 of the unpruned model's time
     result = prune_to_measured_latency(latency_cfg(r18_table, 0.6 * table.predict()), "l1", meter, max_rounds=3)
     loop = result.report["closed_loop"]
@@ -1330,14 +1330,14 @@ def test_closed_loop_says_by_how_much_an_unreachable_target_is_missed(r18_table)
 def test_closed_loop_is_refused_on_another_machine(r18_table, tmp_path):
     from pgp_det.engine.closed_loop import check_table_device
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     check_table_device(table)  # made here
     data = json.loads(open(r18_table).read())
     data["metadata"]["device_name"] = "Some Other CPU"
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
     with pytest.raises(UserInputError, match="'Some Other CPU', this machine has"):
-        check_table_device(LatencyTable.load(str(other)))
+        check_table_device(load_table(str(other)))
     out = tmp_path / "out"
     code = load_tool("prune_net").main(["--config", CONFIG, "--latency-table", str(other), "--target-latency-ms", "1.0",
                                         "--closed-loop", "--output", str(out), *OVERRIDES])

@@ -20,7 +20,7 @@ slows the device for a few seconds then spoils no layer's price); the whole mode
 proposal counts (``--proposals``; the config's ``MODEL.RPN.POST_NMS_TOPK_TEST`` always); the rest
 of the model is the difference, and the part of it that shrinks with the channels is fitted to
 whole-model timings of pruned copies (uniform ones, and two that each cut half of the groups; see
-``pgp_det.pruning.latency``), each group weighed, on a CPU, by what cutting it saves of the time
+``pgp_det.latency``), each group weighed, on a CPU, by what cutting it saves of the time
 the whole model spends after its layers (ReLUs, sums, pooling), timed in the model. Inputs are the first ``--images`` images of the config's test
 set stretched to ``--input-size`` (noise images with ``--noise-images`` or when the set is not at
 hand), with every proposal kept (the worst case of the proposal count). Their proposals set the
@@ -63,7 +63,8 @@ from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import derive_channel_groups, kept_count  # noqa: E402
-from pgp_det.pruning.latency import LatencyTable  # noqa: E402
+from pgp_det.latency.io import load_table, save_table  # noqa: E402
+from pgp_det.latency.page_faults import page_fault_warning, profiled_with_freed_memory_kept  # noqa: E402
 from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
     OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, parse_input_size, run_tool,
@@ -142,7 +143,7 @@ def check_args(args) -> None:
         if profiling_only:
             raise UserInputError(f"{', '.join(profiling_only)} set how a table is profiled; --table checks the one "
                                  f"it names as it is: drop {', '.join(profiling_only)}, or profile without --table")
-        table = args.table_to_check = LatencyTable.load(args.table)
+        table = args.table_to_check = load_table(args.table)
         size = f"{table.input_size[0]}x{table.input_size[1]}"
         if args.input_size and parse_input_size(args.input_size) != table.input_size:
             raise UserInputError(f"--input-size {args.input_size}: the table {args.table} was profiled at {size}; "
@@ -152,7 +153,7 @@ def check_args(args) -> None:
         if table.metadata.get("precision") != precision:
             raise UserInputError(f"the table {args.table} was profiled in {table.metadata.get('precision')}, this check "
                                  f"would run in {precision}: {'drop' if args.fp16 else 'pass'} --fp16")
-        kept = table.freed_memory_kept
+        kept = profiled_with_freed_memory_kept(table.metadata)
         if kept != args.keep_freed_memory:
             raise UserInputError(f"the table {args.table} was profiled {'with' if kept else 'without'} freed memory kept, "
                                  f"this check would run {'with' if args.keep_freed_memory else 'without'}: "
@@ -315,7 +316,7 @@ def run(args, timer=None) -> int:
     with claim_output_dir(folder, "--output") as output:
         table = profile(cfg, args, timer)
         output.start_writing()
-        table.save(args.output)
+        save_table(table, args.output)
     meta = table.metadata
     if args.table:
         print(f"checked {args.table} ({table.describe()}); unpruned model {table.predict():.3f} ms predicted "
@@ -329,7 +330,7 @@ def run(args, timer=None) -> int:
         print(f"profiled {len(table.entries)} layers ({meta['distinct_layer_timings']} distinct timings{again}) on "
               f"{table.describe()} in {meta['profile_seconds']:.1f} s; unpruned model {table.predict():.3f} ms "
               f"predicted at {table.reference_proposals} proposals")
-        faults = table.page_fault_warning(args.output)
+        faults = page_fault_warning(table, args.output)
         if faults:
             print(faults)
         if not meta.get("weights"):

@@ -50,7 +50,7 @@ from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import SCOPES  # noqa: E402
 from pgp_det.pruning.allocation import ALLOCATION_REGISTRY  # noqa: E402
-from pgp_det.pruning.latency import LatencyTable  # noqa: E402
+from pgp_det.latency.io import load_table  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, parse_input_size, run_tool  # noqa: E402
 from pgp_det.utils.output_dir import check_output_dir, claim_output_dir  # noqa: E402
 
@@ -159,7 +159,7 @@ def pruning_keys(args) -> list:
     if args.input_size is not None:
         size = parse_input_size(args.input_size)
     else:  # a latency target is met at its table's size
-        size = LatencyTable.load(args.latency_table).input_size if args.latency_table else (800, 1333)
+        size = load_table(args.latency_table).input_size if args.latency_table else (800, 1333)
     keys += ["COST_INPUT_SIZE", tuple(size)]
     for key, value in (("ALLOCATION", args.allocation), ("SCOPES", _scopes(args.scopes) or None),
                        ("CHANNEL_MULTIPLE", args.multiple), ("MIN_CHANNELS", args.floor),
@@ -181,7 +181,7 @@ def run(args) -> int:
     with claim_output_dir(args.output, "--output") as output:
         started = time.perf_counter()
         if args.closed_loop:
-            table = LatencyTable.load(args.latency_table)
+            table = load_table(args.latency_table)
             check_table_device(table)
             result = prune_to_measured_latency(
                 cfg, args.criterion, measured_share(table, args.timing_rounds), tolerance=args.tolerance,

@@ -1,4 +1,4 @@
-"""Measure a :class:`~pgp_det.pruning.latency.LatencyTable` on the device a detector will run on,
+"""Measure a :class:`~pgp_det.latency.table.LatencyTable` on the device a detector will run on,
 and check its predictions against whole-model timings of pruned copies and trained checkpoints.
 
 :func:`profile_latency` runs the model once per proposal count on each profiling image (the
@@ -17,7 +17,7 @@ last, timed in turn with it round after round (:func:`time_interleaved`), the wh
 other proposal counts and the model pruned uniformly at a few ratios and two copies that each
 cut half of the groups (:func:`contrast_cuts`), their ROI heads fed the unpruned model's
 proposals, to fit the part of the rest that shrinks with the channels
-(:func:`~pgp_det.pruning.latency.fit_rest`).
+(:func:`~pgp_det.latency.fit.fit_rest`).
 Those enter the table as their shares of the unpruned model's time in the same rounds, so that a
 drift of the device's speed while they are timed stays out.
 Layers with identical settings and shapes (repeated blocks) are timed once. Every inference runs
@@ -41,10 +41,11 @@ import torch
 from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 
+from ..latency.fit import fit_rest
+from ..latency.table import LatencyEntry, LatencyTable
 from ..pruning.allocation import allowed_kept_counts
 from ..pruning.cost import uniform_sizes
 from ..pruning.dependency import derive_channel_groups
-from ..pruning.latency import LatencyEntry, LatencyTable, fit_rest
 from ..pruning.surgery import hard_prune
 from ..utils.allocator import minor_page_faults, page_faults_per_call
 from ..utils.flops import full_proposal_budget
@@ -489,7 +490,7 @@ def profile_latency(
             boxes' sizes), so images like the deployment's give a truer table. Default: one
             noise image.
         calibration_ratios: uniform pruning ratios of the copies whose whole-model timings fit
-            the part of the rest that shrinks with the channels (:func:`~pgp_det.pruning.latency.fit_rest`);
+            the part of the rest that shrinks with the channels (:func:`~pgp_det.latency.fit.fit_rest`);
             empty: no fit (the rest stays fixed).
         contrast: with ``calibration_ratios``, also time the two :func:`contrast_cuts` copies,
             which keep the fit's two parts apart.

@@ -24,7 +24,7 @@ from ..benchmark.latency_profile import default_timer, time_interleaved
 from ..benchmark.timing import environment_info
 from ..errors import UserInputError
 from ..pruning.groups import PruningRequestError
-from ..pruning.latency import LatencyTable
+from ..latency.table import LatencyTable
 from .one_shot import OneShotResult, load_model_to_prune, prune_once
 
 __all__ = ["LoopRound", "check_table_device", "describe_rounds", "measured_share", "prune_to_measured_latency"]
