@@ -15,11 +15,15 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch.utils.flop_counter import FlopCounterMode
 
-from pgp_det.benchmark.latency_profile import grid_widths, time_whole_model
 from pgp_det.checkpoint import load_model
 from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
-from pgp_det.latency import LatencyEntry, LatencyTable, load_table, save_table, table_from_dict, table_to_dict
+from pgp_det.latency import (
+    LatencyEntry, LatencyTable, ProfileSettings, load_table, save_table, table_from_dict, table_to_dict,
+)
+from pgp_det.latency.layers import grid_widths
+from pgp_det.latency.timers import Timing
+from pgp_det.latency.whole_model import time_whole_model
 from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import allocate
 from pgp_det.pruning.criteria import build_criterion
@@ -621,16 +625,18 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
     """On a device paying for element-wise work, most of it happens between the layers timed
     alone (the blocks' ReLUs and sums, FPN's upsampling) and shrinks with the channels: without
     the fit the table over-predicts pruned models, with it the prediction is close."""
-    from pgp_det.benchmark.latency_profile import check_latency, profile_latency
+    from pgp_det.latency.check import check_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    fitted = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
-    fixed = profile_latency(model, SIZE, timer=element_wise_timer, points=3, calibration_ratios=())
+    fitted = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
+    fixed = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()),
+                            Timing(timer=element_wise_timer))
     assert fitted.activation_ms > 0 and fixed.activation_ms == 0 == fixed.layer_overhead
     assert fitted.activations and set(fitted.activations) <= set(fitted.groups)
     assert [row["ratio"] for row in fitted.metadata["calibration"]] == [0.2, 0.45, 0.7, 0.5, 0.5]
-    with_fit = check_latency(model, fitted, (0.25, 0.5, 0.75), timer=element_wise_timer)
-    without = check_latency(model, fixed, (0.25, 0.5, 0.75), timer=element_wise_timer)
+    with_fit = check_latency(model, fitted, (0.25, 0.5, 0.75), Timing(timer=element_wise_timer))
+    without = check_latency(model, fixed, (0.25, 0.5, 0.75), Timing(timer=element_wise_timer))
     for fit_row, plain_row in zip(with_fit, without):
         assert fit_row["measured_ms"] == pytest.approx(plain_row["measured_ms"])
         assert plain_row["error_percent"] > 3.0, plain_row
@@ -666,12 +672,14 @@ def test_contrasting_copies_keep_the_fitted_rest_steady_on_a_noisy_device():
     import random
     import statistics
 
-    from pgp_det.benchmark.latency_profile import _pruned_copy, check_latency, profile_latency
+    from pgp_det.latency.check import check_latency
+    from pgp_det.latency.inference import pruned_copy
+    from pgp_det.latency.profile import profile_latency
     from pgp_det.pruning.cost import uniform_sizes
     from pgp_det.latency.fit import fit_rest
 
     model = synthetic_model(synthetic_cfg())
-    table = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    table = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
     rows = table.metadata["calibration"]
     halves = [row for row in rows if "half" in row]
     assert [row["half"] for row in halves] == ["element-wise", "layers"]
@@ -689,8 +697,8 @@ def test_contrasting_copies_keep_the_fitted_rest_steady_on_a_noisy_device():
     for k in range(6):
         widths = {name: kept_count(g.size, draw.choice([0.0, 0.25, 0.5, 0.75]), 8, 8)
                   for name, g in groups.items() if g.prunable}
-        uneven[f"uneven_{k}"] = _pruned_copy(model, groups, widths, "cpu")
-    measured = check_latency(model, table, (), trained=uneven, timer=element_wise_timer)
+        uneven[f"uneven_{k}"] = pruned_copy(model, groups, widths, "cpu")
+    measured = check_latency(model, table, (), Timing(timer=element_wise_timer), trained=uneven)
     unfitted = copy.copy(table)
     unfitted.activation_ms = unfitted.layer_overhead = 0.0
     spread, worst = {}, {}
@@ -746,8 +754,11 @@ def test_element_wise_work_timed_between_layers_prices_each_groups_cut():
     in the whole model (a clock), each group's element-wise work is priced as the device charges
     it: both models, and a uniformly pruned one, within 1.5%; per group, the time timed after its
     layers matches what the device charged for the operators that follow them."""
-    from pgp_det.benchmark.latency_profile import (_axis_groups, _pruned_copy, check_latency, profile_latency,
-                                                   time_between_layers)
+    from pgp_det.latency.check import check_latency
+    from pgp_det.latency.inference import pruned_copy
+    from pgp_det.latency.layers import axis_groups
+    from pgp_det.latency.profile import profile_latency
+    from pgp_det.latency.whole_model import time_between_layers
 
     model = synthetic_model(synthetic_cfg())
     groups = derive_channel_groups(model, allow_frozen=True)
@@ -756,12 +767,12 @@ def test_element_wise_work_timed_between_layers_prices_each_groups_cut():
     cuts = {"stem only": {stem: groups[stem].size // 4},
             "deep only": {name: groups[name].size // 4 for name in deep}}
     with PricedDevice() as device:
-        timed = profile_latency(model, SIZE, timer=device.timer, points=3, clock=device.clock)
-        counted = profile_latency(model, SIZE, timer=device.timer, points=3)
-        trained = {label: _pruned_copy(model, groups, widths, "cpu") for label, widths in cuts.items()}
-        rows = {name: check_latency(model, table, (0.5,), trained=trained, timer=device.timer)
+        timed = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=device.timer, clock=device.clock))
+        counted = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=device.timer))
+        trained = {label: pruned_copy(model, groups, widths, "cpu") for label, widths in cuts.items()}
+        rows = {name: check_latency(model, table, (0.5,), Timing(timer=device.timer), trained=trained)
                 for name, table in (("timed", timed), ("counted", counted))}
-        between = time_between_layers(model, {name: _axis_groups(groups).get((name, 0), (None, 1))[0]
+        between = time_between_layers(model, {name: axis_groups(groups).get((name, 0), (None, 1))[0]
                                               for name, m in model.named_modules()
                                               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))},
                                       SIZE, device.clock, runs=1)
@@ -806,7 +817,8 @@ def test_fitted_rest_shows_only_the_savings_a_host_bound_device_turns_into_speed
     copies save far less than their layers' own times: the fit finds that only a share of those
     savings shows (``layer_overhead`` between -1 and 0), and every check copy is predicted closer
     than by the layers' times alone, within 6% of its measured share."""
-    from pgp_det.benchmark.latency_profile import check_latency, profile_latency
+    from pgp_det.latency.check import check_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     images = [torch.randint(0, 255, (*SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()]
@@ -820,11 +832,11 @@ def test_fitted_rest_shows_only_the_savings_a_host_bound_device_turns_into_speed
     full_mflops = time_whole_model(model, SIZE, flop_timer, images=images)
     calls = time_whole_model(model, SIZE, operator_calls, images=images)
     device = HostBoundDevice(0.9 * full_mflops / calls)  # launching the whole model: 0.9 of its FLOPs' time
-    table = profile_latency(model, SIZE, timer=device, points=3, images=images)
+    table = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=device), images=images)
     assert -1.0 < table.layer_overhead < 0.0 and table.activation_ms == 0.0
     layers_alone = copy.copy(table)
     layers_alone.activation_ms, layers_alone.layer_overhead = 0.0, 0.0
-    rows = check_latency(model, table, (0.25, 0.5, 0.75), timer=device, images=images)
+    rows = check_latency(model, table, (0.25, 0.5, 0.75), Timing(timer=device), images=images)
     for row in rows:
         alone = layers_alone.predict(row["widths"]) / layers_alone.predict()
         assert row["relative"] > 0.85, row  # the device saves little
@@ -888,7 +900,7 @@ def test_check_measures_each_model_against_the_unpruned_model_of_its_round(r18_t
     """The device runs 1.5x slower than when it was profiled from the second of three rounds
     on: the absolute errors show the drift (-33%), the share of the unpruned model's time stays
     exact, for uniform copies and for a trained pruned model alike."""
-    from pgp_det.benchmark.latency_profile import check_latency
+    from pgp_det.latency.check import check_latency
 
     table = load_table(r18_table)
     cfg = synthetic_cfg()
@@ -899,7 +911,7 @@ def test_check_measures_each_model_against_the_unpruned_model_of_its_round(r18_t
                groups=groups)
     ratios = (0.25, 0.5)
     device = DriftingDevice(flop_timer, [1.0, 1.5, 1.5], calls_per_round=1 + len(ratios) + 1)
-    rows = check_latency(model, table, ratios, trained={"trained": trained}, timer=device, rounds=3)
+    rows = check_latency(model, table, ratios, Timing(timer=device, rounds=3), trained={"trained": trained})
     assert [row.get("ratio", row.get("label")) for row in rows] == [0.25, 0.5, "trained"]
     assert device.calls == 3 * 4  # three rounds of four models on one image
     for row in rows:
@@ -916,13 +928,14 @@ def test_calibration_leaves_out_a_drift_of_the_device_speed():
     round on gives the same fixed costs at every proposal count and fits the same rest as a
     steady one (timed one count after the other, the counts of the later rounds would look
     1.4x dearer)."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    steady = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    steady = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
     calls_per_round = 3 + 5  # the unpruned model at 100 (the reference), 25 and 50 proposals; five copies
     drifting = DriftingDevice(element_wise_timer, [1.0, 1.4, 1.4], calls_per_round=calls_per_round)
-    drifted = profile_latency(model, SIZE, timer=element_wise_timer, whole_timer=drifting, rounds=3, points=3)
+    drifted = profile_latency(model, SIZE, ProfileSettings(points=3),
+                              Timing(timer=element_wise_timer, whole_timer=drifting, rounds=3))
     assert drifting.calls == 3 * calls_per_round
     assert steady.proposal_counts == drifted.proposal_counts == (25, 50, 100)
     assert steady.fixed_ms[0] < steady.fixed_ms[1] < steady.fixed_ms[2]  # more proposals, more selection work
@@ -939,11 +952,12 @@ def test_repeated_layer_calls_give_the_time_of_one_call():
     """On a GPU each layer is called several times per timed sample (``layer_repeat``) to hide
     the synchronisation; the table keeps the time of one call: with a timer counting FLOPs, 3
     repetitions give the same entries as 1."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    once = profile_latency(model, SIZE, timer=flop_timer, points=2, calibration_ratios=())
-    thrice = profile_latency(model, SIZE, timer=flop_timer, points=2, calibration_ratios=(), layer_repeat=3)
+    once = profile_latency(model, SIZE, ProfileSettings(points=2, calibration_ratios=()), Timing(timer=flop_timer))
+    thrice = profile_latency(model, SIZE, ProfileSettings(points=2, calibration_ratios=(), layer_repeat=3),
+                             Timing(timer=flop_timer))
     assert thrice.metadata["layer_repeat"] == 3 and [e.name for e in once.entries] == [e.name for e in thrice.entries]
     for a, b in zip(once.entries, thrice.entries):
         assert a.kind == "roi_pooler" or a.ms[-1][-1] > 0, a.name  # torch counts no FLOPs in ROIAlign
@@ -972,12 +986,13 @@ def test_layer_timings_that_a_busy_device_spoiled_are_timed_again():
     as a quiet device makes it: every spoiled timing breaks what the layer's other widths (or
     proposal counts) allow, is timed again, and the faster timing is kept. A quiet device's
     timings break nothing, so none is repeated."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
     busy_device = BusyDevice(flop_timer, every=7, factor=30.0, quiet=1)  # the whole model before the layers
-    busy = profile_latency(model, SIZE, timer=busy_device, whole_timer=flop_timer, points=3, calibration_ratios=())
+    busy = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()),
+                           Timing(timer=busy_device, whole_timer=flop_timer))
     assert quiet.metadata["repeated_layer_timings"] == 0
     assert busy_device.spikes > 10 and busy.metadata["repeated_layer_timings"] >= busy_device.spikes
     assert busy.metadata["distinct_layer_timings"] == quiet.metadata["distinct_layer_timings"]
@@ -1018,16 +1033,16 @@ def test_a_second_pass_keeps_a_slow_spell_out_of_the_layer_prices():
     the layers timed then are priced 1.6x dearer against the others, and the table misprices
     pruning their groups; with two passes through all layers each keeps its faster timing and the
     table is the quiet device's, entry by entry and in what pruning each group saves."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
     timings = quiet.metadata["distinct_layer_timings"]
     tables = {}
     for passes in (1, 2):
         device = SlowedWhileDevice(flop_timer, timings // 3, 2 * timings // 3, 1.6)
-        tables[passes] = profile_latency(model, SIZE, timer=device, whole_timer=flop_timer, points=3,
-                                         calibration_ratios=(), passes=passes)
+        tables[passes] = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=(), passes=passes),
+                                         Timing(timer=device, whole_timer=flop_timer))
         assert device.calls >= passes * timings
         assert tables[passes].metadata["layer_passes"] == passes
         assert tables[passes].metadata["distinct_layer_timings"] == timings
@@ -1050,14 +1065,14 @@ def test_the_whole_model_timed_in_a_slow_state_leaves_the_fixed_part_as_it_was(s
     """The whole model is timed before and after the layer timings and the faster kept: a device
     (or process) 1.3x slower at either of the two timings gives the quiet device's fixed part,
     where either timing alone would put the slowdown into every prediction."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
     assert quiet.metadata["whole_ms_before_layers"] == pytest.approx(quiet.metadata["whole_ms_after_layers"])
     first = 0 if slowed == "before" else 1 + quiet.metadata["distinct_layer_timings"]  # one image: one call each
     device = SlowedWhileDevice(flop_timer, first, first + 1, 1.3)
-    table = profile_latency(model, SIZE, timer=device, points=3, calibration_ratios=())
+    table = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=device))
     meta = table.metadata
     assert meta["repeated_layer_timings"] == 0
     assert meta[f"whole_ms_{slowed}_layers"] == pytest.approx(1.3 * quiet.metadata["whole_ms_before_layers"])
@@ -1097,16 +1112,17 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
     models timed quietly): each alone misprices some groups, the merged table
     (tools/merge_latency_tables.py) prices every group as the quiet device's table does, at every
     proposal count, with the same fitted rest (within 1%)."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    quiet = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    quiet = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
     timings = quiet.metadata["distinct_layer_timings"]
     paths = []
     for k, (start, stop) in enumerate(((0, timings // 4), (3 * timings // 8, 5 * timings // 8),
                                        (3 * timings // 4, timings))):
         device = SlowedWhileDevice(element_wise_timer, start, stop, 1.6)
-        table = profile_latency(model, SIZE, timer=device, whole_timer=element_wise_timer, points=3)
+        table = profile_latency(model, SIZE, ProfileSettings(points=3),
+                                Timing(timer=device, whole_timer=element_wise_timer))
         paths.append(save_table(table, str(tmp_path / f"profile_{k}.json")))
 
     prunable = [g for g in quiet.groups if half_group_saving(quiet, g) > 0]

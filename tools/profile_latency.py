@@ -56,15 +56,18 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 import torch  # noqa: E402
 
-from pgp_det.benchmark.latency_profile import check_latency, default_timer, profile_latency, wall_clock_ms  # noqa: E402
 from pgp_det.benchmark.measure import fixed_size_images  # noqa: E402
 from pgp_det.data import check_dataset_available, register_custom_datasets  # noqa: E402
 from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.engine.preflight import build_run_config  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.pruning import derive_channel_groups, kept_count  # noqa: E402
+from pgp_det.latency.check import check_latency  # noqa: E402
 from pgp_det.latency.io import load_table, save_table  # noqa: E402
 from pgp_det.latency.page_faults import page_fault_warning, profiled_with_freed_memory_kept  # noqa: E402
+from pgp_det.latency.profile import profile_latency  # noqa: E402
+from pgp_det.latency.settings import ProfileSettings  # noqa: E402
+from pgp_det.latency.timers import Timing, default_timer, wall_clock_ms  # noqa: E402
 from pgp_det.utils.allocator import keep_freed_memory  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
     OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, parse_input_size, run_tool,
@@ -226,13 +229,16 @@ def profile(cfg, args, timer=None):
     model = load_model(cpu, weights, strict=False, trusted=args.trust_weights)
     checked = {path: load_model(cpu, path, strict=False, trusted=args.trust_weights) for path in args.check_weights}
     images, source = profile_images(cfg, args)
-    dtype = "fp16" if args.fp16 else "fp32"
-    # the host's clock weighs the element-wise work between a CPU's layers; a GPU's is counted
-    clock = wall_clock_ms if timer is None and args.device == "cpu" else None
-    # whole models that are compared (other proposal counts, the calibration copies, the check's
-    # models) are timed in --runs interleaved rounds, one call each a round after a warm-up call: see time_interleaved
-    whole_timer = timer or default_timer(args.device, warmup=1, runs=1)
-    timer = timer or default_timer(args.device, warmup=args.warmup, runs=args.runs)
+    timing = Timing(
+        args.device, "fp16" if args.fp16 else "fp32",
+        timer=timer or default_timer(args.device, warmup=args.warmup, runs=args.runs),
+        # whole models that are compared (other proposal counts, the calibration copies, the
+        # check's models) are timed in --runs interleaved rounds, one call each a round after a
+        # warm-up call: see time_interleaved
+        whole_timer=timer or default_timer(args.device, warmup=1, runs=1), rounds=args.runs,
+        # the host's clock weighs the element-wise work between a CPU's layers; a GPU's is counted
+        clock=wall_clock_ms if timer is None and args.device == "cpu" else None,
+    )
     multiple, floor = int(cfg.PRUNING.CHANNEL_MULTIPLE), int(cfg.PRUNING.MIN_CHANNELS)
     if args.table:
         table = args.table_to_check
@@ -244,30 +250,23 @@ def profile(cfg, args, timer=None):
                 raise UserInputError(f"the table {args.table} was profiled with {name} {profiled}, the config has {now}: "
                                      f"pass {name} {profiled} to check it there")
     else:
-        table = profile_latency(
-            model, parse_input_size(args.input_size), device=args.device, dtype=dtype, timer=timer, points=args.points,
-            multiple=multiple, floor=floor,
+        settings = ProfileSettings(
+            points=args.points, multiple=multiple, floor=floor,
             proposal_counts=_numbers(args.proposals, "--proposals") if args.proposals else None,
-            layer_repeat=10 if args.device == "cuda" else 1,
-            passes=args.passes,
-            images=images,
-            whole_timer=whole_timer,
-            rounds=args.runs,
-            clock=clock,
-            metadata={
-                "config": args.config or args.config_file, "weights": weights, "overrides": list(args.opts),
-                "images_from": source,
-                "warmup": args.warmup, "runs": args.runs,
-                "pre_nms_topk_test": int(cfg.MODEL.RPN.PRE_NMS_TOPK_TEST),
-                "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
-            },
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
-        )
+            layer_repeat=10 if args.device == "cuda" else 1, passes=args.passes)
+        metadata = {
+            "config": args.config or args.config_file, "weights": weights, "overrides": list(args.opts),
+            "images_from": source,
+            "warmup": args.warmup, "runs": args.runs,
+            "pre_nms_topk_test": int(cfg.MODEL.RPN.PRE_NMS_TOPK_TEST),
+            "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
+        }
+        table = profile_latency(model, parse_input_size(args.input_size), settings, timing, images=images,
+                                metadata=metadata, progress=lambda line: print(line, file=sys.stderr, flush=True))
     if args.check:
         started = time.perf_counter()
-        rows = check_latency(model, table, _numbers(args.check_ratios, "--check-ratios", float), trained=checked,
-                             device=args.device, dtype=dtype, timer=whole_timer, rounds=args.runs, multiple=multiple,
-                             floor=floor, images=images)
+        rows = check_latency(model, table, _numbers(args.check_ratios, "--check-ratios", float), timing,
+                             trained=checked, multiple=multiple, floor=floor, images=images)
         table.metadata["check"] = [{k: v for k, v in row.items() if k != "widths"} for row in rows]
         table.metadata["check_seconds"] = time.perf_counter() - started
     return table

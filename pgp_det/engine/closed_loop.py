@@ -20,11 +20,12 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch.nn as nn
 
-from ..benchmark.latency_profile import default_timer, time_interleaved
 from ..benchmark.timing import environment_info
 from ..errors import UserInputError
 from ..pruning.groups import PruningRequestError
 from ..latency.table import LatencyTable
+from ..latency.timers import default_timer
+from ..latency.whole_model import time_interleaved
 from .one_shot import OneShotResult, load_model_to_prune, prune_once
 
 __all__ = ["LoopRound", "check_table_device", "describe_rounds", "measured_share", "prune_to_measured_latency"]

@@ -1,6 +1,5 @@
 """The latency model: a detector's latency on one device predicted for any channel widths, from a
-lookup table measured on that device (``tools/profile_latency.py``,
-:mod:`pgp_det.benchmark.latency_profile`).
+lookup table measured on that device (``tools/profile_latency.py``, :mod:`pgp_det.latency.profile`).
 
 A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one input size,
 
