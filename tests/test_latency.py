@@ -429,8 +429,10 @@ def test_profiler_says_how_much_pruning_can_remove_and_prune_net_agrees(r18_tabl
     the floor that prune_net then refuses to go below, in the same milliseconds."""
     import re
 
+    from pgp_det.latency.report import headroom_report
+
     table = load_table(r18_table)
-    line = load_tool("profile_latency").headroom_report(table)
+    line = headroom_report(table)
     least, full, share = (float(x) for x in re.search(r"([\d.]+) ms of ([\d.]+) ms predicted \(([\d.]+)%", line).groups())
     assert full == pytest.approx(table.predict(), abs=1e-3) and 0.0 < least < 0.5 * full
     assert share == pytest.approx(100.0 * (full - least) / full, abs=0.05)

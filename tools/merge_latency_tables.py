@@ -29,10 +29,8 @@ sys.path.insert(0, ROOT)  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
 from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.latency.io import load_table, save_table  # noqa: E402
-from pgp_det.latency.merge import merge_tables  # noqa: E402
+from pgp_det.latency.merge import merge_table_files  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, run_tool  # noqa: E402
-from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -44,7 +42,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """Reject bad arguments before any table is read (the tables themselves: merge_tables)."""
+    """Reject bad arguments before any table is read (the tables themselves: merge_table_files)."""
     if os.path.isdir(args.output):
         raise UserInputError(f"--output '{args.output}' is a folder: give the table's file name, e.g. merged.json")
     if os.path.abspath(args.output) in {os.path.abspath(t) for t in args.tables}:
@@ -55,11 +53,7 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     check_args(args)
-    with claim_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output") as output:
-        tables = [load_table(path) for path in args.tables]
-        merged = merge_tables(tables)
-        output.start_writing()
-        save_table(merged, args.output)
+    tables, merged = merge_table_files(args.tables, args.output)
     for table in tables:
         print(f"{table.source}: unpruned model {table.predict():.3f} ms predicted, rest shrinking with the channels "
               f"{table.activation_ms:.3f} ms element-wise, layer overhead {table.layer_overhead:.3f}")

@@ -27,6 +27,7 @@ The profiler (runs models; built on the pruning core and :mod:`pgp_det.benchmark
 * :mod:`.calibrate`: other proposal counts and pruned copies timed, the fixed rest, the fit.
 * :mod:`.profile`: :func:`profile_latency`, the stages in order.
 * :mod:`.check`: :func:`check_latency`, predictions against whole-model timings.
+* :mod:`.report`, :mod:`.command`: what ``tools/profile_latency.py`` prints and does.
 
 The profiler's names are imported on first use, so that reading a table loads no profiling code.
 """
@@ -48,6 +49,8 @@ _PROFILER_EXPORTS = {
     "contrast_cuts": "pgp_det.latency.calibrate",
     "profile_latency": "pgp_det.latency.profile",
     "check_latency": "pgp_det.latency.check",
+    "check_report": "pgp_det.latency.report",
+    "headroom_report": "pgp_det.latency.report",
 }
 
 __all__ = [

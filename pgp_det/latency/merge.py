@@ -1,13 +1,17 @@
 """Several profiles of one model at the same settings on the same device merged into one
-steadier table (:func:`merge_tables`; ``tools/merge_latency_tables.py``)."""
+steadier table (:func:`merge_tables`; from files and to one, :func:`merge_table_files`, what
+``tools/merge_latency_tables.py`` does)."""
+import os
 import statistics
-from typing import Sequence
+from typing import List, Sequence, Tuple
 
 from ..errors import UserInputError
+from ..utils.output_dir import claim_output_dir
 from .fit import fit_rest
+from .io import load_table, save_table
 from .table import LatencyEntry, LatencyTable
 
-__all__ = ["merge_tables"]
+__all__ = ["merge_table_files", "merge_tables"]
 
 # what profiles of one model on one device must share to be merged (metadata keys)
 _SAME_PROFILE_SETTINGS = ("device_kind", "device_name", "num_threads", "precision", "channel_multiple", "min_channels",
@@ -113,3 +117,18 @@ def _median_entry(profiles: Sequence[LatencyEntry]) -> LatencyEntry:
     return LatencyEntry(entry.name, entry.kind, entry.in_group, entry.out_group, entry.in_widths, entry.out_widths,
                         ms, proposal_ms, median_steps(lambda e: e.in_steps), median_steps(lambda e: e.out_steps))
 
+
+def merge_table_files(paths: Sequence[str], output: str) -> Tuple[List[LatencyTable], LatencyTable]:
+    """Read the tables at ``paths``, merge them (:func:`merge_tables`) and write the merged table
+    to ``output`` (its folder claimed while it is written); returns ``(tables read, merged)``.
+
+    Raises:
+        UserInputError: a table cannot be read, the tables cannot be merged, or the folder is
+            taken (one line), with nothing written.
+    """
+    with claim_output_dir(os.path.dirname(os.path.abspath(output)), "--output") as folder:
+        tables = [load_table(path) for path in paths]
+        merged = merge_tables(tables)
+        folder.start_writing()
+        save_table(merged, output)
+    return tables, merged
