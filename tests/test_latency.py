@@ -109,6 +109,44 @@ def test_table_json_round_trip(tmp_path):
     assert loaded.metadata["device_name"] == "toy CPU" and loaded.input_size == (128, 160)
 
 
+def pinned_table() -> LatencyTable:
+    """A table using every part of the prediction: steps, proposal-dependent entries, the ROI
+    pooler, element-wise weights and both fitted coefficients of the rest."""
+    grid64, grid32 = (8, 24, 40, 64), (8, 16, 32)
+    entries = [
+        LatencyEntry("l1", "conv", None, "a", (3,), grid64, ((0.8, 2.4, 4.0, 6.4),),
+                     out_steps=tuple((w, 0.1 * block_cost(w)) for w in range(8, 65, 8))),
+        LatencyEntry("l2", "conv", "a", "b", grid64, grid64, tuple(tuple(1e-3 * i * o for o in grid64) for i in grid64)),
+        LatencyEntry("l3", "conv", "b", "c", grid64, grid32, tuple(tuple(1e-2 * i * o for o in grid32) for i in grid64)),
+        LatencyEntry("l4", "linear", "c", None, grid32, (10,), tuple((0.05 * i,) for i in grid32), proposal_ms=(0.5, 1.6)),
+        LatencyEntry("pool", "roi_pooler", "c", None, grid32, (1,), ((0.3,), (0.5,), (0.9,)), proposal_ms=(0.4, 0.9)),
+    ]
+    meta = {"device_kind": "cpu", "device_name": "toy CPU", "num_threads": 2, "precision": "fp32"}
+    return LatencyTable({"a": 64, "b": 64, "c": 32}, (128, 160), entries, (50, 100), (2.0, 3.0), 100, meta,
+                        activations={"a": 3.0, "c": 5.0}, activation_ms=1.25, layer_overhead=0.1)
+
+
+# (widths, proposals) -> milliseconds, as the table predicted them before the latency code became
+# the pgp_det.latency package: a refactoring must give the same floats, to the last digit
+PINNED_PREDICTIONS = [
+    (({}, None), 36.476),
+    (({"a": 40, "b": 24}, None), 16.930718181818182),
+    (({"a": 8, "b": 8, "c": 8}, None), 1.9940727272727272),
+    (({"a": 56, "c": 20}, 75), 25.21671287878788),
+    (({"b": 48}, 50), 27.117600000000003),
+    (({"a": 33, "b": 64, "c": 17}, 130), 19.73169659090909),
+]
+
+
+def test_predictions_are_pinned_to_the_last_digit_before_and_after_a_file_round_trip(tmp_path):
+    table = pinned_table()
+    loaded = load_table(save_table(table, str(tmp_path / "pinned.json")))
+    for (widths, proposals), ms in PINNED_PREDICTIONS:
+        assert table.predict(widths, proposals) == ms, (widths, proposals)
+        assert loaded.predict(widths, proposals) == ms, (widths, proposals)
+    assert loaded.full_ms == table.full_ms == PINNED_PREDICTIONS[0][1]
+
+
 def test_bilinear_interpolation_is_exact_at_grid_points_and_linear_between():
     values = ((1.0, 5.0, 2.0), (4.0, 3.0, 9.0), (0.5, 7.0, 8.0))
     entry = LatencyEntry("x", "conv", "a", "b", (8, 16, 32), (8, 24, 64), values)
