@@ -27,7 +27,7 @@ _EXPORTS = {
     "CRITERION_REGISTRY": "pgp_det.pruning.criteria",
     "SCHEDULE_REGISTRY": "pgp_det.pruning.schedules",
     "ALLOCATION_REGISTRY": "pgp_det.pruning.allocation",
-    "LatencyTable": "pgp_det.pruning.latency",
+    "LatencyTable": "pgp_det.latency.table",
     "load_model": "pgp_det.checkpoint",
     "PrunedCheckpointer": "pgp_det.checkpoint",
     "SelectThenDecodeRPN": "pgp_det.modeling.rpn",

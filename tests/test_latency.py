@@ -15,16 +15,20 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch.utils.flop_counter import FlopCounterMode
 
-from pgp_det.benchmark.latency_profile import grid_widths, time_whole_model
 from pgp_det.checkpoint import load_model
 from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
+from pgp_det.latency import (
+    LatencyEntry, LatencyTable, ProfileSettings, load_table, save_table, table_from_dict, table_to_dict,
+)
+from pgp_det.latency.layers import grid_widths
+from pgp_det.latency.timers import Timing
+from pgp_det.latency.whole_model import time_whole_model
 from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import allocate
 from pgp_det.pruning.criteria import build_criterion
 from pgp_det.pruning.hook import PGPHook, plan_pruning_step
-from pgp_det.pruning.target import build_target, latency_budget
-from pgp_det.pruning.latency import LatencyEntry, LatencyTable, target_latency_ms
+from pgp_det.pruning.target import build_target, latency_budget, target_latency_ms
 from pgp_det.pruning.settings import check_pruning_config
 from conftest import load_tool
 
@@ -95,14 +99,52 @@ def toy_group(name, size):
 def test_table_json_round_trip(tmp_path):
     table = toy_table()
     path = str(tmp_path / "table.json")
-    assert table.save(path) == path
+    assert save_table(table, path) == path
     assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # atomic: no temporary left
-    loaded = LatencyTable.load(path)
+    loaded = load_table(path)
     assert loaded.source == path
-    assert loaded.to_dict() == table.to_dict()
+    assert table_to_dict(loaded) == table_to_dict(table)
     for widths, proposals in [({}, None), ({"a": 24, "b": 40, "c": 16}, None), ({"a": 8}, 50), ({"c": 20}, 75)]:
         assert loaded.predict(widths, proposals) == pytest.approx(table.predict(widths, proposals), rel=1e-12)
     assert loaded.metadata["device_name"] == "toy CPU" and loaded.input_size == (128, 160)
+
+
+def pinned_table() -> LatencyTable:
+    """A table using every part of the prediction: steps, proposal-dependent entries, the ROI
+    pooler, element-wise weights and both fitted coefficients of the rest."""
+    grid64, grid32 = (8, 24, 40, 64), (8, 16, 32)
+    entries = [
+        LatencyEntry("l1", "conv", None, "a", (3,), grid64, ((0.8, 2.4, 4.0, 6.4),),
+                     out_steps=tuple((w, 0.1 * block_cost(w)) for w in range(8, 65, 8))),
+        LatencyEntry("l2", "conv", "a", "b", grid64, grid64, tuple(tuple(1e-3 * i * o for o in grid64) for i in grid64)),
+        LatencyEntry("l3", "conv", "b", "c", grid64, grid32, tuple(tuple(1e-2 * i * o for o in grid32) for i in grid64)),
+        LatencyEntry("l4", "linear", "c", None, grid32, (10,), tuple((0.05 * i,) for i in grid32), proposal_ms=(0.5, 1.6)),
+        LatencyEntry("pool", "roi_pooler", "c", None, grid32, (1,), ((0.3,), (0.5,), (0.9,)), proposal_ms=(0.4, 0.9)),
+    ]
+    meta = {"device_kind": "cpu", "device_name": "toy CPU", "num_threads": 2, "precision": "fp32"}
+    return LatencyTable({"a": 64, "b": 64, "c": 32}, (128, 160), entries, (50, 100), (2.0, 3.0), 100, meta,
+                        activations={"a": 3.0, "c": 5.0}, activation_ms=1.25, layer_overhead=0.1)
+
+
+# (widths, proposals) -> milliseconds, as the table predicted them before the latency code became
+# the pgp_det.latency package: a refactoring must give the same floats, to the last digit
+PINNED_PREDICTIONS = [
+    (({}, None), 36.476),
+    (({"a": 40, "b": 24}, None), 16.930718181818182),
+    (({"a": 8, "b": 8, "c": 8}, None), 1.9940727272727272),
+    (({"a": 56, "c": 20}, 75), 25.21671287878788),
+    (({"b": 48}, 50), 27.117600000000003),
+    (({"a": 33, "b": 64, "c": 17}, 130), 19.73169659090909),
+]
+
+
+def test_predictions_are_pinned_to_the_last_digit_before_and_after_a_file_round_trip(tmp_path):
+    table = pinned_table()
+    loaded = load_table(save_table(table, str(tmp_path / "pinned.json")))
+    for (widths, proposals), ms in PINNED_PREDICTIONS:
+        assert table.predict(widths, proposals) == ms, (widths, proposals)
+        assert loaded.predict(widths, proposals) == ms, (widths, proposals)
+    assert loaded.full_ms == table.full_ms == PINNED_PREDICTIONS[0][1]
 
 
 def test_bilinear_interpolation_is_exact_at_grid_points_and_linear_between():
@@ -152,22 +194,22 @@ def test_tables_made_for_something_else_are_refused_in_one_line(tmp_path):
     # files that are not tables
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    assert "is not valid JSON" in one_line_error(LatencyTable.load, str(bad))
+    assert "is not valid JSON" in one_line_error(load_table, str(bad))
     bad.write_text(json.dumps({"format": "something else"}))
-    assert "is not a pgp_det latency table" in one_line_error(LatencyTable.load, str(bad))
-    data = table.to_dict()
+    assert "is not a pgp_det latency table" in one_line_error(load_table, str(bad))
+    data = table_to_dict(table)
     data["entries"][1]["ms"] = data["entries"][1]["ms"][:2]
     bad.write_text(json.dumps(data))
-    assert "layer l2: ms must be a 4 x 4 grid" in one_line_error(LatencyTable.load, str(bad))
-    assert "does not exist" in one_line_error(LatencyTable.load, str(tmp_path / "missing.json"))
+    assert "layer l2: ms must be a 4 x 4 grid" in one_line_error(load_table, str(bad))
+    assert "does not exist" in one_line_error(load_table, str(tmp_path / "missing.json"))
     # a device may hide part of the layers' time (layer_overhead down to -1), never more than all of it
-    data = table.to_dict()
+    data = table_to_dict(table)
     data["rest"]["layer_overhead"] = -0.5
     bad.write_text(json.dumps(data))
-    assert LatencyTable.load(str(bad)).layer_overhead == -0.5
+    assert load_table(str(bad)).layer_overhead == -0.5
     data["rest"]["layer_overhead"] = -1.5
     bad.write_text(json.dumps(data))
-    assert "layer_overhead must be finite and >= -1" in one_line_error(LatencyTable.load, str(bad))
+    assert "layer_overhead must be finite and >= -1" in one_line_error(load_table, str(bad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +298,7 @@ def r18_table(tmp_path_factory):
 
 
 def test_profiler_table_predicts_what_the_fake_timer_measures(r18_table, capsys):
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     meta = table.metadata
     assert meta["device_kind"] == "cpu" and meta["precision"] == "fp32" and meta["num_threads"] >= 1
     for key in ("device_name", "torch", "torchvision", "detectron2", "profile_seconds"):
@@ -280,7 +322,7 @@ def test_profiler_table_predicts_what_the_fake_timer_measures(r18_table, capsys)
 
 @pytest.mark.parametrize("method", ["knapsack", "uniform"])
 def test_each_pruning_step_meets_its_latency_budget(r18_table, method):
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     cfg = synthetic_cfg("PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table, "PRUNING.TARGET.LATENCY.FPS",
                         str(1000.0 / (0.5 * table.predict())), "PRUNING.ALLOCATION.NAME", method,
                         "PRUNING.SCHEDULE.NAME", "pgp_exponential")
@@ -306,7 +348,7 @@ def test_each_pruning_step_meets_its_latency_budget(r18_table, method):
 
 
 def test_hook_logs_predicted_latency_at_each_step(r18_table, tmp_path):
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     target = 0.6 * table.predict()
     cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table,
                         "PRUNING.TARGET.LATENCY.MS", str(target), "PRUNING.ALLOCATION.NAME", "knapsack",
@@ -349,7 +391,7 @@ def test_hook_warns_when_the_model_is_tested_where_the_table_was_not_measured(r1
                                                                                proposals, pre_nms, expected):
     import logging
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table,
                         "PRUNING.TARGET.LATENCY.MS", str(0.6 * table.predict()), "INPUT.MIN_SIZE_TEST", str(test_size),
                         "MODEL.RPN.POST_NMS_TOPK_TEST", str(proposals), "MODEL.RPN.PRE_NMS_TOPK_TEST", str(pre_nms),
@@ -370,7 +412,7 @@ def test_hook_warns_when_the_model_is_tested_where_the_table_was_not_measured(r1
 @pytest.mark.parametrize("test_size, warned", [(128, False), (256, True)])
 def test_prune_net_meets_a_latency_target(r18_table, tmp_path, capsys, test_size, warned):
     tool = load_tool("prune_net")
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     target = 0.55 * table.predict()
     out = tmp_path / "pruned"
     code = tool.main(["--config", CONFIG, "--latency-table", r18_table, "--target-latency-ms", str(target),
@@ -425,8 +467,10 @@ def test_profiler_says_how_much_pruning_can_remove_and_prune_net_agrees(r18_tabl
     the floor that prune_net then refuses to go below, in the same milliseconds."""
     import re
 
-    table = LatencyTable.load(r18_table)
-    line = load_tool("profile_latency").headroom_report(table)
+    from pgp_det.latency.report import headroom_report
+
+    table = load_table(r18_table)
+    line = headroom_report(table)
     least, full, share = (float(x) for x in re.search(r"([\d.]+) ms of ([\d.]+) ms predicted \(([\d.]+)%", line).groups())
     assert full == pytest.approx(table.predict(), abs=1e-3) and 0.0 < least < 0.5 * full
     assert share == pytest.approx(100.0 * (full - least) / full, abs=0.05)
@@ -532,7 +576,7 @@ def test_training_refuses_an_unreachable_target_before_writing_anything(r18_tabl
     run = tmp_path / "run"
     latency = ["PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", "PRUNING.TARGET.LATENCY.TABLE", r18_table,
                "PRUNING.ALLOCATION.NAME", "knapsack", "OUTPUT_DIR", str(run)]
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     floor = table.predict({name: 8 for name in table.groups})
     message = one_line_error(check_training_run, synthetic_cfg(*latency, "PRUNING.TARGET.LATENCY.MS", str(0.9 * floor)),
                              eval_only=False, resume=False)
@@ -565,10 +609,10 @@ def test_steps_reproduce_a_device_that_computes_channels_in_blocks():
     assert entry.at(40, 48) == pytest.approx(entry.at(48, 48))
     # steps must end at the full width and belong to a prunable axis
     table = toy_table()
-    data = table.to_dict()
+    data = table_to_dict(table)
     data["entries"][1]["in_steps"] = [[8, 0.1], [32, 0.2]]
     with pytest.raises(UserInputError, match="layer l2: steps must be ascending widths"):
-        LatencyTable.from_dict(data)
+        table_from_dict(data)
 
 
 def test_knapsack_never_keeps_a_width_that_costs_a_whole_block():
@@ -621,24 +665,26 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
     """On a device paying for element-wise work, most of it happens between the layers timed
     alone (the blocks' ReLUs and sums, FPN's upsampling) and shrinks with the channels: without
     the fit the table over-predicts pruned models, with it the prediction is close."""
-    from pgp_det.benchmark.latency_profile import check_latency, profile_latency
+    from pgp_det.latency.check import check_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    fitted = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
-    fixed = profile_latency(model, SIZE, timer=element_wise_timer, points=3, calibration_ratios=())
+    fitted = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
+    fixed = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()),
+                            Timing(timer=element_wise_timer))
     assert fitted.activation_ms > 0 and fixed.activation_ms == 0 == fixed.layer_overhead
     assert fitted.activations and set(fitted.activations) <= set(fitted.groups)
     assert [row["ratio"] for row in fitted.metadata["calibration"]] == [0.2, 0.45, 0.7, 0.5, 0.5]
-    with_fit = check_latency(model, fitted, (0.25, 0.5, 0.75), timer=element_wise_timer)
-    without = check_latency(model, fixed, (0.25, 0.5, 0.75), timer=element_wise_timer)
+    with_fit = check_latency(model, fitted, (0.25, 0.5, 0.75), Timing(timer=element_wise_timer))
+    without = check_latency(model, fixed, (0.25, 0.5, 0.75), Timing(timer=element_wise_timer))
     for fit_row, plain_row in zip(with_fit, without):
         assert fit_row["measured_ms"] == pytest.approx(plain_row["measured_ms"])
         assert plain_row["error_percent"] > 3.0, plain_row
         assert abs(fit_row["error_percent"]) < 1.5, fit_row
-    from pgp_det.pruning.latency import fit_rest
+    from pgp_det.latency.fit import fit_rest
 
     # the calibration stored with the table (the copies' pruned widths and times) fits it again
-    stored = LatencyTable.from_dict(json.loads(json.dumps(fitted.to_dict()))).metadata["calibration"]
+    stored = table_from_dict(json.loads(json.dumps(table_to_dict(fitted)))).metadata["calibration"]
     refitted = fit_rest(fixed, [(row["widths"], row["measured_ms"]) for row in stored])
     assert refitted.activation_ms == pytest.approx(fitted.activation_ms, rel=1e-9)
     assert refitted.layer_overhead == pytest.approx(fitted.layer_overhead, abs=1e-9)
@@ -666,12 +712,14 @@ def test_contrasting_copies_keep_the_fitted_rest_steady_on_a_noisy_device():
     import random
     import statistics
 
-    from pgp_det.benchmark.latency_profile import _pruned_copy, check_latency, profile_latency
+    from pgp_det.latency.check import check_latency
+    from pgp_det.latency.inference import pruned_copy
+    from pgp_det.latency.profile import profile_latency
     from pgp_det.pruning.cost import uniform_sizes
-    from pgp_det.pruning.latency import fit_rest
+    from pgp_det.latency.fit import fit_rest
 
     model = synthetic_model(synthetic_cfg())
-    table = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    table = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
     rows = table.metadata["calibration"]
     halves = [row for row in rows if "half" in row]
     assert [row["half"] for row in halves] == ["element-wise", "layers"]
@@ -689,8 +737,8 @@ def test_contrasting_copies_keep_the_fitted_rest_steady_on_a_noisy_device():
     for k in range(6):
         widths = {name: kept_count(g.size, draw.choice([0.0, 0.25, 0.5, 0.75]), 8, 8)
                   for name, g in groups.items() if g.prunable}
-        uneven[f"uneven_{k}"] = _pruned_copy(model, groups, widths, "cpu")
-    measured = check_latency(model, table, (), trained=uneven, timer=element_wise_timer)
+        uneven[f"uneven_{k}"] = pruned_copy(model, groups, widths, "cpu")
+    measured = check_latency(model, table, (), Timing(timer=element_wise_timer), trained=uneven)
     unfitted = copy.copy(table)
     unfitted.activation_ms = unfitted.layer_overhead = 0.0
     spread, worst = {}, {}
@@ -746,8 +794,11 @@ def test_element_wise_work_timed_between_layers_prices_each_groups_cut():
     in the whole model (a clock), each group's element-wise work is priced as the device charges
     it: both models, and a uniformly pruned one, within 1.5%; per group, the time timed after its
     layers matches what the device charged for the operators that follow them."""
-    from pgp_det.benchmark.latency_profile import (_axis_groups, _pruned_copy, check_latency, profile_latency,
-                                                   time_between_layers)
+    from pgp_det.latency.check import check_latency
+    from pgp_det.latency.inference import pruned_copy
+    from pgp_det.latency.layers import axis_groups
+    from pgp_det.latency.profile import profile_latency
+    from pgp_det.latency.whole_model import time_between_layers
 
     model = synthetic_model(synthetic_cfg())
     groups = derive_channel_groups(model, allow_frozen=True)
@@ -756,12 +807,12 @@ def test_element_wise_work_timed_between_layers_prices_each_groups_cut():
     cuts = {"stem only": {stem: groups[stem].size // 4},
             "deep only": {name: groups[name].size // 4 for name in deep}}
     with PricedDevice() as device:
-        timed = profile_latency(model, SIZE, timer=device.timer, points=3, clock=device.clock)
-        counted = profile_latency(model, SIZE, timer=device.timer, points=3)
-        trained = {label: _pruned_copy(model, groups, widths, "cpu") for label, widths in cuts.items()}
-        rows = {name: check_latency(model, table, (0.5,), trained=trained, timer=device.timer)
+        timed = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=device.timer, clock=device.clock))
+        counted = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=device.timer))
+        trained = {label: pruned_copy(model, groups, widths, "cpu") for label, widths in cuts.items()}
+        rows = {name: check_latency(model, table, (0.5,), Timing(timer=device.timer), trained=trained)
                 for name, table in (("timed", timed), ("counted", counted))}
-        between = time_between_layers(model, {name: _axis_groups(groups).get((name, 0), (None, 1))[0]
+        between = time_between_layers(model, {name: axis_groups(groups).get((name, 0), (None, 1))[0]
                                               for name, m in model.named_modules()
                                               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))},
                                       SIZE, device.clock, runs=1)
@@ -806,7 +857,8 @@ def test_fitted_rest_shows_only_the_savings_a_host_bound_device_turns_into_speed
     copies save far less than their layers' own times: the fit finds that only a share of those
     savings shows (``layer_overhead`` between -1 and 0), and every check copy is predicted closer
     than by the layers' times alone, within 6% of its measured share."""
-    from pgp_det.benchmark.latency_profile import check_latency, profile_latency
+    from pgp_det.latency.check import check_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     images = [torch.randint(0, 255, (*SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()]
@@ -820,11 +872,11 @@ def test_fitted_rest_shows_only_the_savings_a_host_bound_device_turns_into_speed
     full_mflops = time_whole_model(model, SIZE, flop_timer, images=images)
     calls = time_whole_model(model, SIZE, operator_calls, images=images)
     device = HostBoundDevice(0.9 * full_mflops / calls)  # launching the whole model: 0.9 of its FLOPs' time
-    table = profile_latency(model, SIZE, timer=device, points=3, images=images)
+    table = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=device), images=images)
     assert -1.0 < table.layer_overhead < 0.0 and table.activation_ms == 0.0
     layers_alone = copy.copy(table)
     layers_alone.activation_ms, layers_alone.layer_overhead = 0.0, 0.0
-    rows = check_latency(model, table, (0.25, 0.5, 0.75), timer=device, images=images)
+    rows = check_latency(model, table, (0.25, 0.5, 0.75), Timing(timer=device), images=images)
     for row in rows:
         alone = layers_alone.predict(row["widths"]) / layers_alone.predict()
         assert row["relative"] > 0.85, row  # the device saves little
@@ -860,7 +912,7 @@ def test_profile_check_times_trained_checkpoints_of_the_architecture(r18_table, 
                       str(tmp_path / "trained.json"), *OVERRIDES], timer=flop_timer) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "randomly initialised" not in out
-    table = LatencyTable.load(str(table_path))
+    table = load_table(str(table_path))
     assert table.metadata["images"] == 2 and table.metadata["images_from"] != "noise"
     row = table.metadata["check"][-1]
     assert row["label"].endswith("pruned.pth")
@@ -888,9 +940,9 @@ def test_check_measures_each_model_against_the_unpruned_model_of_its_round(r18_t
     """The device runs 1.5x slower than when it was profiled from the second of three rounds
     on: the absolute errors show the drift (-33%), the share of the unpruned model's time stays
     exact, for uniform copies and for a trained pruned model alike."""
-    from pgp_det.benchmark.latency_profile import check_latency
+    from pgp_det.latency.check import check_latency
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     cfg = synthetic_cfg()
     model = synthetic_model(cfg)
     trained = synthetic_model(cfg)
@@ -899,7 +951,7 @@ def test_check_measures_each_model_against_the_unpruned_model_of_its_round(r18_t
                groups=groups)
     ratios = (0.25, 0.5)
     device = DriftingDevice(flop_timer, [1.0, 1.5, 1.5], calls_per_round=1 + len(ratios) + 1)
-    rows = check_latency(model, table, ratios, trained={"trained": trained}, timer=device, rounds=3)
+    rows = check_latency(model, table, ratios, Timing(timer=device, rounds=3), trained={"trained": trained})
     assert [row.get("ratio", row.get("label")) for row in rows] == [0.25, 0.5, "trained"]
     assert device.calls == 3 * 4  # three rounds of four models on one image
     for row in rows:
@@ -916,13 +968,14 @@ def test_calibration_leaves_out_a_drift_of_the_device_speed():
     round on gives the same fixed costs at every proposal count and fits the same rest as a
     steady one (timed one count after the other, the counts of the later rounds would look
     1.4x dearer)."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    steady = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    steady = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
     calls_per_round = 3 + 5  # the unpruned model at 100 (the reference), 25 and 50 proposals; five copies
     drifting = DriftingDevice(element_wise_timer, [1.0, 1.4, 1.4], calls_per_round=calls_per_round)
-    drifted = profile_latency(model, SIZE, timer=element_wise_timer, whole_timer=drifting, rounds=3, points=3)
+    drifted = profile_latency(model, SIZE, ProfileSettings(points=3),
+                              Timing(timer=element_wise_timer, whole_timer=drifting, rounds=3))
     assert drifting.calls == 3 * calls_per_round
     assert steady.proposal_counts == drifted.proposal_counts == (25, 50, 100)
     assert steady.fixed_ms[0] < steady.fixed_ms[1] < steady.fixed_ms[2]  # more proposals, more selection work
@@ -939,11 +992,12 @@ def test_repeated_layer_calls_give_the_time_of_one_call():
     """On a GPU each layer is called several times per timed sample (``layer_repeat``) to hide
     the synchronisation; the table keeps the time of one call: with a timer counting FLOPs, 3
     repetitions give the same entries as 1."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    once = profile_latency(model, SIZE, timer=flop_timer, points=2, calibration_ratios=())
-    thrice = profile_latency(model, SIZE, timer=flop_timer, points=2, calibration_ratios=(), layer_repeat=3)
+    once = profile_latency(model, SIZE, ProfileSettings(points=2, calibration_ratios=()), Timing(timer=flop_timer))
+    thrice = profile_latency(model, SIZE, ProfileSettings(points=2, calibration_ratios=(), layer_repeat=3),
+                             Timing(timer=flop_timer))
     assert thrice.metadata["layer_repeat"] == 3 and [e.name for e in once.entries] == [e.name for e in thrice.entries]
     for a, b in zip(once.entries, thrice.entries):
         assert a.kind == "roi_pooler" or a.ms[-1][-1] > 0, a.name  # torch counts no FLOPs in ROIAlign
@@ -972,12 +1026,13 @@ def test_layer_timings_that_a_busy_device_spoiled_are_timed_again():
     as a quiet device makes it: every spoiled timing breaks what the layer's other widths (or
     proposal counts) allow, is timed again, and the faster timing is kept. A quiet device's
     timings break nothing, so none is repeated."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
     busy_device = BusyDevice(flop_timer, every=7, factor=30.0, quiet=1)  # the whole model before the layers
-    busy = profile_latency(model, SIZE, timer=busy_device, whole_timer=flop_timer, points=3, calibration_ratios=())
+    busy = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()),
+                           Timing(timer=busy_device, whole_timer=flop_timer))
     assert quiet.metadata["repeated_layer_timings"] == 0
     assert busy_device.spikes > 10 and busy.metadata["repeated_layer_timings"] >= busy_device.spikes
     assert busy.metadata["distinct_layer_timings"] == quiet.metadata["distinct_layer_timings"]
@@ -1018,16 +1073,16 @@ def test_a_second_pass_keeps_a_slow_spell_out_of_the_layer_prices():
     the layers timed then are priced 1.6x dearer against the others, and the table misprices
     pruning their groups; with two passes through all layers each keeps its faster timing and the
     table is the quiet device's, entry by entry and in what pruning each group saves."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
     timings = quiet.metadata["distinct_layer_timings"]
     tables = {}
     for passes in (1, 2):
         device = SlowedWhileDevice(flop_timer, timings // 3, 2 * timings // 3, 1.6)
-        tables[passes] = profile_latency(model, SIZE, timer=device, whole_timer=flop_timer, points=3,
-                                         calibration_ratios=(), passes=passes)
+        tables[passes] = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=(), passes=passes),
+                                         Timing(timer=device, whole_timer=flop_timer))
         assert device.calls >= passes * timings
         assert tables[passes].metadata["layer_passes"] == passes
         assert tables[passes].metadata["distinct_layer_timings"] == timings
@@ -1050,14 +1105,14 @@ def test_the_whole_model_timed_in_a_slow_state_leaves_the_fixed_part_as_it_was(s
     """The whole model is timed before and after the layer timings and the faster kept: a device
     (or process) 1.3x slower at either of the two timings gives the quiet device's fixed part,
     where either timing alone would put the slowdown into every prediction."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    quiet = profile_latency(model, SIZE, timer=flop_timer, points=3, calibration_ratios=())
+    quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
     assert quiet.metadata["whole_ms_before_layers"] == pytest.approx(quiet.metadata["whole_ms_after_layers"])
     first = 0 if slowed == "before" else 1 + quiet.metadata["distinct_layer_timings"]  # one image: one call each
     device = SlowedWhileDevice(flop_timer, first, first + 1, 1.3)
-    table = profile_latency(model, SIZE, timer=device, points=3, calibration_ratios=())
+    table = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=device))
     meta = table.metadata
     assert meta["repeated_layer_timings"] == 0
     assert meta[f"whole_ms_{slowed}_layers"] == pytest.approx(1.3 * quiet.metadata["whole_ms_before_layers"])
@@ -1097,20 +1152,21 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
     models timed quietly): each alone misprices some groups, the merged table
     (tools/merge_latency_tables.py) prices every group as the quiet device's table does, at every
     proposal count, with the same fitted rest (within 1%)."""
-    from pgp_det.benchmark.latency_profile import profile_latency
+    from pgp_det.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    quiet = profile_latency(model, SIZE, timer=element_wise_timer, points=3)
+    quiet = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
     timings = quiet.metadata["distinct_layer_timings"]
     paths = []
     for k, (start, stop) in enumerate(((0, timings // 4), (3 * timings // 8, 5 * timings // 8),
                                        (3 * timings // 4, timings))):
         device = SlowedWhileDevice(element_wise_timer, start, stop, 1.6)
-        table = profile_latency(model, SIZE, timer=device, whole_timer=element_wise_timer, points=3)
-        paths.append(table.save(str(tmp_path / f"profile_{k}.json")))
+        table = profile_latency(model, SIZE, ProfileSettings(points=3),
+                                Timing(timer=device, whole_timer=element_wise_timer))
+        paths.append(save_table(table, str(tmp_path / f"profile_{k}.json")))
 
     prunable = [g for g in quiet.groups if half_group_saving(quiet, g) > 0]
-    singles = [LatencyTable.load(p) for p in paths]
+    singles = [load_table(p) for p in paths]
     for t in singles:
         assert any(abs(half_group_saving(t, g) / half_group_saving(quiet, g) - 1) > 0.1 for g in prunable)
 
@@ -1118,7 +1174,7 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
     output = tmp_path / "merged.json"
     assert merge_tool.main(paths + ["--output", str(output)]) == 0
     assert "merged 3 tables" in capsys.readouterr().out
-    merged = LatencyTable.load(str(output))
+    merged = load_table(str(output))
     assert [m["source"] for m in merged.metadata["merged_from"]] == paths
     assert len(merged.metadata["calibration"]) == 3 * len(quiet.metadata["calibration"])
     assert quiet.activation_ms > 0
@@ -1136,9 +1192,9 @@ def test_merging_takes_each_groups_median_element_wise_weight(r18_table):
     """Profiles of a CPU time each group's element-wise work, so the weights differ from profile to
     profile: they merge, each group at its median weight (0 where a profile has none); a table
     weighed the other way (element counts against times) is refused in one line."""
-    from pgp_det.pruning.latency import merge_tables
+    from pgp_det.latency.merge import merge_tables
 
-    base = LatencyTable.load(r18_table)
+    base = load_table(r18_table)
     assert base.metadata["activation_weights"] == "elements written"
     group = max(base.activations, key=lambda g: base.activations[g] * base.groups[g])
     tables = []
@@ -1167,16 +1223,16 @@ def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, 
     table, a file that is not JSON, or an output that is one of the inputs: one error line, exit
     code 2, no file."""
     merge_tool = load_tool("merge_latency_tables")
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     other_threads = copy.deepcopy(table)
     other_threads.metadata["num_threads"] = 7
     other_size = LatencyTable(table.groups, (64, 80), table.entries, table.proposal_counts, table.fixed_ms,
                               table.reference_proposals, table.metadata, activations=table.activations)
-    threads_path = other_threads.save(str(tmp_path / "threads.json"))
-    size_path = other_size.save(str(tmp_path / "size.json"))
+    threads_path = save_table(other_threads, str(tmp_path / "threads.json"))
+    size_path = save_table(other_size, str(tmp_path / "size.json"))
     other_weights = copy.deepcopy(table)
     other_weights.metadata["weights"] = "" if table.metadata.get("weights") else "trained.pth"
-    weights_path = other_weights.save(str(tmp_path / "weights.json"))
+    weights_path = save_table(other_weights, str(tmp_path / "weights.json"))
     garbled = tmp_path / "garbled.json"
     garbled.write_text("{not json")
     output = tmp_path / "merged.json"
@@ -1192,7 +1248,7 @@ def test_merging_refuses_tables_of_other_settings_and_writes_nothing(r18_table, 
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and message in err, err
         assert not output.exists()
-    assert LatencyTable.load(threads_path).metadata["num_threads"] == 7
+    assert load_table(threads_path).metadata["num_threads"] == 7
 
 
 def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_path, capsys):
@@ -1202,7 +1258,7 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
     kind of weights (random or trained) other than the table's is refused in one line, with
     nothing written."""
     tool = load_tool("profile_latency")
-    data = LatencyTable.load(r18_table).to_dict()
+    data = table_to_dict(load_table(r18_table))
     for entry in data["entries"]:
         entry["ms"] = [[2 * v for v in row] for row in entry["ms"]]
         for key in ("in_steps", "out_steps"):
@@ -1210,7 +1266,7 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
         if entry.get("proposal_ms"):
             entry["proposal_ms"] = [2 * v for v in entry["proposal_ms"]]
     doubled = str(tmp_path / "doubled.json")
-    LatencyTable.from_dict(data).save(doubled)
+    save_table(table_from_dict(data), doubled)
     before = open(doubled).read()
     errors = {}
     for name, path in (("own", r18_table), ("doubled", doubled)):
@@ -1219,7 +1275,7 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
                           *OVERRIDES], timer=flop_timer) == 0
         out = capsys.readouterr().out
         assert f"checked {path}" in out and "uniformly pruned, ratio 0.50" in out
-        rows = LatencyTable.load(str(output)).metadata["check"]
+        rows = load_table(str(output)).metadata["check"]
         assert [row["ratio"] for row in rows] == [0.0, 0.5]
         errors[name] = [row["error_percent"] for row in rows]
     assert all(abs(e) < 1e-6 for e in errors["own"]), errors
@@ -1241,11 +1297,11 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and message in err, err
         assert not output.exists()
-    data = LatencyTable.load(r18_table).to_dict()
+    data = table_to_dict(load_table(r18_table))
     data["metadata"]["environment"]["freed_memory_kept"] = True
     kept = str(tmp_path / "kept.json")
-    LatencyTable.from_dict(data).save(kept)
-    assert "freed memory kept" in LatencyTable.load(kept).describe()
+    save_table(table_from_dict(data), kept)
+    assert "freed memory kept" in load_table(kept).describe()
     assert tool.main(["--config", CONFIG, "--table", kept, "--output", str(output), *OVERRIDES], timer=flop_timer) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "pass --keep-freed-memory" in err, err
@@ -1255,10 +1311,10 @@ def test_profile_tool_checks_an_existing_table_without_profiling(r18_table, tmp_
 
     PrunedCheckpointer(synthetic_model(synthetic_cfg()), str(tmp_path)).save("trained")
     trained = str(tmp_path / "trained.pth")
-    data = LatencyTable.load(r18_table).to_dict()
+    data = table_to_dict(load_table(r18_table))
     data["metadata"]["weights"] = trained
     of_trained = str(tmp_path / "of_trained.json")
-    LatencyTable.from_dict(data).save(of_trained)
+    save_table(table_from_dict(data), of_trained)
     for path, options, message in ((r18_table, ["--weights", trained], "profiled with randomly initialised weights, "
                                     "this check would time the unpruned model with trained weights: pass --weights ''"),
                                    (of_trained, [], f"profiled with trained weights, this check would time the "
@@ -1296,7 +1352,7 @@ def latency_cfg(table_path, target_ms):
 def test_closed_loop_meets_a_target_the_table_alone_misses(r18_table):
     from pgp_det.engine.closed_loop import prune_to_measured_latency
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     meter = fixed_stage_meter(table, 0.25)
     lines = []
     result = prune_to_measured_latency(latency_cfg(r18_table, 0.6 * table.predict()), "l1", meter, progress=lines.append)
@@ -1316,7 +1372,7 @@ def test_closed_loop_meets_a_target_the_table_alone_misses(r18_table):
 def test_closed_loop_says_by_how_much_an_unreachable_target_is_missed(r18_table):
     from pgp_det.engine.closed_loop import prune_to_measured_latency
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     meter = fixed_stage_meter(table, 3.0)  # the fixed stage alone is 3/4 of the unpruned model's time
     result = prune_to_measured_latency(latency_cfg(r18_table, 0.6 * table.predict()), "l1", meter, max_rounds=3)
     loop = result.report["closed_loop"]
@@ -1330,14 +1386,14 @@ def test_closed_loop_says_by_how_much_an_unreachable_target_is_missed(r18_table)
 def test_closed_loop_is_refused_on_another_machine(r18_table, tmp_path):
     from pgp_det.engine.closed_loop import check_table_device
 
-    table = LatencyTable.load(r18_table)
+    table = load_table(r18_table)
     check_table_device(table)  # made here
     data = json.loads(open(r18_table).read())
     data["metadata"]["device_name"] = "Some Other CPU"
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
     with pytest.raises(UserInputError, match="'Some Other CPU', this machine has"):
-        check_table_device(LatencyTable.load(str(other)))
+        check_table_device(load_table(str(other)))
     out = tmp_path / "out"
     code = load_tool("prune_net").main(["--config", CONFIG, "--latency-table", str(other), "--target-latency-ms", "1.0",
                                         "--closed-loop", "--output", str(out), *OVERRIDES])

@@ -12,7 +12,7 @@ Example::
         --output r18_cpu_224.json
 
 On a noisy device two profiles disagree on what pruning each group saves, and a ``knapsack``
-allocation follows those differences. The merged table (``pgp_det.pruning.latency.merge_tables``)
+allocation follows those differences. The merged table (``pgp_det.latency.merge_tables``)
 takes the median of every layer timing and of the fixed rest over the profiles, and fits the rest
 that shrinks with the channels again to all their calibration copies together. Tables that differ
 in architecture, input size, proposal counts, device, threads, precision or test-time settings are
@@ -29,9 +29,8 @@ sys.path.insert(0, ROOT)  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
 from pgp_det.errors import UserInputError  # noqa: E402
-from pgp_det.pruning.latency import LatencyTable, merge_tables  # noqa: E402
+from pgp_det.latency.merge import merge_table_files  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, run_tool  # noqa: E402
-from pgp_det.utils.output_dir import claim_output_dir  # noqa: E402
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -43,7 +42,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """Reject bad arguments before any table is read (the tables themselves: merge_tables)."""
+    """Reject bad arguments before any table is read (the tables themselves: merge_table_files)."""
     if os.path.isdir(args.output):
         raise UserInputError(f"--output '{args.output}' is a folder: give the table's file name, e.g. merged.json")
     if os.path.abspath(args.output) in {os.path.abspath(t) for t in args.tables}:
@@ -54,11 +53,7 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     check_args(args)
-    with claim_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output") as output:
-        tables = [LatencyTable.load(path) for path in args.tables]
-        merged = merge_tables(tables)
-        output.start_writing()
-        merged.save(args.output)
+    tables, merged = merge_table_files(args.tables, args.output)
     for table in tables:
         print(f"{table.source}: unpruned model {table.predict():.3f} ms predicted, rest shrinking with the channels "
               f"{table.activation_ms:.3f} ms element-wise, layer overhead {table.layer_overhead:.3f}")

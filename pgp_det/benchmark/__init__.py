@@ -6,7 +6,7 @@ half-random weights is worse than no benchmark.
 
 Modules: :mod:`.timing` (latency), :mod:`.flops` (fvcore counts), :mod:`.report` (tables, plots,
 seed summaries), :mod:`.measure` (one model's figures, for ``tools/eval_map_fps.py``),
-:mod:`.sweep` (training sweeps, for ``tools/sweep.py``), :mod:`.latency_profile` (latency tables).
+:mod:`.sweep` (training sweeps, for ``tools/sweep.py``). Latency tables are :mod:`pgp_det.latency`'s.
 """
 from .timing import (
     STAGES,

@@ -15,8 +15,8 @@
   adaptive; :mod:`.knapsack` registers knapsack); :mod:`.channel_stats`: weight sparsity and
   gradient protection they read; :mod:`.weak_sets`: the hard/soft split and whole widths.
 * :mod:`.cost`: FLOPs and parameters per group and family, predicted for any pruned widths.
-* :mod:`.latency`: :class:`~.latency.LatencyTable`, a device's latency predicted for any pruned
-  widths (measured by :mod:`pgp_det.benchmark.latency_profile`).
+* :mod:`.target`: what a run must reach (channels, FLOPs, or the latency a device's table of
+  :mod:`pgp_det.latency` predicts) and each step's budget.
 * :mod:`.settings`: the ``PRUNING`` config checked at start-up (:func:`~.settings.check_pruning_config`).
 * :mod:`.hook`: :class:`~.hook.PGPHook`, pruning while detectron2 trains.
 """

@@ -7,7 +7,7 @@ At each pruning step ``k`` of ``K`` (iterations set by ``PRUNING.SCHEDULE.START/
 2. the schedule gives the fraction ``p_k`` of each group's *original* channels to be gone (with
    ``TARGET.KIND flops``: of the original FLOPs, which every allocation meets at
    ``TARGET.FLOPS.INPUT_SIZE``; with ``latency``: of the way from the unpruned model's latency, predicted by the
-   device's :class:`~pgp_det.pruning.latency.LatencyTable`, to the target), and the allocation
+   device's :class:`~pgp_det.latency.table.LatencyTable`, to the target), and the allocation
    picks the weak set: the channels that must not survive this step (:func:`plan_pruning_step`);
 3. the lowest ``SOFT.REMOVE_RATIO`` share of the weak set is removed physically (surgery: smaller
    tensors, optimizer momentum sliced; removed channels that are still zeroed have their constant

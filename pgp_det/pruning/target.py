@@ -15,7 +15,7 @@ Kinds (``PRUNING.TARGET.KIND``):
     Remove ``REDUCTION`` of the unpruned model's FLOPs at ``INPUT_SIZE``
     (:class:`~pgp_det.pruning.cost.CostModel`).
 ``latency`` (:class:`LatencyTarget`, ``TARGET.LATENCY``)
-    Bring the latency a device's table predicts (:class:`~pgp_det.pruning.latency.LatencyTable`,
+    Bring the latency a device's table predicts (:class:`~pgp_det.latency.table.LatencyTable`,
     at ``MODEL.RPN.POST_NMS_TOPK_TEST`` proposals) down to ``MS`` or ``1000 / FPS``, at the
     table's input size.
 
@@ -26,6 +26,8 @@ A new kind (energy, memory, another runtime's latency) is one new class and one 
 :data:`TARGET_KINDS`.
 """
 import copy
+import math
+import numbers
 import os
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -33,13 +35,50 @@ from .allocation import Budget
 from .cost import ratio_for_flops_reduction, uniform_sizes
 from .groups import ChannelGroup, PruningRequestError
 from ..errors import UserInputError
-from .latency import DEVICE_KINDS, LatencyTable, latency_reduction, target_latency_ms
+from ..latency.io import load_table
+from ..latency.page_faults import page_fault_warning
+from ..latency.schema import DEVICE_KINDS
+from ..latency.table import LatencyTable
 from .schedules import pruned_fraction
 
 __all__ = [
     "ChannelTarget", "FlopsTarget", "LatencyTarget", "PruningTarget", "TARGET_KINDS", "build_target",
-    "check_latency_settings", "cost_input_size", "flops_budget", "latency_budget", "latency_table_at_test_settings",
+    "check_latency_settings", "cost_input_size", "flops_budget", "latency_budget", "latency_reduction",
+    "latency_table_at_test_settings", "load_latency_table", "target_latency_ms",
 ]
+
+
+def target_latency_ms(target_ms: float = 0.0, target_fps: float = 0.0) -> float:
+    """The latency budget in milliseconds from exactly one of a latency (ms) and a frame rate
+    (frames per second of batch-1 inference: ``1000 / fps`` ms).
+
+    Raises:
+        UserInputError: both or neither positive, or a negative value.
+    """
+    for label, value in (("latency", target_ms), ("frame rate", target_fps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise UserInputError(f"target {label} {value!r} must be a number >= 0")
+    if (target_ms > 0) == (target_fps > 0):
+        raise UserInputError(
+            f"give exactly one latency target: a latency in ms or a frame rate, not {'both' if target_ms > 0 else 'neither'}"
+        )
+    return float(target_ms) if target_ms > 0 else 1000.0 / float(target_fps)
+
+
+def latency_reduction(table: LatencyTable, target_ms: float) -> float:
+    """The fraction of the unpruned model's predicted latency (at ``table.proposals``) a target
+    of ``target_ms`` removes, in (0, 1).
+
+    Raises:
+        PruningRequestError: the target is not below the unpruned model's prediction.
+    """
+    full = table.predict()
+    if not 0 < target_ms < full:
+        raise PruningRequestError(
+            f"target latency {target_ms:.4g} ms is not below the unpruned model's {full:.4g} ms predicted on "
+            f"{table.describe()} at {table.proposals} proposals: nothing to prune; lower the target"
+        )
+    return 1.0 - target_ms / full
 
 
 def flops_budget(cost_model, limit: float) -> Budget:
@@ -50,7 +89,7 @@ def flops_budget(cost_model, limit: float) -> Budget:
 
 
 def latency_budget(table, limit: float) -> Budget:
-    """At most ``limit`` milliseconds as ``table`` (:class:`~pgp_det.pruning.latency.LatencyTable`)
+    """At most ``limit`` milliseconds as ``table`` (:class:`~pgp_det.latency.table.LatencyTable`)
     predicts them for the kept widths."""
     return Budget(table.predict, float(limit), lambda ms: f"{ms:.4g} ms on {table.describe()}")
 
@@ -339,7 +378,7 @@ def load_latency_table(path: str) -> LatencyTable:
     stat = os.stat(path) if os.path.isfile(path) else None
     key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size) if stat else None
     if key is None or key not in _TABLES:
-        table = LatencyTable.load(path)  # raises the one-line error for a missing or bad file
+        table = load_table(path)  # raises the one-line error for a missing or bad file
         if key is None:
             return table
         _TABLES.clear()  # one table at a time is all a run uses
@@ -370,7 +409,7 @@ def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
         ``MODEL.RPN.PRE_NMS_TOPK_TEST`` or ``TEST.DETECTIONS_PER_IMAGE`` other than the one the
         table was profiled with (when it recorded them) means its fixed part is another one; a
         table profiled on a CPU whose whole model faulted many pages in per inference, without
-        freed memory kept, may miss by their time (:mod:`~pgp_det.utils.allocator`).
+        freed memory kept, may miss by their time (:mod:`~pgp_det.latency.page_faults`).
     """
     warnings = []
     for key, value, recorded in (("MODEL.RPN.PRE_NMS_TOPK_TEST", cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, "pre_nms_topk_test"),
@@ -393,7 +432,7 @@ def latency_table_at_test_settings(cfg, table: LatencyTable, source: str):
         warnings.append(f"latency table {source} was measured at {height}x{width}, but INPUT.MIN_SIZE_TEST {shorter} "
                         f"resizes test images' shorter side to {shorter}: the latency target holds at the table's "
                         "size, not at the tested one; profile at the size the model will be deployed at")
-    faults = table.page_fault_warning(source)
+    faults = page_fault_warning(table, source)
     if faults:
         warnings.append(faults)
     return table.with_proposals(proposals), warnings

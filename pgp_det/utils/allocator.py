@@ -27,7 +27,7 @@ except ImportError:  # not a Unix
 from ..errors import UserInputError
 
 __all__ = [
-    "ENVIRONMENT", "MANY_PAGE_FAULTS", "freed_memory_kept", "keep_freed_memory", "minor_page_faults",
+    "ENVIRONMENT", "freed_memory_kept", "keep_freed_memory", "minor_page_faults",
     "page_faults_per_call",
 ]
 
@@ -36,9 +36,6 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _LARGEST_INT = 2**31 - 1
 ENVIRONMENT = f"MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_={_LARGEST_INT}"
-# page faults per inference worth a word (measured on a 2-core CPU: tens at 224x224, about 49,000
-# at 800x800, a fifth of the time there)
-MANY_PAGE_FAULTS = 1000
 
 _kept = False
 

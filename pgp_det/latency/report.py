@@ -1,0 +1,34 @@
+"""What ``tools/profile_latency.py`` prints about a table: the check's rows against the
+device (:func:`check_report`) and how much of the unpruned model's time channel pruning can
+remove at all (:func:`headroom_report`)."""
+from ..pruning.groups import kept_count
+from .table import LatencyTable
+
+__all__ = ["check_report", "headroom_report"]
+
+
+def check_report(table: LatencyTable) -> str:
+    """The ``--check`` rows as a fixed-width table, and how fast the device ran meanwhile."""
+    rows = table.metadata.get("check", [])
+    lines = [f"check: whole model, {table.reference_proposals} proposals, on {table.describe()}",
+             f"{'model':<40}  predicted ms  measured ms   error  | share of unpruned: predicted  measured   error"]
+    for row in rows:
+        model = f"uniformly pruned, ratio {row['ratio']:.2f}" if "ratio" in row else row["label"]
+        lines.append(f"{model:<40}  {row['predicted_ms']:12.3f}  {row['measured_ms']:11.3f}  "
+                     f"{row['error_percent']:+6.1f}%  |  {row['predicted_relative']:26.3f}  {row['relative']:8.3f}  "
+                     f"{row['relative_error_percent']:+6.1f}%")
+    if rows:
+        now, then = rows[0]["unpruned_ms"], table.predict()
+        lines.append(f"the unpruned model measured {now:.3f} ms in the same rounds, {then:.3f} ms when profiled "
+                     f"({100.0 * (now - then) / then:+.1f}%): the share columns leave out that change of the device's speed")
+    return "\n".join(lines)
+
+
+def headroom_report(table: LatencyTable) -> str:
+    """How much of the unpruned model's predicted time channel pruning can remove at all: every
+    group pruned to its fewest channels (``min_channels``, rounded to ``channel_multiple``)."""
+    multiple, floor = table.metadata["channel_multiple"], table.metadata["min_channels"]
+    fewest = {name: kept_count(size, 1.0, multiple, floor) for name, size in table.groups.items()}
+    full, least = table.predict(), table.predict(fewest)
+    return (f"every channel group at its fewest channels: {least:.3f} ms of {full:.3f} ms predicted "
+            f"({100.0 * (full - least) / full:.1f}% is all that channel pruning can remove on this device at this size)")
