@@ -18,12 +18,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from pgp_det.checkpoint import load_model
 from pgp_det.config import get_pgp_cfg
 from pgp_det.errors import UserInputError
-from pgp_det.latency import (
-    LatencyEntry, LatencyTable, ProfileSettings, load_table, save_table, table_from_dict, table_to_dict,
-)
-from pgp_det.latency.layers import grid_widths
-from pgp_det.latency.timers import Timing
-from pgp_det.latency.whole_model import time_whole_model
+from pgp_det.latency import LatencyEntry, LatencyTable, load_table, save_table, table_from_dict, table_to_dict
+from pgp_det.benchmark.latency import ProfileSettings
+from pgp_det.benchmark.latency.layers import grid_widths
+from pgp_det.benchmark.latency.timers import Timing
+from pgp_det.benchmark.latency.whole_model import time_whole_model
 from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_groups, hard_prune, kept_count
 from pgp_det.pruning.allocation import allocate
 from pgp_det.pruning.criteria import build_criterion
@@ -467,7 +466,7 @@ def test_profiler_says_how_much_pruning_can_remove_and_prune_net_agrees(r18_tabl
     the floor that prune_net then refuses to go below, in the same milliseconds."""
     import re
 
-    from pgp_det.latency.report import headroom_report
+    from pgp_det.benchmark.latency.report import headroom_report
 
     table = load_table(r18_table)
     line = headroom_report(table)
@@ -665,8 +664,8 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
     """On a device paying for element-wise work, most of it happens between the layers timed
     alone (the blocks' ReLUs and sums, FPN's upsampling) and shrinks with the channels: without
     the fit the table over-predicts pruned models, with it the prediction is close."""
-    from pgp_det.latency.check import check_latency
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.check import check_latency
+    from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     fitted = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
@@ -712,9 +711,9 @@ def test_contrasting_copies_keep_the_fitted_rest_steady_on_a_noisy_device():
     import random
     import statistics
 
-    from pgp_det.latency.check import check_latency
-    from pgp_det.latency.inference import pruned_copy
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.check import check_latency
+    from pgp_det.benchmark.latency.inference import pruned_copy
+    from pgp_det.benchmark.latency.profile import profile_latency
     from pgp_det.pruning.cost import uniform_sizes
     from pgp_det.latency.fit import fit_rest
 
@@ -794,11 +793,11 @@ def test_element_wise_work_timed_between_layers_prices_each_groups_cut():
     in the whole model (a clock), each group's element-wise work is priced as the device charges
     it: both models, and a uniformly pruned one, within 1.5%; per group, the time timed after its
     layers matches what the device charged for the operators that follow them."""
-    from pgp_det.latency.check import check_latency
-    from pgp_det.latency.inference import pruned_copy
-    from pgp_det.latency.layers import axis_groups
-    from pgp_det.latency.profile import profile_latency
-    from pgp_det.latency.whole_model import time_between_layers
+    from pgp_det.benchmark.latency.check import check_latency
+    from pgp_det.benchmark.latency.inference import pruned_copy
+    from pgp_det.benchmark.latency.layers import axis_groups
+    from pgp_det.benchmark.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.whole_model import time_between_layers
 
     model = synthetic_model(synthetic_cfg())
     groups = derive_channel_groups(model, allow_frozen=True)
@@ -857,8 +856,8 @@ def test_fitted_rest_shows_only_the_savings_a_host_bound_device_turns_into_speed
     copies save far less than their layers' own times: the fit finds that only a share of those
     savings shows (``layer_overhead`` between -1 and 0), and every check copy is predicted closer
     than by the layers' times alone, within 6% of its measured share."""
-    from pgp_det.latency.check import check_latency
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.check import check_latency
+    from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     images = [torch.randint(0, 255, (*SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()]
@@ -940,7 +939,7 @@ def test_check_measures_each_model_against_the_unpruned_model_of_its_round(r18_t
     """The device runs 1.5x slower than when it was profiled from the second of three rounds
     on: the absolute errors show the drift (-33%), the share of the unpruned model's time stays
     exact, for uniform copies and for a trained pruned model alike."""
-    from pgp_det.latency.check import check_latency
+    from pgp_det.benchmark.latency.check import check_latency
 
     table = load_table(r18_table)
     cfg = synthetic_cfg()
@@ -968,7 +967,7 @@ def test_calibration_leaves_out_a_drift_of_the_device_speed():
     round on gives the same fixed costs at every proposal count and fits the same rest as a
     steady one (timed one count after the other, the counts of the later rounds would look
     1.4x dearer)."""
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     steady = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
@@ -992,7 +991,7 @@ def test_repeated_layer_calls_give_the_time_of_one_call():
     """On a GPU each layer is called several times per timed sample (``layer_repeat``) to hide
     the synchronisation; the table keeps the time of one call: with a timer counting FLOPs, 3
     repetitions give the same entries as 1."""
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     once = profile_latency(model, SIZE, ProfileSettings(points=2, calibration_ratios=()), Timing(timer=flop_timer))
@@ -1026,7 +1025,7 @@ def test_layer_timings_that_a_busy_device_spoiled_are_timed_again():
     as a quiet device makes it: every spoiled timing breaks what the layer's other widths (or
     proposal counts) allow, is timed again, and the faster timing is kept. A quiet device's
     timings break nothing, so none is repeated."""
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
@@ -1073,7 +1072,7 @@ def test_a_second_pass_keeps_a_slow_spell_out_of_the_layer_prices():
     the layers timed then are priced 1.6x dearer against the others, and the table misprices
     pruning their groups; with two passes through all layers each keeps its faster timing and the
     table is the quiet device's, entry by entry and in what pruning each group saves."""
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
@@ -1105,7 +1104,7 @@ def test_the_whole_model_timed_in_a_slow_state_leaves_the_fixed_part_as_it_was(s
     """The whole model is timed before and after the layer timings and the faster kept: a device
     (or process) 1.3x slower at either of the two timings gives the quiet device's fixed part,
     where either timing alone would put the slowdown into every prediction."""
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     quiet = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()), Timing(timer=flop_timer))
@@ -1152,7 +1151,7 @@ def test_merged_profiles_give_the_quiet_table_when_each_was_slowed_elsewhere(tmp
     models timed quietly): each alone misprices some groups, the merged table
     (tools/merge_latency_tables.py) prices every group as the quiet device's table does, at every
     proposal count, with the same fitted rest (within 1%)."""
-    from pgp_det.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
     quiet = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
@@ -1398,3 +1397,27 @@ def test_closed_loop_is_refused_on_another_machine(r18_table, tmp_path):
     code = load_tool("prune_net").main(["--config", CONFIG, "--latency-table", str(other), "--target-latency-ms", "1.0",
                                         "--closed-loop", "--output", str(out), *OVERRIDES])
     assert code == 2 and not out.exists()
+
+
+def test_check_of_a_model_pruned_to_a_latency_target_says_the_target_to_use_next_time(tmp_path):
+    """A trained run's log beside the checked checkpoint names its latency target; the check's
+    line says whether the measured share met it and which target would, next time, on this
+    device: the same target when it was met, a lower one when the model measured slower."""
+    from pgp_det.benchmark.latency.report import next_target_line
+    from pgp_det.engine.profile_command import latency_target_of
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pruning_log.json").write_text(json.dumps({"steps": [], "latency": {"target_ms": 40.0, "unpruned_ms": 80.0}}))
+    weights = str(run / "model_final.pth")
+    assert latency_target_of(weights) == {"target_ms": 40.0, "target_share": 0.5}
+    one_shot = tmp_path / "pruned"
+    one_shot.mkdir()
+    (one_shot / "pruning_report.json").write_text(json.dumps({"latency": {"target_ms": 30.0, "before_ms": 60.0}}))
+    assert latency_target_of(str(one_shot / "model_pruned.pth")) == {"target_ms": 30.0, "target_share": 0.5}
+    assert latency_target_of(str(tmp_path / "model.pth")) == {}  # no record: no target
+
+    met = next_target_line({"label": weights, "relative": 0.5, **latency_target_of(weights)})
+    assert "measured share 0.500 (+0.0%)" in met and "PRUNING.TARGET.LATENCY.MS 40.000" in met
+    slower = next_target_line({"label": weights, "relative": 0.625, **latency_target_of(weights)})
+    assert "(+25.0%)" in slower and "PRUNING.TARGET.LATENCY.MS 32.000" in slower

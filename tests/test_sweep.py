@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from pgp_det.benchmark.sweep import plan_runs
+from pgp_det.engine.sweep import plan_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(ROOT, "tools", "sweep.py")

@@ -27,9 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
-from pgp_det.latency.command import PROFILING_DEFAULTS, run_profile_command  # noqa: E402
+from pgp_det.engine.profile_command import PROFILING_DEFAULTS, run_profile_command  # noqa: E402
 from pgp_det.latency.page_faults import page_fault_warning  # noqa: E402
-from pgp_det.latency.report import check_report, headroom_report  # noqa: E402
+from pgp_det.benchmark.latency.report import check_report, headroom_report  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
     OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, run_tool,
 )

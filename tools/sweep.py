@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
-from pgp_det.benchmark.sweep import check_runs, plan_runs, run, run_parallel, write_seed_summary  # noqa: E402
+from pgp_det.engine.sweep import check_runs, plan_runs, run, run_parallel, write_seed_summary  # noqa: E402
 from pgp_det.engine.preflight import existing_run_files  # noqa: E402
 from pgp_det.errors import UserInputError  # noqa: E402
 from pgp_det.utils.cli import OneLineArgumentParser, add_trust_argument, run_tool  # noqa: E402

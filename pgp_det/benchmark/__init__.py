@@ -6,7 +6,8 @@ half-random weights is worse than no benchmark.
 
 Modules: :mod:`.timing` (latency), :mod:`.flops` (fvcore counts), :mod:`.report` (tables, plots,
 seed summaries), :mod:`.measure` (one model's figures, for ``tools/eval_map_fps.py``),
-:mod:`.sweep` (training sweeps, for ``tools/sweep.py``). Latency tables are :mod:`pgp_det.latency`'s.
+:mod:`.latency` (the latency profiler, which measures :mod:`pgp_det.latency`'s tables). Training
+sweeps (``tools/sweep.py``) are :mod:`pgp_det.engine.sweep`.
 """
 from .timing import (
     STAGES,

@@ -27,8 +27,8 @@ from ..benchmark.timing import environment_info
 from ..errors import UserInputError
 from ..pruning.groups import PruningRequestError
 from ..latency.table import LatencyTable
-from ..latency.timers import default_timer
-from ..latency.whole_model import time_interleaved
+from ..benchmark.latency.timers import default_timer
+from ..benchmark.latency.whole_model import time_interleaved
 from .one_shot import OneShotResult, load_model_to_prune, prune_once
 from ..pruning.target import TARGET_KINDS, load_latency_table
 from ..utils.output_dir import claim_output_dir

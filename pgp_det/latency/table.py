@@ -1,5 +1,5 @@
 """The latency model: a detector's latency on one device predicted for any channel widths, from a
-lookup table measured on that device (``tools/profile_latency.py``, :mod:`pgp_det.latency.profile`).
+lookup table measured on that device (``tools/profile_latency.py``, :mod:`pgp_det.benchmark.latency.profile`).
 
 A :class:`LatencyTable` predicts, in milliseconds of batch-1 inference at one input size,
 
@@ -63,8 +63,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import UserInputError
-from ..pruning.groups import ChannelGroup, PruningRequestError
+from ..errors import PruningRequestError, UserInputError
 from .page_faults import profiled_with_freed_memory_kept
 from .schema import check_table
 
@@ -212,7 +211,7 @@ class LatencyTable:
         """
         where = f"latency table {self.source}" if self.source else "the latency table"
         fix = "profile this model with tools/profile_latency.py"
-        widths = {name: g.size if isinstance(g, ChannelGroup) else int(g) for name, g in model_groups.items()}
+        widths = {name: int(getattr(g, "size", g)) for name, g in model_groups.items()}
         missing = [name for name in self.groups if name not in widths]
         extra = [name for name in widths if name not in self.groups]
         if missing or extra:

@@ -24,7 +24,7 @@ from typing import Hashable, Iterable, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import UserInputError
+from ..errors import PruningRequestError
 
 __all__ = [
     "SCOPES", "ROLE_FILTER", "ROLE_BIAS", "ROLE_NORM", "ROLE_INPUT", "ChannelSlice", "ChannelCount",
@@ -39,11 +39,6 @@ ROLE_BIAS = "bias"  # the bias of that conv/linear
 ROLE_NORM = "norm"  # a tensor of the norm after the conv: scale, shift, running mean or variance
 ROLE_INPUT = "input"  # a consumer's weight columns that read the channel (input axis)
 _ROLES = (ROLE_FILTER, ROLE_BIAS, ROLE_NORM, ROLE_INPUT)
-
-
-class PruningRequestError(UserInputError, ValueError):
-    """A pruning request that cannot be carried out (unknown or fixed group, bad channel
-    indices, removing every channel, breaking a GroupNorm multiple)."""
 
 
 @dataclass(frozen=True)

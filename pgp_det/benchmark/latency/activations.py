@@ -12,7 +12,7 @@ from typing import Dict, Sequence
 import numpy as np
 from torch import nn
 
-from ..pruning.cost import uniform_sizes
+from ...pruning.cost import uniform_sizes
 from .inference import pruned_copy
 from .layers import axis_groups
 from .record import ModelRecording
@@ -39,9 +39,9 @@ def element_wise_ms_per_channel(model: nn.Module, groups, recording: ModelRecord
                                 settings: ProfileSettings, timing: Timing,
                                 images: Sequence[np.ndarray]) -> Dict[str, float]:
     """``{group: ms per channel}``: what each channel of a group costs in the element-wise work
-    that follows its layers (:func:`~pgp_det.latency.whole_model.time_between_layers` with
+    that follows its layers (:func:`~pgp_det.benchmark.latency.whole_model.time_between_layers` with
     ``timing.clock``, at the reference proposal count), from the model and a copy of it cut
-    uniformly at :data:`~pgp_det.latency.settings.CONTRAST_RATIO`: the time saved after each
+    uniformly at :data:`~pgp_det.benchmark.latency.settings.CONTRAST_RATIO`: the time saved after each
     group's layers over the channels cut. Measured, not counted: elements differ in what follows
     them (a stem's max pooling, a block's sum and ReLU) and in where they are held (a
     high-resolution map leaves the caches); and the difference leaves out what follows a layer

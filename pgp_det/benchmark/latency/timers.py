@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..benchmark.timing import _sync_for, time_callable
+from ..timing import _sync_for, time_callable
 
 __all__ = ["Clock", "Timer", "Timing", "default_timer", "wall_clock_ms"]
 
@@ -35,8 +35,8 @@ def wall_clock_ms() -> float:
 
 @dataclass(frozen=True)
 class Timing:
-    """Where models run and how they are timed, for :func:`~pgp_det.latency.profile.profile_latency`
-    and :func:`~pgp_det.latency.check.check_latency`.
+    """Where models run and how they are timed, for :func:`~pgp_det.benchmark.latency.profile.profile_latency`
+    and :func:`~pgp_det.benchmark.latency.check.check_latency`.
 
     Attributes:
         device: where the models run (``"cpu"``, ``"cuda"`` or a :class:`torch.device`).
@@ -47,10 +47,10 @@ class Timing:
             proposal counts, calibration copies, the check's models): each is called once a
             round; default ``timer``.
         rounds: how many rounds those models are timed in
-            (:func:`~pgp_det.latency.whole_model.time_interleaved`).
+            (:func:`~pgp_det.benchmark.latency.whole_model.time_interleaved`).
         clock: what weighs the element-wise work that pruning a group shrinks (profiling only):
             with a clock (:func:`wall_clock_ms` on a CPU), the time the whole model spends after
-            the group's layers (:func:`~pgp_det.latency.calibrate.element_wise_ms_per_channel`);
+            the group's layers (:func:`~pgp_det.benchmark.latency.calibrate.element_wise_ms_per_channel`);
             None: the activation elements the group's layers write (on a CUDA device, where hooks
             cannot time that work without synchronising it).
     """

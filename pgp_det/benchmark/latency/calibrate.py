@@ -14,12 +14,12 @@ from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 from torch import nn
 
-from ..pruning.cost import uniform_sizes
-from .fit import fit_rest
+from ...pruning.cost import uniform_sizes
+from ...latency.fit import fit_rest
 from .inference import pruned_copy
 from .record import ModelRecording
 from .settings import CONTRAST_RATIO, ProfileSettings
-from .table import LatencyEntry, LatencyTable
+from ...latency.table import LatencyEntry, LatencyTable
 from .timers import Timing
 from .whole_model import median_ratio, time_interleaved
 

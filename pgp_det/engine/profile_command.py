@@ -1,10 +1,11 @@
 """What ``tools/profile_latency.py`` does below its argument parsing
 (:func:`run_profile_command`): check the arguments, build the config and the model, profile a
-table (:func:`~pgp_det.latency.profile.profile_latency`) or take the one ``--table`` names, check
-it against the device (:func:`~pgp_det.latency.check.check_latency`) and write it.
+table (:func:`~pgp_det.benchmark.latency.profile.profile_latency`) or take the one ``--table`` names, check
+it against the device (:func:`~pgp_det.benchmark.latency.check.check_latency`) and write it.
 
 Bad input raises :class:`~pgp_det.errors.UserInputError` (one line) before anything is written.
 """
+import json
 import os
 import sys
 import time
@@ -15,20 +16,20 @@ import torch
 from ..benchmark.measure import fixed_size_images
 from ..checkpoint import load_model
 from ..data import check_dataset_available, register_custom_datasets
-from ..engine.preflight import build_run_config
+from .preflight import build_run_config
 from ..errors import UserInputError
 from ..pruning.dependency import derive_channel_groups
 from ..utils.allocator import keep_freed_memory
 from ..utils.cli import parse_input_size
 from ..utils.output_dir import claim_output_dir
 from ..utils.weights import check_weights_available
-from .check import check_latency
-from .io import load_table, save_table
-from .page_faults import profiled_with_freed_memory_kept
-from .profile import profile_latency
-from .settings import ProfileSettings
-from .table import LatencyTable
-from .timers import Timer, Timing, default_timer, wall_clock_ms
+from ..benchmark.latency.check import check_latency
+from ..latency.io import load_table, save_table
+from ..latency.page_faults import profiled_with_freed_memory_kept
+from ..benchmark.latency.profile import profile_latency
+from ..benchmark.latency.settings import ProfileSettings
+from ..latency.table import LatencyTable
+from ..benchmark.latency.timers import Timer, Timing, default_timer, wall_clock_ms
 
 __all__ = ["PROFILING_DEFAULTS", "check_profile_args", "parse_numbers", "profile_images", "run_profile_command"]
 
@@ -219,6 +220,33 @@ def _profile_or_check(cfg, args, timer: Optional[Timer] = None) -> LatencyTable:
         started = time.perf_counter()
         rows = check_latency(model, table, parse_numbers(args.check_ratios, "--check-ratios", float), timing,
                              trained=checked, multiple=multiple, floor=floor, images=images)
+        for row in rows:
+            if "label" in row:
+                row.update(latency_target_of(row["label"]))
         table.metadata["check"] = [{k: v for k, v in row.items() if k != "widths"} for row in rows]
         table.metadata["check_seconds"] = time.perf_counter() - started
     return table
+
+
+# the records beside a pruned checkpoint that say which latency it was pruned to: a training run's
+# log (PGPHook) and one-shot pruning's report
+_TARGET_RECORDS = (("pruning_log.json", "unpruned_ms"), ("pruning_report.json", "before_ms"))
+
+
+def latency_target_of(weights: str) -> dict:
+    """The latency target the checkpoint ``weights`` was pruned to, read from the run's record in
+    its folder (``pruning_log.json`` of training, ``pruning_report.json`` of one-shot pruning):
+    ``{"target_ms", "target_share"}`` (the target over the unpruned model's prediction, the share
+    a check measures against), or ``{}`` when no record names a latency target."""
+    folder = os.path.dirname(os.path.abspath(weights))
+    for name, unpruned_key in _TARGET_RECORDS:
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                latency = json.load(f).get("latency") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        target, unpruned = latency.get("target_ms"), latency.get(unpruned_key)
+        if isinstance(target, (int, float)) and isinstance(unpruned, (int, float)) and target > 0 and unpruned > 0:
+            return {"target_ms": float(target), "target_share": float(target) / float(unpruned)}
+    return {}

@@ -1,10 +1,10 @@
 """What ``tools/profile_latency.py`` prints about a table: the check's rows against the
 device (:func:`check_report`) and how much of the unpruned model's time channel pruning can
 remove at all (:func:`headroom_report`)."""
-from ..pruning.groups import kept_count
-from .table import LatencyTable
+from ...pruning.groups import kept_count
+from ...latency.table import LatencyTable
 
-__all__ = ["check_report", "headroom_report"]
+__all__ = ["check_report", "headroom_report", "next_target_line"]
 
 
 def check_report(table: LatencyTable) -> str:
@@ -17,6 +17,9 @@ def check_report(table: LatencyTable) -> str:
         lines.append(f"{model:<40}  {row['predicted_ms']:12.3f}  {row['measured_ms']:11.3f}  "
                      f"{row['error_percent']:+6.1f}%  |  {row['predicted_relative']:26.3f}  {row['relative']:8.3f}  "
                      f"{row['relative_error_percent']:+6.1f}%")
+    for row in rows:
+        if "target_share" in row:
+            lines.append(next_target_line(row))
     if rows:
         now, then = rows[0]["unpruned_ms"], table.predict()
         lines.append(f"the unpruned model measured {now:.3f} ms in the same rounds, {then:.3f} ms when profiled "
@@ -32,3 +35,15 @@ def headroom_report(table: LatencyTable) -> str:
     full, least = table.predict(), table.predict(fewest)
     return (f"every channel group at its fewest channels: {least:.3f} ms of {full:.3f} ms predicted "
             f"({100.0 * (full - least) / full:.1f}% is all that channel pruning can remove on this device at this size)")
+
+
+def next_target_line(row: dict) -> str:
+    """For a checked model pruned to a latency target (``row["target_ms"]``, ``row["target_share"]``
+    of the unpruned model's predicted time): its measured share against the target share, and the
+    target that corrects the miss next time, ``target_ms * target_share / measured`` (the closed
+    loop's correction: the table under- or over-predicts this deep a cut by that factor)."""
+    measured, wanted = row["relative"], row["target_share"]
+    miss = 100.0 * (measured - wanted) / wanted
+    corrected = row["target_ms"] * wanted / measured
+    return (f"{row['label']}: pruned to {row['target_ms']:.3f} ms (share {wanted:.3f}); measured share {measured:.3f} "
+            f"({miss:+.1f}%): train with PRUNING.TARGET.LATENCY.MS {corrected:.3f} to reach the share {wanted:.3f} here")

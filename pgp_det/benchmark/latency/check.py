@@ -6,12 +6,12 @@ from typing import List, Mapping, Optional, Sequence
 import numpy as np
 from torch import nn
 
-from ..pruning.dependency import derive_channel_groups
-from ..utils.modules import unwrap_model
+from ...pruning.dependency import derive_channel_groups
+from ...utils.modules import unwrap_model
 from .calibrate import uniform_cuts
 from .inference import check_images, model_inputs, pruned_copy
 from .record import record_inference
-from .table import LatencyTable
+from ...latency.table import LatencyTable
 from .timers import Timing
 from .whole_model import median_ratio, time_interleaved
 
@@ -35,7 +35,7 @@ def check_latency(
     table's architecture (pruned checkpoints, at their own widths and with their own proposals:
     what a user will see). All are timed whole on ``images`` (default: one noise image; give the
     table's) at the table's input size and reference proposal count, interleaved with ``model``
-    itself over ``timing.rounds`` rounds (:func:`~pgp_det.latency.whole_model.time_interleaved`;
+    itself over ``timing.rounds`` rounds (:func:`~pgp_det.benchmark.latency.whole_model.time_interleaved`;
     ``timing``'s whole-model timer times one model once a round), so that each is also measured
     relative to the unpruned model on the device as it is in that round.
 

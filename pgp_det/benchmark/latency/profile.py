@@ -2,17 +2,17 @@
 (:func:`profile_latency`), in stages:
 
 1. record what the layers are called with, running the model once per proposal count on each
-   profiling image (:mod:`~pgp_det.latency.record`); the images are the deployment's kind,
+   profiling image (:mod:`~pgp_det.benchmark.latency.record`); the images are the deployment's kind,
    stretched to the input size: their proposals set the ROI pooler's work;
-2. time the whole model (:mod:`~pgp_det.latency.whole_model`), then every conv and linear layer
+2. time the whole model (:mod:`~pgp_det.benchmark.latency.whole_model`), then every conv and linear layer
    with a prunable channel group on an axis, and the ROI pooler, alone at many widths
-   (:mod:`~pgp_det.latency.layers`), then the whole model again: the faster of the two whole-model
+   (:mod:`~pgp_det.benchmark.latency.layers`), then the whole model again: the faster of the two whole-model
    timings is kept, the rest of the model is the difference at full width (on a CPU also its
    page faults per inference, :mod:`~pgp_det.latency.page_faults`);
-3. weigh the element-wise work of each group's channels (:mod:`~pgp_det.latency.activations`);
+3. weigh the element-wise work of each group's channels (:mod:`~pgp_det.benchmark.latency.activations`);
 4. time the whole model at the other proposal counts and pruned copies of it in turn with the
    unpruned model, round after round, for the fixed rest at each count and the fit of the rest
-   that shrinks with the channels (:mod:`~pgp_det.latency.calibrate`).
+   that shrinks with the channels (:mod:`~pgp_det.benchmark.latency.calibrate`).
 """
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -20,17 +20,17 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from torch import nn
 
-from ..benchmark.timing import _check_dtype, environment_info
-from ..pruning.dependency import derive_channel_groups
-from ..utils.allocator import minor_page_faults, page_faults_per_call
-from ..utils.modules import unwrap_model
+from ..timing import _check_dtype, environment_info
+from ...pruning.dependency import derive_channel_groups
+from ...utils.allocator import minor_page_faults, page_faults_per_call
+from ...utils.modules import unwrap_model
 from .activations import element_wise_ms_per_channel, elements_written
 from .calibrate import calibration_copies, fit_to_copies, fixed_rest_ms, time_shares
 from .inference import check_images, model_inputs
 from .layers import LayerTimings, time_layers
 from .record import record_model
 from .settings import ACTIVATION_WEIGHTS, ProfileSettings
-from .table import LatencyTable
+from ...latency.table import LatencyTable
 from .timers import Timing
 from .whole_model import time_whole_model
 
@@ -58,7 +58,7 @@ def profile_latency(
         model: an unpruned detectron2 ``GeneralizedRCNN``; moved to ``timing.device``, eval mode.
         input_size: (height, width) of the image fed without resizing, pixels.
         settings: what is measured (grids, proposal counts, passes, calibration copies).
-        timing: where the model runs and what times it (:class:`~pgp_det.latency.timers.Timing`).
+        timing: where the model runs and what times it (:class:`~pgp_det.benchmark.latency.timers.Timing`).
         images: (H, W, 3) uint8 BGR images at ``input_size`` to profile on; times are means
             over them. Their proposals set the ROI pooler's work (its sampling grid follows the
             boxes' sizes), so images like the deployment's give a truer table. Default: one

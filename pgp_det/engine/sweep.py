@@ -12,13 +12,13 @@ import time
 from typing import List, Tuple
 
 from ..config import load_config, resolve_config_path
-from ..engine.preflight import existing_run_files
+from .preflight import existing_run_files
 from ..errors import UserInputError
 from ..pruning.settings import check_pruning_config
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.output_dir import check_output_dir
-from .measure import check_eval_arguments
-from .report import seed_summary_markdown, summarize_seeds
+from ..benchmark.measure import check_eval_arguments
+from ..benchmark.report import seed_summary_markdown, summarize_seeds
 
 __all__ = ["check_runs", "parse_fractions", "parse_variant", "plan_runs", "run", "run_parallel", "write_seed_summary"]
 

@@ -4,7 +4,7 @@ an axis, and the ROI pooler, timed alone at many widths.
 A copy of the layer (with the norm detectron2's ``Conv2d`` holds) is sliced to each ``(in,
 out)`` width of a sampled grid (:func:`grid_widths`) and to every allowed width of each axis with
 the other at full width (the steps), and called on random inputs of the shapes recorded in the
-whole model (:mod:`pgp_det.latency.record`: every call one inference makes, all FPN levels of a
+whole model (:mod:`pgp_det.benchmark.latency.record`: every call one inference makes, all FPN levels of a
 shared head). Layers whose input follows the proposal count are also timed at full width at each
 profiled count. Layers with identical settings and shapes (repeated blocks) are timed once
 (:class:`LayerTimer`). A timing that the layer's other timings rule out (a device busy with
@@ -20,11 +20,11 @@ import torch
 from detectron2.modeling.poolers import ROIPooler
 from torch import nn
 
-from ..benchmark.timing import precision_context
-from ..pruning.allocation import allowed_kept_counts
+from ..timing import precision_context
+from ...pruning.allocation import allowed_kept_counts
 from .record import ModelRecording
 from .settings import ProfileSettings
-from .table import LatencyEntry
+from ...latency.table import LatencyEntry
 from .timers import Timer
 
 __all__ = [

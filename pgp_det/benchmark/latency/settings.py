@@ -15,16 +15,16 @@ ACTIVATION_WEIGHTS = ("elements written", "ms between layers")
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    """How :func:`~pgp_det.latency.profile.profile_latency` profiles a model.
+    """How :func:`~pgp_det.benchmark.latency.profile.profile_latency` profiles a model.
 
     Attributes:
         points: grid widths per axis of a layer (at most;
-            :func:`~pgp_det.latency.layers.grid_widths`), >= 2.
+            :func:`~pgp_det.benchmark.latency.layers.grid_widths`), >= 2.
         multiple, floor: the widths pruning may produce (``PRUNING.ROUNDING.MULTIPLE``,
             ``ROUNDING.MIN_CHANNELS``): the grid and the steps are sampled from them.
         proposal_counts: RPN ``POST_NMS_TOPK_TEST`` values to time the proposal-dependent parts
             at; the model's own is always added (the grid's reference). None:
-            :func:`~pgp_det.latency.profile.default_proposal_counts`.
+            :func:`~pgp_det.benchmark.latency.profile.default_proposal_counts`.
         layer_repeat: a layer's calls are repeated this many times per timed sample (and the
             time divided): more than 1 on a GPU hides the per-sample synchronisation.
         passes: every layer timing is made this many times, in passes through all the layers,
@@ -34,7 +34,7 @@ class ProfileSettings:
             the part of the rest that shrinks with the channels
             (:func:`~pgp_det.latency.fit.fit_rest`); empty: no fit (the rest stays fixed).
         contrast: with ``calibration_ratios``, also time the two
-            :func:`~pgp_det.latency.calibrate.contrast_cuts` copies, which keep the fit's two
+            :func:`~pgp_det.benchmark.latency.calibrate.contrast_cuts` copies, which keep the fit's two
             parts apart.
     """
 

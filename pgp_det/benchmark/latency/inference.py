@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..benchmark.timing import image_to_input, precision_context, synthetic_image
-from ..pruning.dependency import derive_channel_groups
-from ..pruning.surgery import hard_prune
-from ..utils.flops import full_proposal_budget
+from ..timing import image_to_input, precision_context, synthetic_image
+from ...pruning.dependency import derive_channel_groups
+from ...pruning.surgery import hard_prune
+from ...utils.flops import full_proposal_budget
 
 __all__ = ["check_images", "inference_context", "model_inputs", "pinned_proposals", "pruned_copy"]
 

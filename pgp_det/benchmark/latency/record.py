@@ -1,6 +1,6 @@
 """The first stage of profiling: run the model once per proposal count on each image and record
 what its layers are called with, so that each layer can then be timed alone on inputs of the same
-shapes (:mod:`pgp_det.latency.layers`).
+shapes (:mod:`pgp_det.benchmark.latency.layers`).
 
 Recorded through forward hooks: every conv and linear layer's input shapes and output elements
 per channel, every ROI pooler's ``(features, boxes)``, and the RPN's proposals (which the ROI

@@ -21,7 +21,7 @@ def time_whole_model(model: nn.Module, input_size: Sequence[int], timer: Timer, 
     """Milliseconds of one batch-1 inference of ``model`` (eval mode, on ``device``) at the full
     proposal budget of ``proposals`` (default: the model's), averaged over ``images`` ((H, W, 3)
     BGR at ``input_size``; default one noise image). ``pinned``: per image, the proposals the
-    ROI heads get instead of the model's own (:func:`~pgp_det.latency.inference.pinned_proposals`)."""
+    ROI heads get instead of the model's own (:func:`~pgp_det.benchmark.latency.inference.pinned_proposals`)."""
     device = torch.device(device)
     images = check_images(images, input_size)
     total = 0.0
