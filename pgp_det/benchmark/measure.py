@@ -300,7 +300,10 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
         details["metrics"] = bbox
         progress(f"{row['map_metric']} = {row['mAP']:.2f}")
 
-    progress(f"timing at {size[0]}x{size[1]} ({dtype}, {args.warmup} warm-up + {args.runs} runs)")
+    # what this figure is (docs/latency.md, "Which latency to hold against a target"): one image
+    # stretched to the fixed size, timed back to back, the model's own proposals, per stage
+    progress(f"timing at {size[0]}x{size[1]} ({dtype}, {args.warmup} warm-up + {args.runs} runs back to back on one "
+             "image stretched to that size, the model's own proposals)")
     latency = measure_detector_latency(
         model, fixed_size_images(dataset if needs_dataset else None, size)[0], args.device, dtype, args.warmup, args.runs
     )

@@ -10,7 +10,12 @@ __all__ = ["check_report", "headroom_report", "next_target_line"]
 def check_report(table: LatencyTable) -> str:
     """The ``--check`` rows as a fixed-width table, and how fast the device ran meanwhile."""
     rows = table.metadata.get("check", [])
-    lines = [f"check: whole model, {table.reference_proposals} proposals, on {table.describe()}",
+    height, width = table.input_size
+    images = table.metadata.get("images_from", "the profile's images")
+    # what these figures are (docs/latency.md, "Which latency to hold against a target")
+    lines = [f"check: whole model at {height}x{width} ({images}, stretched), {table.reference_proposals} proposals, "
+             f"on {table.describe()}; each model timed in turn with the unpruned one, the median of the rounds: "
+             "the figures a latency target is held against",
              f"{'model':<40}  predicted ms  measured ms   error  | share of unpruned: predicted  measured   error"]
     for row in rows:
         model = f"uniformly pruned, ratio {row['ratio']:.2f}" if "ratio" in row else row["label"]
