@@ -27,7 +27,7 @@ from pgp_det.pruning import ChannelGroup, PruningRequestError, derive_channel_gr
 from pgp_det.pruning.allocation import allocate
 from pgp_det.pruning.criteria import build_criterion
 from pgp_det.pruning.hook import PGPHook, plan_pruning_step
-from pgp_det.pruning.target import build_target, latency_budget, target_latency_ms
+from pgp_det.pruning.target import build_target, cost_input_size, latency_budget, target_latency_ms
 from pgp_det.pruning.settings import check_pruning_config
 from conftest import load_tool
 
@@ -532,8 +532,6 @@ def test_settings_check_the_latency_keys(r18_table, tmp_path):
         (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.LATENCY.MS", "5.0"], "not both"),
         (good + ["PRUNING.TARGET.LATENCY.FPS", "-2.0"], "must be a number >= 0"),
         (["PRUNING.TARGET.LATENCY.TABLE", str(tmp_path / "none.json"), "PRUNING.TARGET.LATENCY.FPS", "20.0"], "does not exist"),
-        (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.FLOPS.INPUT_SIZE", "(256, 256)"],
-         "PRUNING.TARGET.FLOPS.INPUT_SIZE = (256, 256) is invalid: the latency table"),
         (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.LATENCY.DEVICE", "cuda"], "was measured on cpu"),
         (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.LATENCY.DEVICE", "tpu"], "PRUNING.TARGET.LATENCY.DEVICE = 'tpu'"),
         (good + ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.CHANNELS.SCOPE_RATIOS", "(('fpn', 0.3),)"], "PRUNING.TARGET.KIND 'channels' only"),
@@ -541,6 +539,11 @@ def test_settings_check_the_latency_keys(r18_table, tmp_path):
     ]
     for extra, message in cases:
         assert message in one_line_error(check, *extra), extra
+    # a latency target is met at its table's input size, whatever the FLOPs target's size says
+    other_size = ["PRUNING.TARGET.LATENCY.FPS", "20.0", "PRUNING.TARGET.FLOPS.INPUT_SIZE", "(256, 256)"]
+    check(*good, *other_size)
+    cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "latency", *good, *other_size)
+    assert cost_input_size(cfg) == tuple(load_table(r18_table).input_size) != (256, 256)
     cfg = synthetic_cfg("PRUNING.ENABLED", "True", "PRUNING.TARGET.KIND", "speed")
     assert "use 'channels', 'flops' or 'latency'" in one_line_error(check_pruning_config, cfg)
 
