@@ -1424,3 +1424,22 @@ def test_check_of_a_model_pruned_to_a_latency_target_says_the_target_to_use_next
     assert "measured share 0.500 (+0.0%)" in met and "PRUNING.TARGET.LATENCY.MS 40.000" in met
     slower = next_target_line({"label": weights, "relative": 0.625, **latency_target_of(weights)})
     assert "(+25.0%)" in slower and "PRUNING.TARGET.LATENCY.MS 32.000" in slower
+
+
+def test_profile_states_the_error_to_expect_at_each_depth_of_cut():
+    """The calibration copies' measured shares against the fitted table's: a copy the table
+    predicts exactly reads +0.0%, one that measured faster than predicted a positive error."""
+    from pgp_det.benchmark.latency.report import calibration_report
+
+    table = toy_table()
+    full = table.predict()
+    shallow = {"a": 40, "b": 40, "c": 32}
+    deep = {"a": 8, "b": 8, "c": 8}
+    exact, faster = table.predict(shallow) / full, 0.8 * table.predict(deep) / full
+    table.metadata["calibration"] = [{"ratio": 0.25, "widths": shallow, "relative": exact, "measured_ms": 1.0},
+                                     {"ratio": 0.75, "widths": deep, "relative": faster, "measured_ms": 1.0}]
+    line = calibration_report(table)
+    shallow_part, deep_part = line.split(": ", 1)[1].split("; ")
+    assert shallow_part.startswith("uniform 0.25") and shallow_part.endswith("(+0.0%)"), line
+    assert deep_part.startswith("uniform 0.75") and deep_part.endswith("(+25.0%)"), line
+    assert calibration_report(toy_table()) == ""  # no copies, nothing to say

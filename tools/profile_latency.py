@@ -29,7 +29,7 @@ import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time de
 
 from pgp_det.engine.profile_command import PROFILING_DEFAULTS, run_profile_command  # noqa: E402
 from pgp_det.latency.page_faults import page_fault_warning  # noqa: E402
-from pgp_det.benchmark.latency.report import check_report, headroom_report  # noqa: E402
+from pgp_det.benchmark.latency.report import calibration_report, check_report, headroom_report  # noqa: E402
 from pgp_det.utils.cli import (  # noqa: E402
     OneLineArgumentParser, add_keep_freed_memory_argument, add_trust_argument, run_tool,
 )
@@ -110,6 +110,9 @@ def run(args, timer=None) -> int:
                   "the sizes of the RPN's proposals, which training changes; profile with --weights of a trained "
                   "model of this architecture to predict trained ones")
     print(headroom_report(table))
+    calibration = calibration_report(table)
+    if calibration:
+        print(calibration)
     if args.check:
         print(check_report(table))
     print(f"wrote {args.output}")

@@ -4,7 +4,7 @@ remove at all (:func:`headroom_report`)."""
 from ...pruning.groups import kept_count
 from ...latency.table import LatencyTable
 
-__all__ = ["check_report", "headroom_report", "next_target_line"]
+__all__ = ["calibration_report", "check_report", "headroom_report", "next_target_line"]
 
 
 def check_report(table: LatencyTable) -> str:
@@ -52,3 +52,22 @@ def next_target_line(row: dict) -> str:
     corrected = row["target_ms"] * wanted / measured
     return (f"{row['label']}: pruned to {row['target_ms']:.3f} ms (share {wanted:.3f}); measured share {measured:.3f} "
             f"({miss:+.1f}%): train with PRUNING.TARGET.LATENCY.MS {corrected:.3f} to reach the share {wanted:.3f} here")
+
+
+def calibration_report(table: LatencyTable) -> str:
+    """How far the fitted table's share of the unpruned model's time is from the share measured
+    on the calibration copies (``metadata["calibration"]``), by depth of cut: the error to expect
+    of a target at about that depth on this device. "" for a table without calibration copies."""
+    rows = [row for row in table.metadata.get("calibration", []) if "widths" in row and "relative" in row]
+    if not rows:
+        return ""
+    full = table.predict()
+    parts = []
+    for row in sorted(rows, key=lambda r: -table.predict(r["widths"]) / full):
+        predicted = table.predict(row["widths"]) / full
+        error = 100.0 * (predicted - row["relative"]) / row["relative"]
+        # contrast copies cut half of the groups ("half": which half), the others every group
+        label = f"{row['half']} half at {row['ratio']:.2f}" if "half" in row else f"uniform {row['ratio']:.2f}"
+        parts.append(f"{label}: predicted {predicted:.3f}, measured {row['relative']:.3f} ({error:+.1f}%)")
+    return ("calibration copies, share of the unpruned model's time (the error to expect of a target that deep): "
+            + "; ".join(parts))
