@@ -113,7 +113,7 @@ def check_weights_fit(model, path: str, strict: bool, trusted: bool = False) -> 
 
 def _check_model_for_pruning(cfg, model=None) -> None:
     """Refuse a FLOPs or latency target the scopes and floor cannot reach (the hook would, once
-    training has started) and, with ``TARGET "latency"``, a latency table made for another
+    training has started) and, with a latency target, a latency table made for another
     architecture; then warn when nothing would be pruned. ``model``: built from the config, at its
     original widths (default: :func:`cpu_model`)."""
     p = cfg.PRUNING

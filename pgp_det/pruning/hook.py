@@ -105,7 +105,7 @@ class PGPHook(HookBase):
     Logs to detectron2's event storage at each step: ``pruning/step``, ``pruning/kept_<scope>``
     (channels kept in each scope), ``pruning/gflops`` (at ``PRUNING.TARGET.FLOPS.INPUT_SIZE``),
     ``pruning/params_m``, ``pruning/regrown`` (channels zeroed by the previous step whose filters
-    are no longer all zero), ``pruning/step_seconds`` and, with ``TARGET "latency"``,
+    are no longer all zero), ``pruning/step_seconds`` and, with a latency target,
     ``pruning/latency_ms`` (the table's prediction for the model's widths after the step, zeroed
     channels included: they still compute until removed) and ``pruning/latency_kept_ms`` (for
     the kept channels only: what the step's budget limits); and keeps ``pruning_log.json`` in
