@@ -87,13 +87,18 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KEY VALUE config overrides applied to every model")
 
 
+def check_device_options(device: str, fp16: bool) -> None:
+    """Refuse ``--device cuda`` without CUDA and ``--fp16`` off CUDA (one line each)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: CUDA is not available on this machine")
+    if fp16 and device != "cuda":
+        raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
+
+
 def check_measurement_options(args) -> None:
     """Reject the options of :func:`add_measurement_arguments` that are bad whatever the models
     (one line each)."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda: CUDA is not available on this machine")
-    if args.fp16 and args.device != "cuda":
-        raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
+    check_device_options(args.device, args.fp16)
     if args.input_size:
         parse_input_size(args.input_size)
     if args.runs < 1 or args.warmup < 0 or args.dataset_images < 0 or args.threads < 0:
@@ -266,7 +271,7 @@ def prepare_model(spec: ModelSpec, args) -> PreparedModel:
     print(f"[{spec.label}] loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}",
           flush=True)
     model = load_model(cfg, spec.weights, trusted=args.trust_weights)
-    if getattr(args, "fold_norms", False):
+    if args.fold_norms:
         print(f"[{spec.label}] folded the norms of {len(fold_norms(model.eval()))} convolutions", flush=True)
     return PreparedModel(spec, cfg, model, dataset)
 

@@ -22,9 +22,9 @@ Evaluation is PASCAL VOC box AP (:func:`pgp_det.data.set_voc_metadata`), as for 
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
-from .builtin import datasets_root
+from .builtin import datasets_root, unregister
 from .custom import load_voc_layout, set_voc_metadata
 
 __all__ = ["ADAPTATION_DATASETS", "CITYSCAPES_CLASSES", "AdaptationDataset", "register_adaptation_datasets"]
@@ -77,10 +77,7 @@ def register_adaptation_datasets(root: Optional[str] = None) -> None:
         dirname = os.path.join(root, dataset.folder)
         if _REGISTERED_DIRS.get(name) == dirname and name in DatasetCatalog.list():
             continue
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)  # metadata refuses new values for keys it holds
+        unregister(name)
         _REGISTERED_DIRS[name] = dirname
         DatasetCatalog.register(
             name, lambda dirname=dirname, dataset=dataset: load_voc_layout(

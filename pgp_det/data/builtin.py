@@ -103,10 +103,7 @@ def register_synthetic_datasets(
         source = sources[domain]
         if _SYNTHETIC_SOURCES.get(name) == source and name in DatasetCatalog.list():
             continue
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
+        unregister(name)
         _SYNTHETIC_SOURCES[name] = source
         if layout == "voc":
             DatasetCatalog.register(name, lambda source=source, split=split: _load_synthetic_voc(source, split))
@@ -121,6 +118,15 @@ def register_synthetic_datasets(
                 # the generator numbers categories 1..6 in CLASS_NAMES order
                 thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(CLASS_NAMES))},
             )
+
+
+def unregister(name: str) -> None:
+    """Remove ``name``'s loader and metadata, so that it can be registered again with others
+    (detectron2's metadata refuses new values for keys it already holds)."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
 
 
 def _load_synthetic_voc(source: _SyntheticSource, split: str):

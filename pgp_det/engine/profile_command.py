@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..benchmark.measure import fixed_size_images
+from ..benchmark.measure import check_device_options, fixed_size_images
 from ..checkpoint import load_model
 from ..data import check_dataset_available, register_custom_datasets
 from .preflight import build_run_config
@@ -52,10 +52,7 @@ def check_profile_args(args) -> None:
     """Reject bad arguments of ``tools/profile_latency.py`` before anything is loaded (the config is
     checked by :func:`~pgp_det.engine.preflight.build_run_config`); with ``--table``, read that
     table (``args.table_to_check``) and take its input size."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda: CUDA is not available on this machine")
-    if args.fp16 and args.device != "cuda":
-        raise UserInputError("--fp16 needs --device cuda (CPU half precision is not a meaningful speed figure)")
+    check_device_options(args.device, args.fp16)
     args.table_to_check = _table_to_check(args) if args.table else None
     for name, default in PROFILING_DEFAULTS.items():
         if getattr(args, name) is None:
