@@ -27,12 +27,16 @@ demo: install
 	$(PY) tools/sweep.py --config synthetic/pgp_backbone_faster_rcnn_R_18_FPN_synth.yaml --baseline \
 		--flops-reductions 0.5 --reuse --output output/demo
 
-test: install
-	$(PY) -m pytest -q tests
+# one test process per core (pytest-xdist); a file's tests stay together, so its shared fixtures
+# (a trained run, a latency profile) are built once
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
 
-# the tests that neither train a detector nor start a process (tests/conftest.py marks the others slow)
+test: install
+	$(PYTEST) tests
+
+# the tests that neither train a detector, start a process nor profile one (tests/conftest.py marks the others slow)
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # Upgrade deliberately: install the newest releases setup.py allows into a scratch environment,
 # run the tests there, and only if they pass write their versions into $(LOCK).
@@ -45,7 +49,7 @@ lock:
 	$(LOCK_VENV)/bin/python -m pip install --disable-pip-version-check -q torch torchvision
 	$(LOCK_VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
 	$(LOCK_VENV)/bin/python tools/install_detectron2.py
-	$(LOCK_VENV)/bin/python -m pytest -q $(LOCK_TESTS)
+	$(LOCK_VENV)/bin/python -m pytest -q -n auto --dist loadfile $(LOCK_TESTS)
 	{ sed -n '1,2p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable \
 		| grep -viE '^(pip|pb1-detectron2|detectron2)([=@ ]|$$)'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)

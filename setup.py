@@ -36,5 +36,5 @@ setup(
         "iopath>=0.1.7,<0.1.10",
         "omegaconf>=2.1",
     ],
-    extras_require={"dev": ["pytest", "onnx", "onnxruntime"]},
+    extras_require={"dev": ["pytest", "pytest-xdist", "onnx", "onnxruntime"]},
 )
