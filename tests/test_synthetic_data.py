@@ -204,3 +204,29 @@ def test_default_set_has_its_documented_splits(tmp_path):
     root = str(tmp_path / "default")
     generate_synthetic_dataset(root)
     assert (len(split_ids(root, "train")), len(split_ids(root, "test"))) == (600, 150)
+
+
+def test_large_test_split_draws_more_test_images_of_the_same_generator(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from pgp_det.data.builtin import LARGE_TEST_IMAGES
+
+    root = str(tmp_path / "set")
+    register_synthetic_datasets(root, num_train=4, num_test=3)
+    try:
+        large = DatasetCatalog.get("synth_voc_test_large")
+        assert not os.path.exists(root)  # the large split is a set of its own
+        assert len(large) == LARGE_TEST_IMAGES == 1200
+        assert MetadataCatalog.get("synth_voc_test_large").thing_classes == list(SYNTHETIC_CLASS_NAMES)
+        assert sum(not r["annotations"] for r in large) == round(0.03 * LARGE_TEST_IMAGES)
+        small = DatasetCatalog.get("synth_voc_test")
+        compared = 0
+        for s, l in zip(small, large):  # a test image drawn in both and left with its objects in both
+            if l["annotations"]:
+                with open(s["file_name"], "rb") as a, open(l["file_name"], "rb") as b:
+                    assert a.read() == b.read()
+                assert [a["bbox"] for a in s["annotations"]] == [a["bbox"] for a in l["annotations"]]
+                compared += 1
+        assert compared >= 2
+    finally:
+        register_synthetic_datasets()
