@@ -9,6 +9,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -1369,6 +1370,28 @@ def test_closed_loop_meets_a_target_the_table_alone_misses(r18_table):
     assert abs(kept["measured_share"] - 0.6) <= 0.05 * 0.6
     assert kept["budget_ms"] < loop["rounds"][0]["budget_ms"]  # the correction asked the table for less
     assert not result.warnings
+    # the report names the target asked for, which a later check measures against, and the
+    # budget the kept round asked of the table
+    latency = result.report["latency"]
+    assert latency["target_ms"] == pytest.approx(0.6 * table.predict())
+    assert latency["budget_ms"] == pytest.approx(kept["budget_ms"])
+    assert "(target " + f"{latency['target_ms']:.3f} ms, the table's budget after the closed loop" in result.summary()
+
+
+def test_closed_loop_measures_on_the_images_the_table_was_profiled_on():
+    """The loop's share is the one ``profile_latency --check-weights`` measures: on the first
+    images of the table's dataset at its size, or on its noise images."""
+    from pgp_det.benchmark.measure import fixed_size_images
+    from pgp_det.engine.closed_loop import profiled_images
+
+    images = profiled_images(toy_table(images_from="synth_voc_test", images=2))
+    expected = fixed_size_images("synth_voc_test", (128, 160), 2)
+    assert len(images) == 2 and all(np.array_equal(a, b) for a, b in zip(images, expected))
+    noise = fixed_size_images(None, (128, 160), 3)
+    assert not any(np.array_equal(a, b) for a, b in zip(images, noise))
+    for source in ("noise", "no_such_dataset"):
+        made = profiled_images(toy_table(images_from=source, images=3))
+        assert len(made) == 3 and all(np.array_equal(a, b) for a, b in zip(made, noise))
 
 
 def test_closed_loop_says_by_how_much_an_unreachable_target_is_missed(r18_table):

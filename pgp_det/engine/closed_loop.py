@@ -22,7 +22,9 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from detectron2.data import DatasetCatalog
 
+from ..benchmark.measure import fixed_size_images
 from ..benchmark.timing import environment_info
 from ..errors import UserInputError
 from ..pruning.groups import PruningRequestError
@@ -33,7 +35,7 @@ from .one_shot import OneShotResult, load_model_to_prune, prune_once
 from ..pruning.target import TARGET_KINDS, load_latency_table
 from ..utils.output_dir import claim_output_dir
 
-__all__ = ["LoopRound", "check_table_device", "describe_rounds", "measured_share", "prune_and_write",
+__all__ = ["LoopRound", "check_table_device", "describe_rounds", "measured_share", "profiled_images", "prune_and_write",
            "prune_to_measured_latency"]
 
 # (unpruned model, pruned model) -> pruned time over unpruned time, as measured on this device
@@ -69,6 +71,17 @@ def check_table_device(table: LatencyTable, device: str = "cpu") -> None:
             raise UserInputError(
                 f"the latency table was made with {what} {made.get(key)!r}, this machine has {here[key]!r}: the closed "
                 "loop measures on the table's device only; run it there, or prune by the table alone (no --closed-loop)")
+
+
+def profiled_images(table: LatencyTable) -> List[np.ndarray]:
+    """The images ``table`` was profiled on, at its input size: the first ``images`` of the
+    dataset its metadata names (``images_from``), so that the loop measures what
+    ``profile_latency --check-weights`` measures; noise images where the table was profiled on
+    noise or its dataset is not registered here."""
+    meta = table.metadata
+    source = meta.get("images_from")
+    dataset = source if source and source != "noise" and source in DatasetCatalog.list() else None
+    return fixed_size_images(dataset, tuple(table.input_size), int(meta.get("images") or 1))
 
 
 def measured_share(table: LatencyTable, rounds: int = 5, device: str = "cpu", images=None) -> ShareMeter:
@@ -151,6 +164,9 @@ def prune_to_measured_latency(cfg, criterion: str, meter: ShareMeter, *, toleran
     chosen = results[kept]
     miss = rounds[kept].error_percent(target_share)
     met = abs(miss) <= 100.0 * tolerance or miss < 0
+    # the report names the user's target; the budget the kept round asked of the table beside it
+    latency = chosen.report["latency"]
+    latency["budget_ms"], latency["target_ms"] = latency["target_ms"], target_ms
     chosen.report["closed_loop"] = {
         "target_share": target_share, "tolerance": tolerance, "max_rounds": max_rounds, "kept_round": kept + 1,
         "met": met, "error_percent": miss, "stopped": stopped,
@@ -208,7 +224,8 @@ def prune_and_write(cfg, criterion: str, output: str, loop=None, *, trusted: boo
             table = load_latency_table(cfg.PRUNING.TARGET.LATENCY.TABLE)
             check_table_device(table)
             result = prune_to_measured_latency(
-                cfg, criterion, measured_share(table, loop.timing_rounds), tolerance=loop.tolerance,
+                cfg, criterion, measured_share(table, loop.timing_rounds, images=profiled_images(table)),
+                tolerance=loop.tolerance,
                 max_rounds=loop.max_rounds, trusted=trusted, progress=say, **report_args)
         else:
             result = prune_once(cfg, criterion, trusted=trusted, **report_args)

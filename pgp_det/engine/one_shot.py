@@ -90,7 +90,9 @@ class OneShotResult:
         if latency:
             lines.append(
                 f"latency predicted on {latency['device']}, {latency['proposals']} proposals: {latency['before_ms']:.3f} "
-                f"ms -> {latency['predicted_after_ms']:.3f} ms (target {latency['target_ms']:.3f} ms)"
+                f"ms -> {latency['predicted_after_ms']:.3f} ms (target {latency['target_ms']:.3f} ms"
+                + (f", the table's budget after the closed loop {latency['budget_ms']:.3f} ms)" if "budget_ms" in latency
+                   else ")")
             )
         return "\n".join(lines)
 
