@@ -672,7 +672,9 @@ def test_fitted_rest_predicts_the_element_wise_work_between_layers():
     from pgp_det.benchmark.latency.profile import profile_latency
 
     model = synthetic_model(synthetic_cfg())
-    fitted = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
+    # uniform copies only (the knapsack-shaped ones: test_profile_times_the_cuts_a_latency_target_makes)
+    fitted = profile_latency(model, SIZE, ProfileSettings(points=3, knapsack_shares=()),
+                             Timing(timer=element_wise_timer))
     fixed = profile_latency(model, SIZE, ProfileSettings(points=3, calibration_ratios=()),
                             Timing(timer=element_wise_timer))
     assert fitted.activation_ms > 0 and fixed.activation_ms == 0 == fixed.layer_overhead
@@ -1447,6 +1449,31 @@ def test_check_of_a_model_pruned_to_a_latency_target_says_the_target_to_use_next
     assert "measured share 0.500 (+0.0%)" in met and "PRUNING.TARGET.LATENCY.MS 40.000" in met
     slower = next_target_line({"label": weights, "relative": 0.625, **latency_target_of(weights)})
     assert "(+25.0%)" in slower and "PRUNING.TARGET.LATENCY.MS 32.000" in slower
+
+
+def test_profile_times_the_cuts_a_latency_target_makes():
+    """Besides uniform cuts, the profile times copies cut as a latency target's ``knapsack``
+    allocation cuts the model at 0.7 and 0.5 of its time: uneven across groups, each about as deep
+    as its target (not shallower), and the fitted table predicts them closely; a share below what
+    the floor allows gets no copy instead of an error."""
+    from pgp_det.benchmark.latency.profile import profile_latency
+    from pgp_det.benchmark.latency.report import calibration_report
+
+    model = synthetic_model(synthetic_cfg())
+    groups = derive_channel_groups(model, allow_frozen=True)
+    table = profile_latency(model, SIZE, ProfileSettings(points=3), Timing(timer=element_wise_timer))
+    rows = [row for row in table.metadata["calibration"] if "knapsack" in row]
+    assert [row["knapsack"] for row in rows] == [0.7, 0.5]
+    for row in rows:
+        kept = [row["widths"].get(name, g.size) / g.size for name, g in groups.items() if g.prunable]
+        assert max(kept) - min(kept) > 0.2, row  # not a uniform cut
+        assert row["knapsack"] - 0.1 < row["relative"] <= row["knapsack"] + 0.02, row
+        predicted = table.predict(row["widths"]) / table.predict()
+        assert predicted == pytest.approx(row["relative"], rel=0.03), row
+    assert "knapsack for 0.70: predicted" in calibration_report(table)
+    unreachable = profile_latency(model, SIZE, ProfileSettings(points=2, contrast=False, knapsack_shares=(0.01,)),
+                                  Timing(timer=element_wise_timer))
+    assert not [row for row in unreachable.metadata["calibration"] if "knapsack" in row]
 
 
 def test_profile_states_the_error_to_expect_at_each_depth_of_cut():

@@ -2,8 +2,9 @@
 of it, timed in turn with the unpruned model round after round, give the fixed rest at each count
 and fit the part of the rest that shrinks with the channels.
 
-The copies are the model pruned uniformly at a few ratios and two that each cut half of the
-groups (:func:`contrast_cuts`), their ROI heads fed the unpruned model's proposals (a copy pruned
+The copies are the model pruned uniformly at a few ratios, two that each cut half of the
+groups (:func:`contrast_cuts`) and the cuts a latency target's ``knapsack`` allocation makes at a
+few shares of the unpruned model's time (:func:`knapsack_cuts`), their ROI heads fed the unpruned model's proposals (a copy pruned
 without training proposes other boxes, and the pooler's work follows their sizes). Everything
 enters the table as its share of the unpruned model's time in the same rounds
 (:func:`time_shares`), so that a drift of the device's speed while they are timed stays out.
@@ -14,7 +15,11 @@ from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 from torch import nn
 
+from ...pruning.allocation import allocate
 from ...pruning.cost import uniform_sizes
+from ...pruning.criteria import build_criterion
+from ...pruning.groups import PruningRequestError
+from ...pruning.target import latency_budget
 from ...latency.fit import fit_rest
 from .inference import pruned_copy
 from .record import ModelRecording
@@ -25,7 +30,7 @@ from .whole_model import median_ratio, time_interleaved
 
 __all__ = [
     "CalibrationCopy", "WholeModelShares", "calibration_copies", "contrast_cuts", "fit_to_copies", "fixed_rest_ms",
-    "time_shares", "uniform_cuts",
+    "knapsack_copies", "knapsack_cuts", "time_shares", "uniform_cuts",
 ]
 
 
@@ -62,13 +67,39 @@ def contrast_cuts(table: LatencyTable, uniform_cut: Mapping[str, int]) -> List[T
             ({"half": "layers"}, {name: cut[name] for name in ranked[half:]})]
 
 
+def knapsack_cuts(model: nn.Module, groups, table: LatencyTable, shares: Sequence[float], multiple: int,
+                  floor: int) -> List[Tuple[dict, Dict[str, int]]]:
+    """``[({"knapsack": share}, widths)]``: for each share of the unpruned model's predicted time,
+    the widths (``{group: kept}``, cut groups only) the ``knapsack`` allocation keeps for a latency
+    target of that share under ``table`` (fitted to the uniform copies), its channels valued by
+    their filters' L1 norms (what the weights alone say; a gradient criterion values channels
+    otherwise, the prices are the same). A share below what the floor allows is left out."""
+    prunable = {name: g for name, g in groups.items() if g.prunable}
+    scorer = build_criterion("l1")
+    scorer.attach(model, prunable)
+    scores = scorer.scores(model)
+    scorer.detach()
+    sizes = {name: g.size for name, g in prunable.items()}
+    cuts = []
+    for share in shares:
+        try:
+            weak = allocate("knapsack", scores, prunable, 0.0, sizes, multiple, floor,
+                            budget=latency_budget(table, float(share) * table.predict()))
+        except PruningRequestError:  # below the floor: no target of that share can be met either
+            continue
+        cuts.append(({"knapsack": float(share)}, {name: sizes[name] - len(weak[name]) for name in prunable
+                                                   if weak[name]}))
+    return cuts
+
+
 @dataclass
 class CalibrationCopy:
     """A pruned copy of the model, timed whole to fit the rest.
 
     Attributes:
         label: ``{"ratio": r}``, and ``{"half": "element-wise"}`` or ``{"half": "layers"}`` for
-            the :func:`contrast_cuts` copies; recorded with the table's calibration rows.
+            the :func:`contrast_cuts` copies, ``{"knapsack": share}`` for the :func:`knapsack_cuts`
+            ones; recorded with the table's calibration rows.
         widths: ``{group: kept channels}``; groups not named keep their width.
         model: the copy, on the device in eval mode.
     """
@@ -80,9 +111,9 @@ class CalibrationCopy:
 
 def calibration_copies(model: nn.Module, groups, layers_only: LatencyTable, settings: ProfileSettings,
                        device) -> List[CalibrationCopy]:
-    """The copies ``settings`` asks for: uniform cuts at ``settings.calibration_ratios`` and, with
-    ``settings.contrast``, the two :func:`contrast_cuts` of ``layers_only`` (the table before its
-    fixed rest is known); none without calibration ratios."""
+    """The copies ``settings`` asks for first: uniform cuts at ``settings.calibration_ratios`` and,
+    with ``settings.contrast``, the two :func:`contrast_cuts` of ``layers_only`` (the table before
+    its fixed rest is known); none without calibration ratios."""
     if not settings.calibration_ratios:
         return []
     cuts = uniform_cuts(groups, settings.calibration_ratios, settings.multiple, settings.floor)
@@ -90,6 +121,14 @@ def calibration_copies(model: nn.Module, groups, layers_only: LatencyTable, sett
         halves = contrast_cuts(layers_only, dict(uniform_sizes(groups, CONTRAST_RATIO, settings.multiple,
                                                                settings.floor)))
         cuts += [({"ratio": CONTRAST_RATIO, **label}, widths) for label, widths in halves]
+    return [CalibrationCopy(label, widths, pruned_copy(model, groups, widths, device)) for label, widths in cuts]
+
+
+def knapsack_copies(model: nn.Module, groups, fitted: LatencyTable, settings: ProfileSettings,
+                    device) -> List[CalibrationCopy]:
+    """The copies timed second: the :func:`knapsack_cuts` at ``settings.knapsack_shares`` under
+    ``fitted`` (the table fitted to the first copies), the shapes a latency target produces."""
+    cuts = knapsack_cuts(model, groups, fitted, settings.knapsack_shares, settings.multiple, settings.floor)
     return [CalibrationCopy(label, widths, pruned_copy(model, groups, widths, device)) for label, widths in cuts]
 
 
@@ -108,12 +147,14 @@ class WholeModelShares:
 
 
 def time_shares(model: nn.Module, copies: Sequence[CalibrationCopy], recording: ModelRecording,
-                input_size: Sequence[int], timing: Timing, images: Sequence[np.ndarray]) -> WholeModelShares:
-    """Time the unpruned model at every count of ``recording`` and the ``copies`` (their ROI heads
-    fed the unpruned model's proposals at the reference count) in ``timing.rounds`` interleaved
-    rounds with ``timing``'s whole-model timer."""
+                input_size: Sequence[int], timing: Timing, images: Sequence[np.ndarray],
+                other_counts: bool = True) -> WholeModelShares:
+    """Time the unpruned model at every count of ``recording`` (only at the reference count
+    without ``other_counts``) and the ``copies`` (their ROI heads fed the unpruned model's
+    proposals at the reference count) in ``timing.rounds`` interleaved rounds with ``timing``'s
+    whole-model timer."""
     reference = recording.reference
-    others = [n for n in recording.counts if n != reference]
+    others = [n for n in recording.counts if n != reference] if other_counts else []
     if not others and not copies:
         return WholeModelShares({reference: 1.0}, [])
     jobs = [(model, None)] * (1 + len(others)) + [(c.model, recording.proposals[reference]) for c in copies]

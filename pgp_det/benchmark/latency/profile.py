@@ -12,7 +12,8 @@
 3. weigh the element-wise work of each group's channels (:mod:`~pgp_det.benchmark.latency.activations`);
 4. time the whole model at the other proposal counts and pruned copies of it in turn with the
    unpruned model, round after round, for the fixed rest at each count and the fit of the rest
-   that shrinks with the channels (:mod:`~pgp_det.benchmark.latency.calibrate`).
+   that shrinks with the channels; then the copies a latency target's allocation cuts under that
+   fit, and fit again to all copies (:mod:`~pgp_det.benchmark.latency.calibrate`).
 """
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -25,7 +26,7 @@ from ...pruning.dependency import derive_channel_groups
 from ...utils.allocator import minor_page_faults, page_faults_per_call
 from ...utils.modules import unwrap_model
 from .activations import element_wise_ms_per_channel, elements_written
-from .calibrate import calibration_copies, fit_to_copies, fixed_rest_ms, time_shares
+from .calibrate import calibration_copies, fit_to_copies, fixed_rest_ms, knapsack_copies, time_shares
 from .inference import check_images, model_inputs
 from .layers import LayerTimings, time_layers
 from .record import record_model
@@ -118,6 +119,13 @@ def profile_latency(
     table = LatencyTable(sizes, input_size, layers.entries, counts, fixed, reference, info, activations=activations)
     if cuts:
         table = fit_to_copies(table, cuts, shares.of_copies, whole, groups)
+        # then the cuts a latency target makes under that fit, timed and fitted with the others
+        copies = knapsack_copies(model, groups, table, settings, device)
+        if copies:
+            shaped = time_shares(model, copies, recording, input_size, timing, images, other_counts=False)
+            cuts += [(c.label, c.widths) for c in copies]
+            del copies
+            table = fit_to_copies(table, cuts, shares.of_copies + shaped.of_copies, whole, groups)
         hidden = (f" (only {1.0 + table.layer_overhead:.0%} of the layers' own savings show in the whole model: "
                   f"the device hides the rest)") if table.layer_overhead < 0 else ""
         say(f"rest shrinking with the channels: {table.activation_ms:.3f} ms of element-wise work, "

@@ -54,6 +54,14 @@ def next_target_line(row: dict) -> str:
             f"({miss:+.1f}%): train with PRUNING.TARGET.LATENCY.MS {corrected:.3f} to reach the share {wanted:.3f} here")
 
 
+def _copy_label(row: dict) -> str:
+    """How a calibration copy was cut: a knapsack allocation for a share of the unpruned model's
+    time, half of the groups ("half": which half) at a ratio, or every group at a ratio."""
+    if "knapsack" in row:
+        return f"knapsack for {row['knapsack']:.2f}"
+    return f"{row['half']} half at {row['ratio']:.2f}" if "half" in row else f"uniform {row['ratio']:.2f}"
+
+
 def calibration_report(table: LatencyTable) -> str:
     """How far the fitted table's share of the unpruned model's time is from the share measured
     on the calibration copies (``metadata["calibration"]``), by depth of cut: the error to expect
@@ -66,8 +74,7 @@ def calibration_report(table: LatencyTable) -> str:
     for row in sorted(rows, key=lambda r: -table.predict(r["widths"]) / full):
         predicted = table.predict(row["widths"]) / full
         error = 100.0 * (predicted - row["relative"]) / row["relative"]
-        # contrast copies cut half of the groups ("half": which half), the others every group
-        label = f"{row['half']} half at {row['ratio']:.2f}" if "half" in row else f"uniform {row['ratio']:.2f}"
+        label = _copy_label(row)
         parts.append(f"{label}: predicted {predicted:.3f}, measured {row['relative']:.3f} ({error:+.1f}%)")
     return ("calibration copies, share of the unpruned model's time (the error to expect of a target that deep): "
             + "; ".join(parts))

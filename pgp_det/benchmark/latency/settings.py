@@ -3,9 +3,11 @@ the calibration copies (:class:`ProfileSettings`)."""
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-__all__ = ["ACTIVATION_WEIGHTS", "CALIBRATION_RATIOS", "CONTRAST_RATIO", "ProfileSettings"]
+__all__ = ["ACTIVATION_WEIGHTS", "CALIBRATION_RATIOS", "CONTRAST_RATIO", "KNAPSACK_SHARES", "ProfileSettings"]
 
 CALIBRATION_RATIOS = (0.2, 0.45, 0.7)  # apart from --check's default ratios, so that the check tests the fit
+# the shares of the unpruned model's time at which a latency target's allocation shapes a copy
+KNAPSACK_SHARES = (0.7, 0.5)
 # the cut that prices each group's element-wise work, and that the two contrast_cuts copies make
 # in half of the groups each
 CONTRAST_RATIO = 0.5
@@ -36,6 +38,11 @@ class ProfileSettings:
         contrast: with ``calibration_ratios``, also time the two
             :func:`~pgp_det.benchmark.latency.calibrate.contrast_cuts` copies, which keep the fit's two
             parts apart.
+        knapsack_shares: with ``calibration_ratios``, also time one copy per share of the
+            unpruned model's time, cut as the ``knapsack`` allocation cuts the model for a latency
+            target of that share (:func:`~pgp_det.benchmark.latency.calibrate.knapsack_cuts`): the
+            shapes a latency target produces, not only uniform ones, enter the fit and its
+            stated error.
     """
 
     points: int = 5
@@ -46,6 +53,7 @@ class ProfileSettings:
     passes: int = 1
     calibration_ratios: Sequence[float] = CALIBRATION_RATIOS
     contrast: bool = True
+    knapsack_shares: Sequence[float] = KNAPSACK_SHARES
 
     def check(self) -> None:
         """Raises ValueError for settings no profile can be made with."""
@@ -53,3 +61,5 @@ class ProfileSettings:
             raise ValueError(f"points must be >= 2, got {self.points}")
         if self.passes < 1:
             raise ValueError(f"passes must be >= 1, got {self.passes}")
+        if any(not 0.0 < share < 1.0 for share in self.knapsack_shares):
+            raise ValueError(f"knapsack shares must be in (0, 1), got {tuple(self.knapsack_shares)}")
