@@ -1422,9 +1422,33 @@ def test_closed_loop_is_refused_on_another_machine(r18_table, tmp_path):
     with pytest.raises(UserInputError, match="'Some Other CPU', this machine has"):
         check_table_device(load_table(str(other)))
     out = tmp_path / "out"
-    code = load_tool("prune_net").main(["--config", CONFIG, "--latency-table", str(other), "--target-latency-ms", "1.0",
-                                        "--closed-loop", "--output", str(out), *OVERRIDES])
+    reachable = f"{0.9 * table.predict():.3f}"
+    code = load_tool("prune_net").main(["--config", CONFIG, "--latency-table", str(other), "--target-latency-ms",
+                                        reachable, "--closed-loop", "--output", str(out), *OVERRIDES])
     assert code == 2 and not out.exists()
+
+
+def test_closed_loop_times_in_the_memory_setting_the_table_was_profiled_in(r18_table, tmp_path, capsys):
+    """A table profiled with freed memory kept (large inputs on a CPU) is timed that way by the
+    loop, or refused in one line naming the flag; the flag means nothing without the loop."""
+    from pgp_det.engine.closed_loop import check_table_device
+
+    data = json.loads(open(r18_table).read())
+    data["metadata"].setdefault("environment", {})["freed_memory_kept"] = True
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps(data))
+    check_table_device(load_table(str(kept)), freed_memory_kept=True)
+    with pytest.raises(UserInputError, match="profiled with freed memory kept.*pass --keep-freed-memory"):
+        check_table_device(load_table(str(kept)))
+    with pytest.raises(UserInputError, match="profiled without freed memory kept.*drop --keep-freed-memory"):
+        check_table_device(load_table(r18_table), freed_memory_kept=True)
+    prune_net = load_tool("prune_net")
+    for flag, table in (("--closed-loop", kept), ("--keep-freed-memory", r18_table)):
+        out = tmp_path / f"out{flag}"
+        code = prune_net.main(["--config", CONFIG, "--latency-table", str(table), "--target-latency-ms",
+                               f"{0.9 * load_table(r18_table).predict():.3f}", flag, "--output", str(out), *OVERRIDES])
+        assert code == 2 and not out.exists()
+        assert "--keep-freed-memory" in capsys.readouterr().err
 
 
 def test_check_of_a_model_pruned_to_a_latency_target_says_the_target_to_use_next_time(tmp_path):

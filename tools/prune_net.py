@@ -69,6 +69,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=float, default=0.05, help="closed loop: relative tolerance (default 0.05)")
     parser.add_argument("--max-rounds", type=int, default=4, help="closed loop: most prunings (default 4)")
     parser.add_argument("--timing-rounds", type=int, default=7, help="closed loop: timing rounds (median ratio kept)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="closed loop: time with freed memory kept, as profile_latency --keep-freed-memory profiled")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", default="", metavar="DIR", help="folder for model_pruned.pth and the report")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/model_pruned.pth")
@@ -99,7 +101,10 @@ def request_from(args) -> OneShotRequest:
 
 def run(args) -> int:
     request = request_from(args)
-    loop = ClosedLoopSettings(args.tolerance, args.max_rounds, args.timing_rounds) if args.closed_loop else None
+    if args.keep_freed_memory and not args.closed_loop:
+        raise UserInputError("--keep-freed-memory sets how the closed loop times: use it with --closed-loop")
+    loop = (ClosedLoopSettings(args.tolerance, args.max_rounds, args.timing_rounds, args.keep_freed_memory)
+            if args.closed_loop else None)
     if loop:
         loop.check()
     if not args.list_groups:

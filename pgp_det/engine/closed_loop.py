@@ -28,11 +28,13 @@ from ..benchmark.measure import fixed_size_images
 from ..benchmark.timing import environment_info
 from ..errors import UserInputError
 from ..pruning.groups import PruningRequestError
+from ..latency.page_faults import profiled_with_freed_memory_kept
 from ..latency.table import LatencyTable
 from ..benchmark.latency.timers import default_timer
 from ..benchmark.latency.whole_model import time_interleaved
 from .one_shot import OneShotResult, load_model_to_prune, prune_once
 from ..pruning.target import TARGET_KINDS, load_latency_table
+from ..utils.allocator import keep_freed_memory
 from ..utils.output_dir import claim_output_dir
 
 __all__ = ["LoopRound", "check_table_device", "describe_rounds", "measured_share", "profiled_images", "prune_and_write",
@@ -57,12 +59,13 @@ class LoopRound:
         return 100.0 * (self.measured_share - target_share) / target_share
 
 
-def check_table_device(table: LatencyTable, device: str = "cpu") -> None:
+def check_table_device(table: LatencyTable, device: str = "cpu", freed_memory_kept: bool = False) -> None:
     """Refuse to close the loop on a machine other than the table's (another CPU or GPU model, or
-    another thread count).
+    another thread count), or in another memory setting than the table was profiled in
+    (``freed_memory_kept``: whether this process keeps freed memory, :mod:`pgp_det.utils.allocator`).
 
     Raises:
-        UserInputError: one line naming both machines.
+        UserInputError: one line naming both machines, or both settings and the flag to change.
     """
     here = environment_info(device)
     made = table.metadata
@@ -71,6 +74,11 @@ def check_table_device(table: LatencyTable, device: str = "cpu") -> None:
             raise UserInputError(
                 f"the latency table was made with {what} {made.get(key)!r}, this machine has {here[key]!r}: the closed "
                 "loop measures on the table's device only; run it there, or prune by the table alone (no --closed-loop)")
+    kept = profiled_with_freed_memory_kept(made)
+    if kept != freed_memory_kept:
+        raise UserInputError(
+            f"the latency table was profiled {'with' if kept else 'without'} freed memory kept, the closed loop would "
+            f"time {'with' if freed_memory_kept else 'without'}: {'pass' if kept else 'drop'} --keep-freed-memory")
 
 
 def profiled_images(table: LatencyTable) -> List[np.ndarray]:
@@ -222,7 +230,9 @@ def prune_and_write(cfg, criterion: str, output: str, loop=None, *, trusted: boo
         started = time.perf_counter()
         if loop is not None:
             table = load_latency_table(cfg.PRUNING.TARGET.LATENCY.TABLE)
-            check_table_device(table)
+            check_table_device(table, freed_memory_kept=loop.keep_freed_memory)
+            if loop.keep_freed_memory:
+                keep_freed_memory()
             result = prune_to_measured_latency(
                 cfg, criterion, measured_share(table, loop.timing_rounds, images=profiled_images(table)),
                 tolerance=loop.tolerance,

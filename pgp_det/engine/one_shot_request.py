@@ -21,11 +21,13 @@ __all__ = ["ClosedLoopSettings", "OneShotRequest"]
 class ClosedLoopSettings:
     """How the closed loop of :func:`~pgp_det.engine.closed_loop.prune_to_measured_latency` runs:
     relative ``tolerance`` on the measured share, at most ``max_rounds`` prunings, each timed over
-    ``timing_rounds`` rounds of the two models in turn."""
+    ``timing_rounds`` rounds of the two models in turn, with the memory the process frees kept for
+    reuse when ``keep_freed_memory`` (as the table must have been profiled)."""
 
     tolerance: float = 0.05
     max_rounds: int = 4
     timing_rounds: int = 7
+    keep_freed_memory: bool = False
 
     def check(self) -> None:
         if not 0.0 < self.tolerance < 1.0 or self.max_rounds < 1 or self.timing_rounds < 1:
