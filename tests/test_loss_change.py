@@ -11,7 +11,7 @@ from test_soft_recovery import build, training_loss
 
 GROUPS = ["backbone.bottom_up.res3.0.conv1", "backbone.bottom_up.res4.stream", "backbone.fpn.out",
           "proposal_generator.rpn_head.conv", "roi_heads.box_head.fc1"]
-EPSILON = 1e-2  # float32 loss: smaller steps drown in rounding
+EPSILON = 1e-1  # float32 loss: smaller steps drown in rounding (the loss is smooth in alpha: proposals held)
 
 
 def producing_parameters(model, group):
