@@ -10,9 +10,9 @@ Names registered by :func:`register_synthetic_datasets` (the same images and obj
   there, see :mod:`pgp_det.data.domains`).
 - ``synth_voc_test_large``: 1200 test images of the same generator and seed (VOC layout, in
   ``<root>_test_large``; the images that are left empty differ from ``synth_voc_test``'s, so its
-  first 150 are not that split). On 150 images the AP50 difference of two models moves by about
-  1.4 points from one draw of test images to another; on 1200, by about a third of that
-  (docs/experiments/2026-12-07-pgp-seeds.md): compare methods seed by seed here.
+  first 150 are not that split). Eight times the images: the part of two models' AP50
+  difference that comes from which test images were drawn shrinks by about sqrt(8); compare
+  methods seed by seed here (docs/experiments/2026-12-07-pgp-seeds.md).
 
 The set lives in ``<datasets root>/synthetic`` (datasets root: ``$DETECTRON2_DATASETS``, else
 ``datasets`` relative to the working directory, as for detectron2's builtin datasets). Registering
