@@ -28,7 +28,7 @@ from ..benchmark.measure import fixed_size_images
 from ..benchmark.timing import environment_info
 from ..errors import UserInputError
 from ..pruning.groups import PruningRequestError
-from ..latency.page_faults import profiled_with_freed_memory_kept
+from ..latency.page_faults import check_freed_memory_setting
 from ..latency.table import LatencyTable
 from ..benchmark.latency.timers import default_timer
 from ..benchmark.latency.whole_model import time_interleaved
@@ -74,11 +74,7 @@ def check_table_device(table: LatencyTable, device: str = "cpu", freed_memory_ke
             raise UserInputError(
                 f"the latency table was made with {what} {made.get(key)!r}, this machine has {here[key]!r}: the closed "
                 "loop measures on the table's device only; run it there, or prune by the table alone (no --closed-loop)")
-    kept = profiled_with_freed_memory_kept(made)
-    if kept != freed_memory_kept:
-        raise UserInputError(
-            f"the latency table was profiled {'with' if kept else 'without'} freed memory kept, the closed loop would "
-            f"time {'with' if freed_memory_kept else 'without'}: {'pass' if kept else 'drop'} --keep-freed-memory")
+    check_freed_memory_setting(made, freed_memory_kept, "the latency table", "the closed loop would time")
 
 
 def profiled_images(table: LatencyTable) -> List[np.ndarray]:

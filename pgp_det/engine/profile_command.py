@@ -25,7 +25,7 @@ from ..utils.output_dir import claim_output_dir
 from ..utils.weights import check_weights_available
 from ..benchmark.latency.check import check_latency
 from ..latency.io import load_table, save_table
-from ..latency.page_faults import profiled_with_freed_memory_kept
+from ..latency.page_faults import check_freed_memory_setting
 from ..benchmark.latency.profile import profile_latency
 from ..benchmark.latency.settings import ProfileSettings
 from ..latency.table import LatencyTable
@@ -97,11 +97,7 @@ def _table_to_check(args) -> LatencyTable:
     if table.metadata.get("precision") != precision:
         raise UserInputError(f"the table {args.table} was profiled in {table.metadata.get('precision')}, this check "
                              f"would run in {precision}: {'drop' if args.fp16 else 'pass'} --fp16")
-    kept = profiled_with_freed_memory_kept(table.metadata)
-    if kept != args.keep_freed_memory:
-        raise UserInputError(f"the table {args.table} was profiled {'with' if kept else 'without'} freed memory kept, "
-                             f"this check would run {'with' if args.keep_freed_memory else 'without'}: "
-                             f"{'pass' if kept else 'drop'} --keep-freed-memory")
+    check_freed_memory_setting(table.metadata, args.keep_freed_memory, f"the table {args.table}", "this check would run")
     args.check = True
     return table
 

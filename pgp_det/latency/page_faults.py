@@ -8,9 +8,10 @@ many pages in per inference, profiled without freed memory kept, misses that tim
 """
 from typing import Mapping, Optional
 
+from ..errors import UserInputError
 from ..utils.allocator import ENVIRONMENT as ALLOCATOR_ENVIRONMENT
 
-__all__ = ["MANY_PAGE_FAULTS", "page_fault_warning", "profiled_with_freed_memory_kept"]
+__all__ = ["MANY_PAGE_FAULTS", "check_freed_memory_setting", "page_fault_warning", "profiled_with_freed_memory_kept"]
 
 # page faults per inference worth a word (measured on a 2-core CPU: tens at 224x224, about 49,000
 # at 800x800, a fifth of the time there)
@@ -20,6 +21,23 @@ MANY_PAGE_FAULTS = 1000
 def profiled_with_freed_memory_kept(metadata: Mapping) -> bool:
     """Whether a table with this ``metadata`` was profiled with freed memory kept."""
     return bool(metadata.get("environment", {}).get("freed_memory_kept", False))
+
+
+def check_freed_memory_setting(metadata: Mapping, kept_here: bool, table: str, timing: str) -> None:
+    """Refuse to time a table's model in another memory setting than it was profiled in.
+
+    Args:
+        metadata: the table's metadata.
+        kept_here: whether the timing about to run keeps freed memory (``--keep-freed-memory``).
+        table, timing: how the message names the table and the timing ("this check would run").
+
+    Raises:
+        UserInputError: one line naming both settings and whether to pass or drop the flag.
+    """
+    kept = profiled_with_freed_memory_kept(metadata)
+    if kept != kept_here:
+        raise UserInputError(f"{table} was profiled {'with' if kept else 'without'} freed memory kept, {timing} "
+                             f"{'with' if kept_here else 'without'}: {'pass' if kept else 'drop'} --keep-freed-memory")
 
 
 def page_fault_warning(table, source: str) -> Optional[str]:

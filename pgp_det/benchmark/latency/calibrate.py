@@ -109,6 +109,11 @@ class CalibrationCopy:
     model: nn.Module
 
 
+def _pruned_copies(model: nn.Module, groups, cuts: Sequence[Tuple[dict, Dict[str, int]]],
+                   device) -> List[CalibrationCopy]:
+    return [CalibrationCopy(label, widths, pruned_copy(model, groups, widths, device)) for label, widths in cuts]
+
+
 def calibration_copies(model: nn.Module, groups, layers_only: LatencyTable, settings: ProfileSettings,
                        device) -> List[CalibrationCopy]:
     """The copies ``settings`` asks for first: uniform cuts at ``settings.calibration_ratios`` and,
@@ -121,7 +126,7 @@ def calibration_copies(model: nn.Module, groups, layers_only: LatencyTable, sett
         halves = contrast_cuts(layers_only, dict(uniform_sizes(groups, CONTRAST_RATIO, settings.multiple,
                                                                settings.floor)))
         cuts += [({"ratio": CONTRAST_RATIO, **label}, widths) for label, widths in halves]
-    return [CalibrationCopy(label, widths, pruned_copy(model, groups, widths, device)) for label, widths in cuts]
+    return _pruned_copies(model, groups, cuts, device)
 
 
 def knapsack_copies(model: nn.Module, groups, fitted: LatencyTable, settings: ProfileSettings,
@@ -129,7 +134,7 @@ def knapsack_copies(model: nn.Module, groups, fitted: LatencyTable, settings: Pr
     """The copies timed second: the :func:`knapsack_cuts` at ``settings.knapsack_shares`` under
     ``fitted`` (the table fitted to the first copies), the shapes a latency target produces."""
     cuts = knapsack_cuts(model, groups, fitted, settings.knapsack_shares, settings.multiple, settings.floor)
-    return [CalibrationCopy(label, widths, pruned_copy(model, groups, widths, device)) for label, widths in cuts]
+    return _pruned_copies(model, groups, cuts, device)
 
 
 @dataclass
