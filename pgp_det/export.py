@@ -28,9 +28,14 @@ How, and what holds on torch 2.x + detectron2 v0.6 (pure Python):
   data-dependent shapes (NMS, per-level ROI assignment) included. The dynamo exporter, torch's
   default, needs the ``onnxscript`` package and a ``torch.export``-able model; neither is
   established for detectron2 v0.6 here, so it is not used.
-* Batch size 1 only; float32 only.
+* Batch size 1 only; float32 only (:mod:`pgp_det.quantization` makes an int8 copy of the ONNX
+  file).
+* The ONNX file records the model it was exported from (:func:`model_fingerprint`, in its
+  metadata under ``pgp_det.fingerprint``), so a tool handed the file beside a config and weights
+  can tell whether the two belong together (:func:`check_onnx_file`).
 """
 import contextlib
+import hashlib
 import os
 import warnings
 from typing import Dict, Sequence
@@ -43,7 +48,6 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 
-from .benchmark.timing import time_callable
 from .data import check_dataset_available, register_custom_datasets
 from .errors import UserInputError
 from .utils.io import atomic_write
@@ -51,7 +55,12 @@ from .utils.modules import TensorDetector
 
 __all__ = [
     "check_images",
-    "export_and_compare",
+    "check_onnx_file",
+    "model_fingerprint",
+    "onnx_metadata",
+    "write_onnx_metadata",
+    "FINGERPRINT_KEY",
+    "PRECISION_KEY",
     "to_model_input",
     "OUTPUT_NAMES",
     "TensorDetector",
@@ -130,6 +139,74 @@ def export_torchscript(model: nn.Module, image: torch.Tensor, path: str) -> str:
     return atomic_write(path, traced.save)
 
 
+FINGERPRINT_KEY = "pgp_det.fingerprint"
+PRECISION_KEY = "pgp_det.precision"  # "fp32", or "int8" (pgp_det.quantization)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex) of ``model``'s state: every tensor's name, shape, dtype and values, in order.
+    Equal for two models only if they have the same architecture and the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def write_onnx_metadata(source: str, destination: str, entries: Dict[str, str]) -> None:
+    """Save the ONNX model at ``source`` to ``destination`` (may be the same file, not atomic)
+    with ``entries`` added to (or replacing those of) its ``metadata_props``."""
+    import onnx
+
+    proto = onnx.load(source)
+    kept = [p for p in proto.metadata_props if p.key not in entries]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, destination)
+
+
+def onnx_metadata(path: str) -> Dict[str, str]:
+    """The ``metadata_props`` of the ONNX file at ``path``.
+
+    Raises:
+        UserInputError: the file does not exist or is not an ONNX model.
+    """
+    import onnx
+
+    if not os.path.isfile(path):
+        raise UserInputError(f"ONNX file '{path}' does not exist")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several kinds for a file that is not ONNX
+        raise UserInputError(f"'{path}' is not an ONNX model ({type(e).__name__}); export one with "
+                             "tools/export_model.py --format onnx") from None
+    if not len(proto.graph.node):
+        raise UserInputError(f"'{path}' is not an ONNX model (no graph); export one with tools/export_model.py --format onnx")
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def check_onnx_file(path: str, model: nn.Module, label: str = "") -> Dict[str, str]:
+    """Refuse an ONNX file that was not exported from ``model`` (its recorded
+    :func:`model_fingerprint` differs or is missing); returns the file's metadata.
+
+    Raises:
+        UserInputError: one line naming the file, the model and the fix.
+    """
+    metadata = onnx_metadata(path)
+    recorded = metadata.get(FINGERPRINT_KEY)
+    whose = f"model '{label}'" if label else "the given model"
+    if recorded is None:
+        raise UserInputError(f"ONNX file '{path}' does not record the model it was exported from; export "
+                             f"{whose} again with tools/export_model.py --format onnx")
+    if recorded != model_fingerprint(model):
+        raise UserInputError(f"ONNX file '{path}' was exported from another model than {whose} (other weights or "
+                             "architecture); export this model with tools/export_model.py --format onnx")
+    return metadata
+
+
 def export_onnx(model: nn.Module, image: torch.Tensor, path: str, opset: int = 17) -> str:
     """Export ``model`` traced on ``image`` (3, H, W) to ONNX at ``path`` (atomically).
 
@@ -137,6 +214,8 @@ def export_onnx(model: nn.Module, image: torch.Tensor, path: str, opset: int = 1
     """
     if opset < 16:
         raise ValueError(f"opset {opset} < 16: RoiAlign with aligned=True needs opset 16 or later")
+    fingerprint = model_fingerprint(model)
+
     def write(tmp):
         with _tracing(model) as adapter:
             torch.onnx.export(
@@ -149,6 +228,7 @@ def export_onnx(model: nn.Module, image: torch.Tensor, path: str, opset: int = 1
                 output_names=list(OUTPUT_NAMES),
                 dynamic_axes={"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}},
             )
+        write_onnx_metadata(tmp, tmp, {FINGERPRINT_KEY: fingerprint, PRECISION_KEY: "fp32"})
 
     return atomic_write(path, write)
 
@@ -157,11 +237,16 @@ def load_torchscript(path: str):
     return torch.jit.load(path, map_location="cpu")
 
 
-def load_onnx(path: str):
-    """An onnxruntime CPU session for ``path``."""
+def load_onnx(path: str, threads: int = 0):
+    """An onnxruntime CPU session for ``path``; ``threads``: its intra-op threads (0: onnxruntime's
+    choice), one inter-op thread."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def _as_numpy(outputs) -> Dict[str, np.ndarray]:
@@ -254,28 +339,3 @@ def to_model_input(cfg, image, size=None) -> torch.Tensor:
     if cfg.INPUT.FORMAT == "RGB":
         resized = resized[:, :, ::-1]
     return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
-
-
-def export_and_compare(fmt: str, model: nn.Module, tensors, reference, path: str, opset: int = 17,
-                       box_atol: float = 1e-2, score_atol: float = 1e-3, warmup: int = 3, runs: int = 10) -> dict:
-    """Export ``model`` to ``fmt`` (``"torchscript"`` or ``"onnx"``) at ``path``, reload it, compare
-    it on every (3, H, W) tensor of ``tensors`` with ``reference`` (:func:`run_pytorch` outputs)
-    and time it on the first (ms)."""
-    if fmt == "torchscript":
-        export_torchscript(model, tensors[0], path)
-        module = load_torchscript(path)
-        run = lambda t: run_torchscript(module, t)  # noqa: E731
-    else:
-        export_onnx(model, tensors[0], path, opset=opset)
-        session = load_onnx(path)
-        run = lambda t: run_onnx(session, t)  # noqa: E731
-    checks = [compare_detections(ref, run(t), box_atol, score_atol) for ref, t in zip(reference, tensors)]
-    latency = time_callable(lambda: run(tensors[0]), warmup=warmup, runs=runs)
-    return {
-        "path": path,
-        "ok": all(c["ok"] for c in checks),
-        "max_abs_diff_boxes": max(c["max_abs_diff_boxes"] for c in checks),
-        "max_abs_diff_scores": max(c["max_abs_diff_scores"] for c in checks),
-        "checks": checks,
-        "latency_ms": latency.to_dict(),
-    }

@@ -547,3 +547,38 @@ def test_sweep_checks_every_variant_before_the_first_training(tmp_path):
 def test_argument_parser_errors_are_one_line():
     proc = run_tool("prune_net.py", "--config-file", CONFIG, "--ratio", "abc")
     assert_one_line_error(proc, "--ratio")
+
+
+@pytest.mark.parametrize(
+    "tool, args, message",
+    [
+        ("eval_map_fps.py", ["--runtime", "tensorrt"], "argument --runtime: invalid choice: 'tensorrt'"),
+        ("eval_map_fps.py", ["--runtime", "onnxruntime_int8", "--calibration-dir", "{missing}"], "is not a folder"),
+        ("eval_map_fps.py", ["--runtime", "onnxruntime_int8", "--calibration-dir", "{texts}"],
+         "calibration image '{texts}/a.jpg' is not an image PIL can read"),
+        ("eval_map_fps.py", ["--runtime", "onnxruntime", "--onnx", "m={notonnx}"], "is not an ONNX model"),
+        ("eval_map_fps.py", ["--runtime", "onnxruntime", "--onnx", "other={notonnx}"], "--onnx names other, not a model's label"),
+        ("eval_map_fps.py", ["--runtime", "onnxruntime", "onnxruntime"], "--runtime names a runtime twice"),
+        ("export_model.py", ["--int8", "--format", "torchscript"], "--int8 quantizes the ONNX export: add onnx to --format"),
+        ("export_model.py", ["--int8", "--calibration-dir", "{texts}"], "is not an image PIL can read"),
+        ("export_model.py", ["--int8", "--calibration-images", "0"], "--calibration-images 0: calibrate on at least 1 image"),
+    ],
+    ids=["unknown-runtime", "no-calibration-folder", "calibration-file-not-an-image", "onnx-file-not-onnx",
+         "onnx-for-unknown-label", "runtime-twice", "int8-without-onnx", "export-calibration-not-image",
+         "export-no-calibration-images"],
+)
+def test_runtime_and_int8_bad_inputs_are_one_line_and_write_nothing(files, tmp_path, tool, args, message):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.jpg").write_text("not a picture")
+    (tmp_path / "model.onnx").write_text("not a graph")
+    values = dict(missing=tmp_path / "missing", texts=texts, notonnx=tmp_path / "model.onnx")
+    args = [a.format(**values) for a in args]
+    image = os.path.join(ROOT, "datasets", "synthetic", "JPEGImages", "000000.jpg")
+    if tool == "eval_map_fps.py":
+        head = ["--model", f"m={CONFIG}:{files['good']}", "--skip-eval", "--dataset-images", "0"]
+    else:
+        head = ["--config-file", CONFIG, "--weights", files["good"], "--sample-image", image]
+    proc = run_tool(tool, *head, *args, "--output", str(tmp_path / "out"))
+    assert_one_line_error(proc, message.format(**values))
+    assert not (tmp_path / "out").exists()

@@ -506,3 +506,51 @@ def test_kept_freed_memory_is_reused_without_page_faults():
         assert faults <= 2, runs
     assert runs["system"]["counted"][0] >= 20 and runs["system"]["counted"][1] <= 2, runs
     assert max(runs["keep"]["counted"]) <= 2, runs
+
+
+def test_eval_map_fps_measures_each_model_in_each_runtime(tiny_voc, tiny_models, tmp_path, capsys):
+    wide_cfg, wide_weights = tiny_models["wide"]
+    images = os.path.join(MetadataCatalog.get(tiny_voc).dirname, "JPEGImages")
+    out = tmp_path / "runtimes"
+    code = load_tool("eval_map_fps").main([
+        "--model", f"wide={wide_cfg}:{wide_weights}", "--runtime", "pytorch", "onnxruntime", "onnxruntime_int8",
+        "--calibration-dir", images, "--calibration-images", "3", "--warmup", "1", "--runs", "2",
+        "--dataset-images", "2", "--output", str(out),
+    ])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "results.csv") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["wide", "wide@onnxruntime", "wide@onnxruntime_int8"]
+    eager, onnx_fp32, onnx_int8 = rows.values()
+    assert [r["runtime"] for r in rows.values()] == ["pytorch", "onnxruntime", "onnxruntime_int8"]
+    assert onnx_fp32["runtime_version"] and onnx_fp32["runtime_provider"] == "CPUExecutionProvider"
+    assert [r["dtype"] for r in rows.values()] == ["fp32", "fp32", "int8"]
+    # the exported graph is evaluated through the same resize and box scaling as the eager model
+    assert float(eager["mAP"]) > 0
+    assert float(onnx_fp32["mAP"]) == pytest.approx(float(eager["mAP"]), abs=0.2)
+    assert float(onnx_fp32["AP"]) == pytest.approx(float(eager["AP"]), abs=0.2)
+    assert onnx_int8["mAP"] != ""
+    for row in (onnx_fp32, onnx_int8):
+        assert float(row["latency_median_ms"]) > 0 and float(row["dataset_latency_median_ms"]) > 0
+        assert row["stage_rpn_ms"] == ""  # one call: no stages outside eager PyTorch
+        assert row["gflops"] == eager["gflops"]
+    exports = out / "exports" / "wide"
+    assert float(onnx_fp32["model_file_mb"]) == pytest.approx(os.path.getsize(exports / "model.onnx") / 1e6)
+    assert float(onnx_int8["model_file_mb"]) < 0.4 * float(onnx_fp32["model_file_mb"])
+    details = json.loads((out / "results.json").read_text())["details"]
+    assert details["wide@onnxruntime_int8"]["runtime"]["quantization"]["calibration"]["images"] == 3
+
+    # a file exported from this model runs in place of a new export; one from another model is refused
+    again = tmp_path / "again"
+    assert load_tool("eval_map_fps").main([
+        "--model", f"wide={wide_cfg}:{wide_weights}", "--runtime", "onnxruntime", "--onnx",
+        f"wide={exports / 'model.onnx'}", "--skip-eval", "--warmup", "0", "--runs", "1", "--dataset-images", "0",
+        "--output", str(again)]) == 0
+    assert not (again / "exports").exists()
+    narrow_cfg, narrow_weights = tiny_models["narrow"]
+    refused = tmp_path / "refused"
+    assert load_tool("eval_map_fps").main([
+        "--model", f"narrow={narrow_cfg}:{narrow_weights}", "--runtime", "onnxruntime", "--onnx",
+        f"narrow={exports / 'model.onnx'}", "--skip-eval", "--dataset-images", "0", "--output", str(refused)]) == 2
+    assert "was exported from another model than model 'narrow'" in capsys.readouterr().err
+    assert not refused.exists()

@@ -10,7 +10,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from PIL import Image
 
-from pgp_det import export
+from pgp_det import export, quantization
+from pgp_det.benchmark import runtimes
+from pgp_det.errors import UserInputError
 from pgp_det.config import get_pgp_cfg
 from conftest import load_tool
 
@@ -133,3 +135,102 @@ def test_export_model_cli(model, tmp_path, capsys):
     assert tool.main(["--config-file", str(config), "--output", str(out), "--sample-image", "missing.jpg"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --sample-image 'missing.jpg' does not exist"]
+
+
+# -- the ONNX file knows its model; int8; the runtimes behind detectron2's model interface --------
+
+
+def test_onnx_file_is_refused_for_another_model_or_when_it_is_no_onnx(model, tensors, tmp_path):
+    path = str(tmp_path / "model.onnx")
+    export.export_onnx(model, tensors[0], path)
+    assert export.check_onnx_file(path, model)[export.PRECISION_KEY] == "fp32"
+    torch.manual_seed(1)
+    other = build_model(tiny_cfg()).eval()  # same architecture, other weights
+    with pytest.raises(UserInputError, match="was exported from another model"):
+        export.check_onnx_file(path, other, "pruned")
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a graph")
+    with pytest.raises(UserInputError, match="is not an ONNX model"):
+        export.check_onnx_file(str(text), model)
+    with pytest.raises(UserInputError, match="does not exist"):
+        export.check_onnx_file(str(tmp_path / "missing.onnx"), model)
+
+
+@pytest.fixture(scope="module")
+def int8_files(model, tensors, tmp_path_factory):
+    d = tmp_path_factory.mktemp("int8")
+    float_path, int8_path = str(d / "model.onnx"), str(d / "model_int8.onnx")
+    export.export_onnx(model, tensors[0], float_path)
+    report = runtimes.quantize_and_check(float_path, int8_path, tensors, tensors, min_agreement=0.0, runs=1, warmup=0)
+    return float_path, int8_path, report
+
+
+def test_int8_quantizes_every_convolution_and_linear_layer_and_leaves_roi_pooling_and_nms_float(model, tensors,
+                                                                                                int8_files):
+    float_path, int8_path, report = int8_files
+    calls = []  # per call: the shared RPN head runs once per FPN level
+
+    def count(module, inputs, output):
+        calls.append("Conv" if isinstance(module, torch.nn.Conv2d) else "Gemm")
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model([{"image": tensors[0]}])
+    for hook in hooks:
+        hook.remove()
+    convs, linears = calls.count("Conv"), calls.count("Gemm")
+    assert quantization.quantization_summary(float_path)["quantized"] == {}
+    assert report["quantized"] == {"Conv": convs, "Gemm": linears}
+    assert report["float"]["RoiAlign"] == 4 and report["float"]["NonMaxSuppression"] >= 1  # 4 FPN levels pooled
+    assert set(report["float_reasons"]) == set(report["float"])
+    assert export.onnx_metadata(int8_path)[export.PRECISION_KEY] == "int8"
+    assert export.check_onnx_file(int8_path, model)  # keeps the model it came from
+    assert os.path.getsize(int8_path) < 0.4 * os.path.getsize(float_path)
+
+
+def test_int8_detections_follow_the_float_ones(int8_files, tensors):
+    float_path, int8_path, report = int8_files
+    float_session, int8_session = export.load_onnx(float_path), export.load_onnx(int8_path)
+    for t in tensors:
+        reference, quantized = export.run_onnx(float_session, t), export.run_onnx(int8_session, t)
+        assert len(quantized["scores"]) > 0
+        # every image: most of the float model's detections found again, same class, IoU >= 0.5
+        assert runtimes.detection_agreement(reference, quantized, min_score=0.0) >= 0.5
+    assert len(report["agreement_per_image"]) == len(tensors)
+
+
+def test_quantizing_an_int8_file_again_is_refused(int8_files, tensors, tmp_path):
+    with pytest.raises(UserInputError, match="already quantized"):
+        quantization.quantize_onnx_int8(int8_files[1], str(tmp_path / "again.onnx"), tensors)
+
+
+def test_detection_agreement_counts_same_class_overlaps_once():
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    reference = {"boxes": boxes, "scores": np.array([0.9, 0.8], np.float32), "classes": np.array([1, 2])}
+    assert runtimes.detection_agreement(reference, reference) == 1.0
+    moved = dict(reference, boxes=boxes + np.array([[0, 0, 0, 0], [8, 8, 8, 8]], np.float32))
+    assert runtimes.detection_agreement(reference, moved) == 0.5  # the second box overlaps by IoU 4/196
+    other_class = dict(reference, classes=np.array([1, 3]))
+    assert runtimes.detection_agreement(reference, other_class) == 0.5
+    doubled = {"boxes": boxes[:1].repeat(2, 0), "scores": np.array([0.9, 0.9], np.float32), "classes": np.array([1, 1])}
+    assert runtimes.detection_agreement(doubled, {k: v[:1] for k, v in doubled.items()}) == 0.5  # one match each
+    weak = dict(reference, scores=np.array([0.3, 0.2], np.float32))
+    assert runtimes.detection_agreement(weak, {k: v[:0] for k, v in reference.items()}) == 1.0  # nothing to find
+
+
+@pytest.mark.parametrize("name", ["torchscript", "onnxruntime"])
+def test_runtime_detects_as_the_eager_model_in_the_original_image_size(model, tmp_path, name):
+    image = sample_images(2)[1]  # 100x170
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    inputs = [{"image": tensor, "height": 200, "width": 340}]  # mapped at half the original size
+    deployed = runtimes.build_runtime(name, model, tiny_cfg(), runtimes.RuntimeSettings(str(tmp_path), tensor.float()))
+    assert deployed.runtime_info["runtime"] == name and os.path.isfile(deployed.runtime_info["files"][0])
+    with torch.no_grad():
+        expected = model(inputs)[0]["instances"]
+        got = deployed(inputs)[0]["instances"]
+    assert got.image_size == (200, 340) and len(got) == len(expected) > 0
+    assert torch.equal(got.pred_classes, expected.pred_classes)
+    assert torch.allclose(got.pred_boxes.tensor, expected.pred_boxes.tensor, atol=2e-2)
+    assert torch.allclose(got.scores, expected.scores, atol=1e-3)
+    with pytest.raises(UserInputError, match="unknown runtime 'tensorrt'"):
+        runtimes.build_runtime("tensorrt", model, tiny_cfg(), runtimes.RuntimeSettings(str(tmp_path), tensor.float()))

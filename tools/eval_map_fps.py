@@ -10,13 +10,18 @@ Examples::
         --device cuda --fp16 --runs 50 --output output/map_fps_gpu
     python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN --skip-eval --input-size 512x512 \\
         --threads 1 --output output/speed_only
+    # the same models in ONNX Runtime, float and int8 (calibrated on 32 training images)
+    python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN --run-dir output/synth_pruned --threads 2 \
+        --runtime pytorch onnxruntime onnxruntime_int8 --output output/map_fps_runtimes
     # the test-time knobs in the same trade-off: every combination is a point of the plots
     python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN_pgp --output output/knobs \\
         --sweep MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 --sweep INPUT.MIN_SIZE_TEST=256,192
 
 For each model: mAP (VOC: AP50 11-point headline and AP; COCO: AP headline and AP50), batch-1
 latency (median / p90 ms, FPS) on a fixed-size input and over the first N dataset images,
-per-stage latency, GFLOPs at the fixed size, parameters and checkpoint size. Writes
+per-stage latency, GFLOPs at the fixed size, parameters and checkpoint size; with ``--runtime``,
+for each model in each runtime (PyTorch eager, TorchScript, ONNX Runtime float or int8: see
+``pgp_det/benchmark/runtimes.py``), the exported files in ``<output>/exports/<label>/``. Writes
 results.csv, results.json, results.md, map_vs_fps.png and map_vs_gflops.png into --output.
 With ``--sweep KEY=V1,V2`` each model is measured at every point of the grid (label
 ``model[KEY=V,...]``); the rows on the Pareto front of mAP against FPS are marked ``pareto``.
@@ -51,6 +56,7 @@ from pgp_det.benchmark.measure import (  # noqa: E402
     expand_sweeps,
     mark_pareto_front,
     parse_model_spec,
+    parse_onnx_files,
     parse_sweeps,
     prepare_model,
     run_dir_spec,
@@ -88,6 +94,9 @@ def check_args(args) -> List[ModelSpec]:
         if spec.weights is not None and not os.path.isfile(spec.weights):
             raise UserInputError(f"model '{spec.label}': weights file '{spec.weights}' does not exist")
     check_measurement_options(args)
+    unknown = sorted(set(parse_onnx_files(args.onnx)) - set(labels))
+    if unknown:
+        raise UserInputError(f"--onnx names {', '.join(unknown)}, not a model's label; the labels are: {', '.join(labels)}")
     if args.reference and args.reference not in labels:
         raise UserInputError(f"--reference '{args.reference}' is not a model's label; the labels are: {', '.join(labels)}")
     return specs
@@ -110,9 +119,10 @@ def run(args, argv=None) -> int:
         output.start_writing()
         rows, details = [], {}
         for model in prepared:
-            row, extra = benchmark_model(model, args, args.output, reference)
-            rows.append(row)
-            details[model.spec.label] = extra
+            for runtime in args.runtime:
+                row, extra = benchmark_model(model, args, args.output, reference, runtime)
+                rows.append(row)
+                details[row["label"]] = extra
         mark_pareto_front(rows)
         settings = {k: v for k, v in vars(args).items() if k != "output"}
         command = ["python", "tools/eval_map_fps.py", *(sys.argv[1:] if argv is None else argv)]

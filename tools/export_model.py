@@ -17,6 +17,13 @@ same tensors and are compared (max abs difference of boxes in pixels and of scor
 equal), and the export's latency is timed on the first. Writes model.ts / model.onnx and
 export_report.json into --output.
 
+With ``--int8`` the ONNX export is also quantized to int8 (``model_int8.onnx``, QDQ; see
+``pgp_det/quantization.py`` for what is quantized and what stays float), calibrated on the first
+``--calibration-images`` images of the config's ``DATASETS.TRAIN[0]`` (or of
+``--calibration-dir``), and checked against the float export: the share of the float model's
+detections (score >= 0.5) the int8 one finds, same class and IoU >= 0.5, must reach
+``--int8-min-agreement``. The report lists the operators quantized and those left float.
+
 Exit codes: 0 all checks pass, 1 an export failed or differs from PyTorch, 2 bad input.
 """
 import argparse
@@ -29,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import pgp_det  # noqa: E402,F401  (first: it quiets detectron2's import-time deprecation warning)
 
 
-from pgp_det import export  # noqa: E402
-from pgp_det.benchmark import time_callable  # noqa: E402
+from pgp_det import export, quantization  # noqa: E402
+from pgp_det.benchmark import runtimes, time_callable  # noqa: E402
 from pgp_det.checkpoint import load_model  # noqa: E402
 from pgp_det.benchmark.report import write_json  # noqa: E402
 from pgp_det.benchmark.timing import environment_info  # noqa: E402
@@ -65,6 +72,13 @@ def argument_parser():
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
     parser.add_argument("--box-atol", type=float, default=1e-2, help="allowed box difference, pixels")
     parser.add_argument("--score-atol", type=float, default=1e-3, help="allowed score difference")
+    parser.add_argument("--int8", action="store_true", help="also write model_int8.onnx, quantized and checked")
+    parser.add_argument("--calibration-images", type=int, default=32, metavar="N",
+                        help="int8: calibrate on the first N images of DATASETS.TRAIN[0] (or of --calibration-dir)")
+    parser.add_argument("--calibration-dir", default="", metavar="DIR", help="int8: calibrate on this folder's images")
+    parser.add_argument("--calibration-method", default="minmax", choices=quantization.CALIBRATION_METHODS)
+    parser.add_argument("--int8-min-agreement", type=float, default=0.9,
+                        help="int8: least mean share of the float export's detections the int8 one must find")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     add_dataset_arguments(parser)
@@ -83,10 +97,16 @@ def run(args, argv=None) -> int:
         for option, tolerance in (("--box-atol", args.box_atol), ("--score-atol", args.score_atol)):
             if not tolerance >= 0:  # also refuses nan
                 raise UserInputError(f"{option} {tolerance}: a tolerance is a number >= 0")
+        if args.int8 and "onnx" not in args.format:
+            raise UserInputError("--int8 quantizes the ONNX export: add onnx to --format")
+        if not 0 <= args.int8_min_agreement <= 1:
+            raise UserInputError(f"--int8-min-agreement {args.int8_min_agreement}: a share between 0 and 1")
         size = parse_input_size(args.input_size) if args.input_size else None
         output = claim_output_dir(args.output, "--output")
         cfg = build_cfg(args)
         images = export.check_images(cfg, args.sample_image, args.dataset, args.num_images)
+        args.calibration = quantization.calibration_images(cfg, args.calibration_images, args.calibration_dir) \
+            if args.int8 else []
         model = load_model(cfg, args.weights, trusted=args.trust_weights)
         output.start_writing()
     except UserInputError:
@@ -117,7 +137,7 @@ def export_and_check(cfg, args, argv, model, images, size) -> int:
         path = os.path.join(args.output, FILE_NAMES[fmt])
         print(f"[{fmt}] exporting to {path}", flush=True)
         try:
-            result = export.export_and_compare(fmt, model, tensors, reference, path, opset=args.opset,
+            result = runtimes.export_and_compare(fmt, model, tensors, reference, path, opset=args.opset,
                                                box_atol=args.box_atol, score_atol=args.score_atol,
                                                warmup=args.warmup, runs=args.runs)
         except Exception as e:  # report the failing path and carry on with the other format
@@ -133,6 +153,18 @@ def export_and_check(cfg, args, argv, model, images, size) -> int:
             )
         results[fmt] = result
         all_ok &= result["ok"]
+    if args.int8 and "error" not in results["onnx"]:
+        path = os.path.join(args.output, "model_int8.onnx")
+        print(f"[int8] calibrating on {len(args.calibration)} image(s) ({args.calibration_method}), writing {path}",
+              flush=True)
+        int8 = runtimes.quantize_and_check(
+            results["onnx"]["path"], path, [export.to_model_input(cfg, image) for _, image in args.calibration], tensors,
+            args.calibration_method, args.int8_min_agreement, warmup=args.warmup, runs=args.runs)
+        print(f"[int8] {'OK' if int8['ok'] else 'MISMATCH'}: finds {int8['agreement']:.1%} of the float export's "
+              f"detections; quantized {int8['quantized']}, float {int8['float']}; "
+              f"median {int8['latency_ms']['median']:.1f} ms", flush=True)
+        results["onnx_int8"] = int8
+        all_ok &= int8["ok"]
 
     write_json(
         {
@@ -141,7 +173,7 @@ def export_and_check(cfg, args, argv, model, images, size) -> int:
             "pytorch_latency_ms": eager.to_dict(),
             "exports": results,
             "environment": environment_info("cpu"),
-            "settings": {k: v for k, v in vars(args).items()},
+            "settings": {k: v for k, v in vars(args).items() if k != "calibration"},
             "command": " ".join(["python", "tools/export_model.py", *(sys.argv[1:] if argv is None else argv)]),
         },
         os.path.join(args.output, "export_report.json"),

@@ -6,7 +6,12 @@ and every figure of one model (:func:`benchmark_model`: mAP, latency, FLOPs, siz
 
 ``settings`` arguments are the tool's parsed options: any object with the attributes
 ``opts``, ``register_voc``, ``register_coco``, ``device``, ``dataset``, ``skip_eval``,
-``dataset_images``, ``input_size``, ``fp16``, ``warmup``, ``runs`` and ``trust_weights``.
+``dataset_images``, ``input_size``, ``fp16``, ``warmup``, ``runs``, ``trust_weights``,
+``runtime``, ``calibration_images``, ``calibration_dir``, ``calibration_method`` and ``onnx``.
+
+Every model is measured in each runtime of ``--runtime`` (:mod:`.runtimes`): the same mAP path
+(the test loader's resize, detectron2's box scaling) and the same timing loops, one row per
+(model, runtime); the exported files go to ``<output>/exports/<label>/``.
 """
 import argparse
 import dataclasses
@@ -22,18 +27,21 @@ from detectron2.data import build_detection_test_loader
 from detectron2.data.detection_utils import read_image
 from detectron2.evaluation import inference_on_dataset
 
+from .. import export
 from ..checkpoint import load_model
 from ..modeling.fold_norms import fold_norms
 from ..config import load_config
 from ..data import add_dataset_arguments, check_dataset_available, check_num_classes, register_custom_datasets
 from ..errors import UserInputError
 from ..evaluation import build_evaluator
+from ..quantization import CALIBRATION_METHODS, calibration_images
 from ..utils.cli import add_keep_freed_memory_argument, add_trust_argument, parse_input_size
 from .flops import FAMILIES, count_flops
 from .report import pareto_front
+from .runtimes import RuntimeSettings, build_runtime, runtime_names
 from .timing import (
-    STAGES, TimingStats, measure_detector_latency, precision_context, synthetic_image, time_dataset_images,
-    time_dataset_images_in_turn,
+    STAGES, TimingStats, image_to_input, measure_detector_latency, precision_context, synthetic_image, time_callable,
+    time_dataset_images, time_dataset_images_in_turn,
 )
 
 __all__ = [
@@ -72,6 +80,17 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold-norms", action="store_true",
                         help="fold frozen/eval batch norms into their convolutions first, as a runtime does "
                              "(pgp_det.modeling.fold_norms)")
+    parser.add_argument("--runtime", nargs="+", default=["pytorch"], choices=runtime_names(), metavar="RUNTIME",
+                        help="measure every model in each of these runtimes, one row each: "
+                             + ", ".join(runtime_names()) + " (default: pytorch, i.e. eager)")
+    parser.add_argument("--onnx", action="append", default=[], metavar="LABEL=PATH",
+                        help="run this float ONNX file, exported from model LABEL, in the onnxruntime runtimes "
+                             "instead of exporting the model (checked to be that model's)")
+    parser.add_argument("--calibration-images", type=int, default=32, metavar="N",
+                        help="onnxruntime_int8: calibrate on the first N images of each config's DATASETS.TRAIN[0]")
+    parser.add_argument("--calibration-dir", default="", metavar="DIR",
+                        help="onnxruntime_int8: calibrate on this folder's images instead")
+    parser.add_argument("--calibration-method", default="minmax", choices=CALIBRATION_METHODS)
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="measure every model at each value of a test-time config key (repeatable: all "
                              "combinations), e.g. MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 or INPUT.MIN_SIZE_TEST=256,192; "
@@ -99,6 +118,20 @@ def check_measurement_options(args) -> None:
     """Reject the options of :func:`add_measurement_arguments` that are bad whatever the models
     (one line each)."""
     check_device_options(args.device, args.fp16)
+    exported = [r for r in args.runtime if r != "pytorch"]
+    if exported and (args.device != "cpu" or args.fp16):
+        raise UserInputError(f"--runtime {' '.join(exported)} is measured on the CPU in fp32 here: drop --device cuda "
+                             "and --fp16, or measure those runtimes in a run of their own")
+    if len(set(args.runtime)) != len(args.runtime):
+        raise UserInputError(f"--runtime names a runtime twice: {' '.join(args.runtime)}")
+    onnx_files = parse_onnx_files(args.onnx)
+    if onnx_files and not any(r.startswith("onnxruntime") for r in args.runtime):
+        raise UserInputError("--onnx gives a file to the onnxruntime runtimes: add onnxruntime to --runtime")
+    if onnx_files and args.sweep:
+        raise UserInputError("--onnx and --sweep: a --sweep point changes test-time settings the ONNX graph holds; "
+                             "let each point be exported (drop --onnx)")
+    if "onnxruntime_int8" in args.runtime and args.calibration_images < 1:
+        raise UserInputError(f"--calibration-images {args.calibration_images}: calibrate on at least 1 image")
     if args.input_size:
         parse_input_size(args.input_size)
     if args.runs < 1 or args.warmup < 0 or args.dataset_images < 0 or args.threads < 0:
@@ -137,6 +170,20 @@ def check_eval_arguments(argv: List[str], config_path: str, labels: List[str], o
             _check_timing_size(build_cfg(point, args), args, point.label)
     except UserInputError as e:
         raise UserInputError(f"--eval-args: {e}") from None
+
+
+def parse_onnx_files(texts: List[str]) -> Dict[str, str]:
+    """``["LABEL=PATH", ...]`` -> ``{LABEL: PATH}`` (the files are checked against their models
+    when those are loaded, :func:`prepare_model`)."""
+    files = {}
+    for text in texts:
+        label, sep, path = text.partition("=")
+        if not sep or not label or not path:
+            raise UserInputError(f"--onnx '{text}': expected LABEL=PATH, e.g. pruned=export/pruned/model.onnx")
+        if label in files:
+            raise UserInputError(f"--onnx gives model '{label}' two files")
+        files[label] = path
+    return files
 
 
 def parse_sweeps(texts: List[str]) -> List[Tuple[str, List[str]]]:
@@ -232,6 +279,8 @@ class PreparedModel:
     cfg: object
     model: torch.nn.Module
     dataset: Optional[str]
+    calibration: List[Tuple[str, np.ndarray]] = field(default_factory=list, repr=False)  # (name, BGR image)
+    onnx_file: str = ""  # a float ONNX file checked to be this model's export
     mapped: Dict[Tuple[str, int], list] = field(default_factory=dict, repr=False)
 
     def dataset_inputs(self, dataset: str, count: int, keep: bool = False) -> List[dict]:
@@ -270,60 +319,83 @@ def prepare_model(spec: ModelSpec, args) -> PreparedModel:
             check_num_classes(cfg, [dataset])
     print(f"[{spec.label}] loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}",
           flush=True)
+    calibration = (calibration_images(cfg, args.calibration_images, args.calibration_dir)
+                   if "onnxruntime_int8" in args.runtime else [])
     model = load_model(cfg, spec.weights, trusted=args.trust_weights)
+    onnx_file = parse_onnx_files(args.onnx).get(spec.label, "")
+    if onnx_file:
+        precision = export.check_onnx_file(onnx_file, model, spec.label).get(export.PRECISION_KEY, "fp32")
+        if precision != "fp32":
+            raise UserInputError(f"--onnx '{onnx_file}' is {precision}: give model '{spec.label}''s float export "
+                                 "(the onnxruntime_int8 runtime quantizes it)")
     if args.fold_norms:
         print(f"[{spec.label}] folded the norms of {len(fold_norms(model.eval()))} convolutions", flush=True)
-    return PreparedModel(spec, cfg, model, dataset)
+    return PreparedModel(spec, cfg, model, dataset, calibration, onnx_file)
 
 
 def benchmark_model(prepared: PreparedModel, args, output_dir: str,
-                    reference: Optional[PreparedModel] = None) -> Tuple[dict, dict]:
-    """All figures of one model: (flat row for the tables, details for the JSON).
+                    reference: Optional[PreparedModel] = None, runtime: str = "pytorch") -> Tuple[dict, dict]:
+    """All figures of one model in one runtime: (flat row for the tables, details for the JSON).
 
     ``reference``: a model timed in turn with this one on each dataset image (see
     :func:`~pgp_det.benchmark.timing.time_dataset_images_in_turn`); the row gets ``speedup``, the
     median over the images of the reference's time over this model's, and the reference's own
-    median latency in the same turns."""
-    spec, cfg, model, dataset = prepared.spec, prepared.cfg, prepared.model, prepared.dataset
+    median latency in the same turns. ``runtime``: a name of :mod:`.runtimes`; the exported files
+    are written to ``<output_dir>/exports/<label>/``."""
+    spec, cfg, dataset = prepared.spec, prepared.cfg, prepared.dataset
+    label = spec.label if runtime == "pytorch" else f"{spec.label}@{runtime}"
 
     def progress(message):
-        print(f"[{spec.label}] {message}", flush=True)
+        print(f"[{label}] {message}", flush=True)
 
     needs_dataset = not args.skip_eval or args.dataset_images > 0
     size = parse_input_size(args.input_size) if args.input_size else (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
     dtype = "fp16" if args.fp16 else "fp32"
     weights = spec.weights if spec.weights is not None else cfg.MODEL.WEIGHTS
-    row = {"label": spec.label, "config": spec.config, "weights": weights or "", "dataset": dataset or ""}
+    fixed_image = fixed_size_images(dataset if needs_dataset else None, size)[0]
+    if runtime != "pytorch":
+        progress(f"building the {runtime} runtime")
+    model = build_runtime(runtime, prepared.model, cfg, RuntimeSettings(
+        workdir=os.path.join(output_dir, "exports", spec.label), sample=export.to_model_input(cfg, fixed_image),
+        threads=torch.get_num_threads(), calibration=[export.to_model_input(cfg, im) for _, im in prepared.calibration],
+        calibration_method=args.calibration_method, onnx_file=prepared.onnx_file))
+    info = model.runtime_info
+    row = {"label": label, "runtime": runtime, "runtime_version": info["version"], "runtime_provider": info["provider"],
+           "config": spec.config, "weights": weights or "", "dataset": dataset or ""}
     if spec.overrides:
         row["sweep"] = " ".join(spec.overrides)
-    details = {}
+    details = {"runtime": info}
 
     if not args.skip_eval:
         progress(f"evaluating on {dataset}")
-        bbox = evaluate(cfg, model, dataset, dtype, os.path.join(output_dir, "inference", spec.label))
+        bbox = evaluate(cfg, model, dataset, dtype, os.path.join(output_dir, "inference", label))
         row.update(headline_metrics(bbox, MetadataCatalog.get(dataset).get("evaluator_type", "")))
         details["metrics"] = bbox
         progress(f"{row['map_metric']} = {row['mAP']:.2f}")
 
     # what this figure is (docs/latency.md, "Which latency to hold against a target"): one image
     # stretched to the fixed size, timed back to back, the model's own proposals, per stage
+    # (stages in eager PyTorch only: an exported graph runs as one call)
     progress(f"timing at {size[0]}x{size[1]} ({dtype}, {args.warmup} warm-up + {args.runs} runs back to back on one "
              "image stretched to that size, the model's own proposals)")
-    latency = measure_detector_latency(
-        model, fixed_size_images(dataset if needs_dataset else None, size)[0], args.device, dtype, args.warmup, args.runs
-    )
+    if runtime == "pytorch":
+        latency = measure_detector_latency(model, fixed_image, args.device, dtype, args.warmup, args.runs)
+        whole, stages = latency.whole, latency.stages
+        details["latency"] = latency.to_dict()
+    else:
+        inputs = [image_to_input(fixed_image, cfg.INPUT.FORMAT, torch.device(args.device))]
+        with torch.no_grad():
+            whole, stages = time_callable(lambda: model(inputs), warmup=args.warmup, runs=args.runs), {}
+        details["latency"] = {"whole": whole.to_dict(), "input_size": list(size), "dtype": dtype}
     row.update(
         input_size=f"{size[0]}x{size[1]}",
-        dtype=dtype,
-        latency_median_ms=latency.whole.median,
-        latency_p90_ms=latency.whole.p90,
-        fps=latency.whole.fps,
+        dtype=info.get("precision", dtype),
+        latency_median_ms=whole.median,
+        latency_p90_ms=whole.p90,
+        fps=whole.fps,
     )
-    details["latency"] = latency.to_dict()
-    progress(
-        f"median {latency.whole.median:.1f} ms, p90 {latency.whole.p90:.1f} ms, {latency.whole.fps:.1f} FPS; stages: "
-        + ", ".join(f"{k} {latency.stages[k].median:.1f}" for k in STAGES)
-    )
+    progress(f"median {whole.median:.1f} ms, p90 {whole.p90:.1f} ms, {whole.fps:.1f} FPS"
+             + ("; stages: " + ", ".join(f"{k} {stages[k].median:.1f}" for k in STAGES) if stages else ""))
 
     if args.dataset_images > 0:
         inputs = prepared.dataset_inputs(dataset, args.dataset_images, keep=prepared is reference)
@@ -349,16 +421,18 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
         details["dataset_latency"] = stats.to_dict()
         progress(f"dataset images: median {stats.median:.1f} ms, p90 {stats.p90:.1f} ms, {stats.fps:.1f} FPS")
 
-    for name in STAGES:
-        row[f"stage_{name}_ms"] = latency.stages[name].median
+    for name in stages:
+        row[f"stage_{name}_ms"] = stages[name].median
 
     progress("counting FLOPs")
-    flops = count_flops(model, *size)
+    flops = count_flops(prepared.model, *size)
     row["gflops"] = flops["gflops"]
     row.update({f"gflops_{k}": flops["gflops_per_family"].get(k, 0.0) for k in FAMILIES})
     row["params_M"] = flops["params"] / 1e6
     row.update({f"params_{k}_M": flops["params_per_family"].get(k, 0) / 1e6 for k in FAMILIES})
     row["checkpoint_mb"] = os.path.getsize(weights) / 1e6 if weights and os.path.isfile(weights) else None
+    if info["files"]:
+        row["model_file_mb"] = os.path.getsize(info["files"][0]) / 1e6
     details["flops"] = flops
     progress(f"{flops['gflops']:.2f} GFLOPs, {flops['params'] / 1e6:.2f} M parameters")
     return row, details

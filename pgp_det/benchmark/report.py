@@ -38,7 +38,10 @@ __all__ = [
 
 # Known columns, in report order, with units. Rows may carry more (appended after these).
 COLUMN_DOCS = {
-    "label": "model name",
+    "label": "model name (with @runtime for a runtime other than pytorch)",
+    "runtime": "what runs the model: pytorch (eager), torchscript, onnxruntime, onnxruntime_int8",
+    "runtime_version": "the runtime's version",
+    "runtime_provider": "the runtime's execution provider",
     "sweep": "test-time overrides of this point (eval_map_fps --sweep)",
     "pareto": "yes: no other row has both higher mAP and higher FPS",
     "config": "config file",
@@ -50,7 +53,7 @@ COLUMN_DOCS = {
     "AP50": "AP at IoU 0.5, percent (VOC: 11-point)",
     "AP75": "AP at IoU 0.75, percent",
     "input_size": "fixed timing input, HxW pixels",
-    "dtype": "fp32 or fp16",
+    "dtype": "fp32, fp16, or int8 (onnxruntime_int8: convolutions and linear layers)",
     "latency_median_ms": "batch-1 latency at the fixed size, median, ms",
     "latency_p90_ms": "batch-1 latency at the fixed size, 90th percentile, ms",
     "fps": "1000 / latency_median_ms",
@@ -77,10 +80,12 @@ COLUMN_DOCS = {
     "params_rpn_M": "RPN parameters, millions",
     "params_roi_heads_M": "ROI heads parameters, millions",
     "checkpoint_mb": "checkpoint file size, MB (10^6 bytes)",
+    "model_file_mb": "size of the file the runtime runs (the exported graph), MB (10^6 bytes)",
 }
 
 _MARKDOWN_COLUMNS = (
     "label",
+    "runtime",
     "pareto",
     "mAP",
     "AP",
@@ -94,6 +99,7 @@ _MARKDOWN_COLUMNS = (
     "gflops",
     "params_M",
     "checkpoint_mb",
+    "model_file_mb",
 )
 
 
