@@ -207,6 +207,45 @@ def test_resume_mid_interval_ends_with_the_same_kept_channels(tmp_path, allocati
         assert (p.detach() - final[name]).abs().max() <= 1e-5, name
 
 
+def test_resume_while_adapting_ends_with_the_same_kept_channels(tmp_path):
+    """PGP during domain adaptation (source and unlabelled target images in every batch, the
+    adaptation losses' gradients in the criterion): a run stopped right after the checkpoint of
+    iteration 10 and resumed takes every step's decision as the uninterrupted run does (the same
+    removed and zeroed indices) and ends with the same weights, domain classifiers included."""
+    from pgp_det.data import register_custom_datasets
+    from pgp_det.data.domains import build_domain_adaptive_train_loader
+
+    def config(out):
+        cfg = get_pgp_cfg()
+        cfg.merge_from_file(os.path.join(ROOT, "configs", "synthetic", "da_pgp_faster_rcnn_R_18_FPN_synth_fog.yaml"))
+        cfg.merge_from_list(TINY + ["SOLVER.MAX_ITER", "16", "SOLVER.CHECKPOINT_PERIOD", "10",
+                                    "PRUNING.SCOPES", "('backbone', 'fpn', 'rpn', 'roi_heads')",
+                                    "PRUNING.ALLOCATION.NAME", "global", "DOMAIN_ADAPTATION.TARGET_IMS_PER_BATCH", "2",
+                                    "OUTPUT_DIR", str(out)])
+        register_custom_datasets(cfg)
+        return cfg
+
+    cfg = config(tmp_path / "whole")
+    stream = iter(build_domain_adaptive_train_loader(cfg))
+    batches = [next(stream) for _ in range(16)]
+    assert sorted(x["domain"] for x in batches[0]) == [0, 0, 1, 1]
+    whole = _deterministic_run(cfg, batches)
+    _deterministic_run(config(tmp_path / "resumed"), batches, stop_after=10)
+    assert not (tmp_path / "resumed" / "model_final.pth").exists()
+    resumed = _deterministic_run(config(tmp_path / "resumed"), batches, resume=True)
+    assert resumed.start_iter == 10
+
+    steps = {run: pruning_log(tmp_path / run)["steps"] for run in ("whole", "resumed")}
+    assert [s["iteration"] for s in steps["resumed"]] == [4, 8, 12, 15]
+    for a, b in zip(steps["whole"], steps["resumed"]):
+        assert a["rank_digests"] == b["rank_digests"], a["step"]
+    final = {name: p.detach() for name, p in whole.model.named_parameters()}
+    assert any(name.startswith("domain_classifiers.") for name in final)
+    for name, p in resumed.model.named_parameters():
+        assert p.shape == final[name].shape, name
+        assert (p.detach() - final[name]).abs().max() <= 1e-5, name
+
+
 def test_an_extra_pass_takes_no_batch_from_training(tmp_path):
     """pgp_pass's extra pass (3 batches before each of 2 steps) reads a loader of its own, built
     as the trainer builds its own: training still gets one batch of its stream per iteration, in
