@@ -116,14 +116,20 @@ def torchscript(model, cfg, settings):
         "threads": torch.get_num_threads(), "files": [path]})
 
 
+_EXPORTED = {}  # ONNX path -> fingerprint of the model this process exported there
+
+
 def _float_onnx(model, settings) -> str:
-    """The float ONNX file of ``model``: the one given (checked to be this model's) or a new export
-    (reused when this workdir has one)."""
+    """The float ONNX file of ``model``: the one given (checked to be this model's), else the
+    workdir's ``model.onnx`` when this process exported this model there (the onnxruntime
+    runtime of the same row), else a new export there."""
     if settings.onnx_file:
         return settings.onnx_file
     path = os.path.join(settings.workdir, "model.onnx")
-    if not os.path.isfile(path):
+    fingerprint = export.model_fingerprint(model)
+    if _EXPORTED.get(path) != fingerprint or not os.path.isfile(path):
         export.export_onnx(model, settings.sample, path)
+        _EXPORTED[path] = fingerprint
     return path
 
 
