@@ -234,3 +234,18 @@ def test_runtime_detects_as_the_eager_model_in_the_original_image_size(model, tm
     assert torch.allclose(got.scores, expected.scores, atol=1e-3)
     with pytest.raises(UserInputError, match="unknown runtime 'tensorrt'"):
         runtimes.build_runtime("tensorrt", model, tiny_cfg(), runtimes.RuntimeSettings(str(tmp_path), tensor.float()))
+
+
+@pytest.mark.slow  # inductor compiles for a minute or more on a CPU
+def test_compiled_runtime_detects_as_the_eager_model_at_two_sizes(model, tmp_path):
+    compiled = runtimes.build_runtime("pytorch_compiled", model, tiny_cfg(),
+                                      runtimes.RuntimeSettings(str(tmp_path), torch.zeros(3, 64, 64)))
+    assert compiled is not model and compiled.runtime_info["provider"] == "inductor"
+    for image in sample_images(2):  # 128x160, then 100x170: the second runs the dynamic-shape graph
+        inputs = [{"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}]
+        with torch.no_grad():
+            expected, got = model(inputs)[0]["instances"], compiled(inputs)[0]["instances"]
+        assert len(got) == len(expected) > 0
+        assert torch.equal(got.pred_classes, expected.pred_classes)
+        assert torch.allclose(got.pred_boxes.tensor, expected.pred_boxes.tensor, atol=1e-2)
+        assert torch.allclose(got.scores, expected.scores, atol=1e-3)

@@ -38,7 +38,7 @@ from ..quantization import CALIBRATION_METHODS, calibration_images
 from ..utils.cli import add_keep_freed_memory_argument, add_trust_argument, parse_input_size
 from .flops import FAMILIES, count_flops
 from .report import pareto_front
-from .runtimes import RuntimeSettings, build_runtime, runtime_names
+from .runtimes import IN_PYTORCH, ExportedDetector, RuntimeSettings, build_runtime, runtime_names
 from .timing import (
     STAGES, TimingStats, image_to_input, measure_detector_latency, precision_context, synthetic_image, time_callable,
     time_dataset_images, time_dataset_images_in_turn,
@@ -118,7 +118,7 @@ def check_measurement_options(args) -> None:
     """Reject the options of :func:`add_measurement_arguments` that are bad whatever the models
     (one line each)."""
     check_device_options(args.device, args.fp16)
-    exported = [r for r in args.runtime if r != "pytorch"]
+    exported = [r for r in args.runtime if r not in IN_PYTORCH]
     if exported and (args.device != "cpu" or args.fp16):
         raise UserInputError(f"--runtime {' '.join(exported)} is measured on the CPU in fp32 here: drop --device cuda "
                              "and --fp16, or measure those runtimes in a run of their own")
@@ -375,10 +375,10 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
 
     # what this figure is (docs/latency.md, "Which latency to hold against a target"): one image
     # stretched to the fixed size, timed back to back, the model's own proposals, per stage
-    # (stages in eager PyTorch only: an exported graph runs as one call)
+    # (stages in PyTorch only: an exported graph runs as one call)
     progress(f"timing at {size[0]}x{size[1]} ({dtype}, {args.warmup} warm-up + {args.runs} runs back to back on one "
              "image stretched to that size, the model's own proposals)")
-    if runtime == "pytorch":
+    if not isinstance(model, ExportedDetector):
         latency = measure_detector_latency(model, fixed_image, args.device, dtype, args.warmup, args.runs)
         whole, stages = latency.whole, latency.stages
         details["latency"] = latency.to_dict()

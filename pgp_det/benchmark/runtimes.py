@@ -6,6 +6,7 @@ interface (a list of mapped input dicts -> ``[{"instances": Instances}]`` in eac
 ``height`` x ``width``), so the same evaluator and the same timing loops measure every runtime:
 
 * ``pytorch``: the eager model itself;
+* ``pytorch_compiled``: the eager model with its dense parts compiled by ``torch.compile``;
 * ``torchscript``, ``onnxruntime``, ``onnxruntime_int8``: the exported graph
   (:mod:`pgp_det.export`: normalisation, padding, backbone, RPN, box head and NMS inside; image
   (3, h, w) in, boxes in its pixels out), fed each mapped input's image (resized as at test time
@@ -31,10 +32,11 @@ from ..errors import UserInputError
 from ..quantization import quantize_onnx_int8
 from .timing import time_callable
 
-__all__ = ["RUNTIME_REGISTRY", "RuntimeSettings", "ExportedDetector", "build_runtime", "runtime_names",
+__all__ = ["IN_PYTORCH", "RUNTIME_REGISTRY", "RuntimeSettings", "ExportedDetector", "build_runtime", "runtime_names",
            "detection_agreement", "export_and_compare", "quantize_and_check"]
 
 RUNTIME_REGISTRY = Registry("RUNTIME")
+IN_PYTORCH = ("pytorch", "pytorch_compiled")  # runtimes that run the detectron2 model itself, on any device
 RUNTIME_REGISTRY.__doc__ = """Runtimes by name: ``fn(model, cfg, settings: RuntimeSettings) -> nn.Module`` with
 ``runtime_info`` (see the module docstring)."""
 
@@ -104,6 +106,23 @@ def pytorch(model, cfg, settings):
     model.runtime_info = {"runtime": "pytorch", "version": torch.__version__, "provider": "eager",
                           "threads": torch.get_num_threads(), "files": []}
     return model
+
+
+@RUNTIME_REGISTRY.register()
+def pytorch_compiled(model, cfg, settings):
+    """A copy of the eager model whose dense parts (backbone with FPN, the RPN head's convolutions,
+    the box head's fully connected layers) are ``torch.compile``-d (inductor, shapes dynamic so
+    that every test image size runs the one compiled graph); anchors, proposal selection, ROI
+    pooling and NMS stay eager. Compiling happens on the first calls (the warm-up)."""
+    import copy
+
+    compiled = copy.deepcopy(model).eval()
+    compiled.backbone = torch.compile(compiled.backbone, dynamic=True)
+    compiled.proposal_generator.rpn_head = torch.compile(compiled.proposal_generator.rpn_head, dynamic=True)
+    compiled.roi_heads.box_head = torch.compile(compiled.roi_heads.box_head, dynamic=True)
+    compiled.runtime_info = {"runtime": "pytorch_compiled", "version": torch.__version__, "provider": "inductor",
+                             "threads": torch.get_num_threads(), "files": []}
+    return compiled
 
 
 @RUNTIME_REGISTRY.register()
