@@ -210,6 +210,10 @@ def add_domain_adaptation_config(cfg: CN) -> CN:
         HIDDEN_DIM [256]: hidden width of both domain classifiers.
         INSTANCE_ROIS_PER_IMAGE [64]: proposals per image the instance-level classifier reads.
         REVERSAL_WEIGHT [1.0]: lambda of the gradient reversal layers.
+        REVERSAL_RAMP [0.0]: 0: lambda is REVERSAL_WEIGHT throughout; g > 0: it rises from 0 to
+            REVERSAL_WEIGHT as ``REVERSAL_WEIGHT * (2 / (1 + exp(-g * p)) - 1)`` with ``p`` the share
+            of ``SOLVER.MAX_ITER`` done (Ganin and Lempitsky's schedule, g = 10), so that features
+            form before they are pushed to be domain-invariant.
         IMAGE_WEIGHT [1.0], INSTANCE_WEIGHT [1.0], CONSISTENCY_WEIGHT [1.0]: loss weights.
     """
     cfg.DOMAIN_ADAPTATION = CN()
@@ -220,6 +224,7 @@ def add_domain_adaptation_config(cfg: CN) -> CN:
     cfg.DOMAIN_ADAPTATION.HIDDEN_DIM = 256
     cfg.DOMAIN_ADAPTATION.INSTANCE_ROIS_PER_IMAGE = 64
     cfg.DOMAIN_ADAPTATION.REVERSAL_WEIGHT = 1.0
+    cfg.DOMAIN_ADAPTATION.REVERSAL_RAMP = 0.0
     cfg.DOMAIN_ADAPTATION.IMAGE_WEIGHT = 1.0
     cfg.DOMAIN_ADAPTATION.INSTANCE_WEIGHT = 1.0
     cfg.DOMAIN_ADAPTATION.CONSISTENCY_WEIGHT = 1.0

@@ -141,6 +141,7 @@ def test_target_labels_are_never_read(tmp_path):
     (["DOMAIN_ADAPTATION.IMAGE_WEIGHT", "-1.0"], "DOMAIN_ADAPTATION.IMAGE_WEIGHT -1.0: use a weight >= 0"),
     (["DOMAIN_ADAPTATION.TARGET_DATASETS", "('no_such_set',)"], "dataset 'no_such_set' is not registered"),
     (["DOMAIN_ADAPTATION.IMAGE_IN_FEATURES", "('p9',)"], "IMAGE_IN_FEATURES names ['p9']"),
+    (["DOMAIN_ADAPTATION.REVERSAL_RAMP", "-10.0"], "DOMAIN_ADAPTATION.REVERSAL_RAMP -10.0: use 0"),
 ])
 def test_bad_adaptation_settings_are_one_line_before_anything_is_written(tmp_path, extra, message):
     cfg = da_cfg("OUTPUT_DIR", str(tmp_path / "out"), *extra)
@@ -148,6 +149,33 @@ def test_bad_adaptation_settings_are_one_line_before_anything_is_written(tmp_pat
         check_training_run(cfg, eval_only=False, resume=False)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_reversal_weight_ramp_starts_at_zero_and_rises_to_the_weight():
+    from pgp_det.engine.trainer import reversal_weight_at
+
+    weights = [reversal_weight_at(i, 300, 0.5, 10.0) for i in range(0, 301, 15)]
+    assert weights[0] == 0.0
+    assert all(b > a for a, b in zip(weights, weights[1:]))
+    assert weights[-1] == pytest.approx(0.5, rel=1e-3)
+    assert reversal_weight_at(45, 300, 0.5, 10.0) > 0.25  # half the weight within the first 15% of training
+    assert reversal_weight_at(10 ** 6, 300, 0.5, 10.0) <= 0.5
+
+
+def test_ramp_hook_sets_the_models_reversal_weight_each_step(tmp_path):
+    from types import SimpleNamespace
+
+    from pgp_det.engine.trainer import ReversalWeightRamp, reversal_weight_at
+
+    cfg = da_cfg("DOMAIN_ADAPTATION.REVERSAL_RAMP", "10.0", "SOLVER.MAX_ITER", "300")
+    with EventStorage(30) as storage:  # the hook needs only the trainer's model, iteration and storage
+        trainer = SimpleNamespace(model=build_model(cfg), iter=30, storage=storage)
+        hook = ReversalWeightRamp(cfg.DOMAIN_ADAPTATION.REVERSAL_WEIGHT, 10.0, 300)
+        hook.trainer = trainer
+        hook.before_step()
+        logged = storage.history("da/reversal_weight").latest()
+    assert trainer.model.reversal_weight == pytest.approx(reversal_weight_at(30, 300, 0.1, 10.0)) == logged
+    assert 0 < trainer.model.reversal_weight < cfg.DOMAIN_ADAPTATION.REVERSAL_WEIGHT
 
 
 def test_adaptation_settings_of_the_shipped_configs_are_valid():

@@ -64,6 +64,9 @@ def check_domain_adaptation_config(cfg) -> None:
     for key in ("REVERSAL_WEIGHT", "IMAGE_WEIGHT", "INSTANCE_WEIGHT", "CONSISTENCY_WEIGHT"):
         if not da.get(key) >= 0:
             raise UserInputError(f"DOMAIN_ADAPTATION.{key} {da.get(key)}: use a weight >= 0")
+    if not da.REVERSAL_RAMP >= 0:
+        raise UserInputError(f"DOMAIN_ADAPTATION.REVERSAL_RAMP {da.REVERSAL_RAMP}: use 0 (a constant weight) or a "
+                             "steepness > 0 (10 in Ganin and Lempitsky's schedule)")
     if da.HIDDEN_DIM < 1 or da.INSTANCE_ROIS_PER_IMAGE < 1:
         raise UserInputError("DOMAIN_ADAPTATION.HIDDEN_DIM and INSTANCE_ROIS_PER_IMAGE must be >= 1")
 

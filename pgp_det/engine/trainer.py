@@ -1,14 +1,15 @@
 """A ``DefaultTrainer`` that evaluates by dataset type, checkpoints pruned models, and prunes
 while training when ``PRUNING.ENABLED``."""
+import math
 import weakref
 
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, HookBase
 
 from ..checkpoint import PrunedCheckpointer
 from ..data.domains import build_domain_adaptive_train_loader
 from ..evaluation import build_evaluator
 from ..pruning.hook import PGPHook, iterations_per_epoch
-from ..utils.modules import rewrap_model
+from ..utils.modules import rewrap_model, unwrap_model
 
 
 class Trainer(DefaultTrainer):
@@ -46,6 +47,9 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
+        if self.cfg.DOMAIN_ADAPTATION.ENABLED and self.cfg.DOMAIN_ADAPTATION.REVERSAL_RAMP > 0:
+            hooks.insert(1, ReversalWeightRamp(self.cfg.DOMAIN_ADAPTATION.REVERSAL_WEIGHT,
+                                               self.cfg.DOMAIN_ADAPTATION.REVERSAL_RAMP, self.cfg.SOLVER.MAX_ITER))
         if self.cfg.PRUNING.ENABLED:
             epoch = iterations_per_epoch(self.cfg) if self.cfg.PRUNING.SCHEDULE.UNIT == "epoch" else None
             # after LRScheduler (index 1), before PreciseBN, checkpointing and evaluation
@@ -77,3 +81,24 @@ class Trainer(DefaultTrainer):
         ``TEST.EXPECTED_RESULTS`` is set)."""
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+
+def reversal_weight_at(iteration: int, max_iter: int, weight: float, steepness: float) -> float:
+    """``weight * (2 / (1 + exp(-steepness * p)) - 1)``, ``p = iteration / max_iter``: 0 at the
+    start, close to ``weight`` at the end (Ganin and Lempitsky's schedule, steepness 10)."""
+    progress = min(max(iteration / max(max_iter, 1), 0.0), 1.0)
+    return weight * (2.0 / (1.0 + math.exp(-steepness * progress)) - 1.0)
+
+
+class ReversalWeightRamp(HookBase):
+    """Sets the domain-adaptive model's gradient reversal weight before each step
+    (``DOMAIN_ADAPTATION.REVERSAL_RAMP``, :func:`reversal_weight_at`). It is a function of the
+    iteration alone, so a resumed run continues the ramp where it stopped."""
+
+    def __init__(self, weight: float, steepness: float, max_iter: int):
+        self.weight, self.steepness, self.max_iter = weight, steepness, max_iter
+
+    def before_step(self):
+        weight = reversal_weight_at(self.trainer.iter, self.max_iter, self.weight, self.steepness)
+        unwrap_model(self.trainer.model).reversal_weight = weight
+        self.trainer.storage.put_scalar("da/reversal_weight", weight, smoothing_hint=False)
