@@ -14,7 +14,7 @@ two mismatches it tolerates when loading weights to train from.
 """
 import logging
 import os
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Collection, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -59,6 +59,7 @@ def apply_architecture(
     record: Mapping[str, int],
     optimizer: Optional[torch.optim.Optimizer] = None,
     source: str = "(unnamed)",
+    checkpoint_tensors: Optional[Collection[str]] = None,
 ) -> bool:
     """Shrink ``model`` so that every channel group has the size ``record`` gives it.
 
@@ -73,6 +74,10 @@ def apply_architecture(
         optimizer: holds ``model``'s parameters; edited in place to point at the new (smaller)
             parameters, its per-parameter state sliced alike (see :func:`hard_prune`).
         source: the checkpoint's name, for error messages.
+        checkpoint_tensors: the names of the checkpoint's tensors, when known. A group the record
+            lacks is then accepted, at the size the model was built with, if the checkpoint holds
+            none of its producers' tensors: layers the saved model did not have (the domain
+            classifiers a source-trained detector gets when it starts adapting).
 
     Returns:
         whether the model changed.
@@ -104,12 +109,17 @@ def apply_architecture(
                 f"group {name} has {channels} channels in the checkpoint but {groups[name].size} in the model built "
                 "from the config",
             )
-    missing = [name for name in groups if name not in record]
+    def layers_absent_from_checkpoint(group) -> bool:
+        return checkpoint_tensors is not None and not any(
+            f"{p.module}.{p.tensor}" in checkpoint_tensors for p in group.producers)
+
+    missing = [name for name, group in groups.items() if name not in record and not layers_absent_from_checkpoint(group)]
     if missing:
         raise _different_architecture(
             source, f"channel group {missing[0]} of the model built from the config is not in the checkpoint"
         )
-    removals = {name: range(record[name], group.size) for name, group in groups.items() if record[name] < group.size}
+    removals = {name: range(record[name], group.size) for name, group in groups.items()
+                if name in record and record[name] < group.size}
     if not removals:
         return False
     hard_prune(model, removals, optimizer=optimizer, allow_frozen=True, groups=groups)
@@ -211,7 +221,8 @@ class PrunedCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: dict):
         record = checkpoint.pop(ARCHITECTURE_KEY, None)
         if record is not None:
-            self.architecture_changed = apply_architecture(self.model, record, self._optimizer(), self._source)
+            self.architecture_changed = apply_architecture(self.model, record, self._optimizer(), self._source,
+                                                           checkpoint_tensors=set(checkpoint.get("model", {})))
         incompatible = super()._load_model(checkpoint)
         self._check_incompatible(incompatible, has_record=record is not None)
         return incompatible

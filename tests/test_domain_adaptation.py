@@ -217,3 +217,39 @@ def test_frs_explains_only_the_labelled_images_of_an_adapting_batch():
     assert any(float(s.abs().sum()) > 0 for s in scores[0].values())
     for name in scores[0]:
         assert torch.allclose(scores[0][name], scores[1][name]), name
+
+
+def test_adapting_starts_from_a_pruned_source_trained_detector(tmp_path):
+    """The usual start of adaptation: a detector trained (and pruned) on the source images. Its
+    checkpoint has no domain classifiers; they start at their init, every other tensor loads, and
+    the classifiers' inputs follow the pruned FPN and box head."""
+    from pgp_det.checkpoint import PrunedCheckpointer
+
+    source_cfg = load_config(os.path.join(ROOT, "configs", "synthetic", "faster_rcnn_R_18_FPN_synth.yaml"), SMALL)
+    torch.manual_seed(0)
+    source = build_model(source_cfg)
+    groups = derive_channel_groups(source)
+    fpn_out, box_head = "backbone.fpn.out", "roi_heads.box_head.fc2"  # what the two classifiers read
+    hard_prune(source, {fpn_out: range(40, groups[fpn_out].size), box_head: range(100, groups[box_head].size)})
+    PrunedCheckpointer(source, save_dir=str(tmp_path)).save("source")
+
+    torch.manual_seed(1)
+    adaptive = build_model(da_cfg())
+    initial = {k: v.clone() for k, v in adaptive.domain_classifiers.state_dict().items()}
+    PrunedCheckpointer(adaptive).load(str(tmp_path / "source.pth"))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(adaptive.state_dict()[name], tensor), name
+    classifiers = adaptive.domain_classifiers
+    assert classifiers.image_conv.in_channels == 40 and classifiers.instance_fc.in_features == 100
+    # the classifiers keep their init, on the channels kept
+    assert torch.equal(classifiers.image_conv.weight, initial["image_conv.weight"][:, :40])
+    assert torch.equal(classifiers.instance_fc.weight, initial["instance_fc.weight"][:, :100])
+    for name in ("image_logits.weight", "instance_logits.weight", "image_conv.bias", "instance_fc.bias"):
+        assert torch.equal(classifiers.state_dict()[name], initial[name]), name
+
+    # a checkpoint whose record lacks a group whose layers it holds is still another architecture
+    state = torch.load(tmp_path / "source.pth", map_location="cpu", weights_only=False)
+    del state["pgp_architecture"][box_head]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(UserInputError, match=f"channel group {box_head} of the model built from the config is not in"):
+        PrunedCheckpointer(build_model(da_cfg())).load(str(tmp_path / "broken.pth"))
