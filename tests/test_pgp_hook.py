@@ -167,6 +167,29 @@ def _deterministic_run(cfg, batches, resume=False, stop_after=None):
     return trainer
 
 
+def _assert_resume_decides_as_the_whole_run(config, batches, tmp_path):
+    """Train ``config(tmp_path / "whole")`` on ``batches`` uninterrupted, and
+    ``config(tmp_path / "resumed")`` stopped after the checkpoint of iteration 10 then resumed:
+    every pruning step removes and zeroes the same indices (by their digest) and the final
+    weights agree. Returns the uninterrupted run's trainer."""
+    whole = _deterministic_run(config(tmp_path / "whole"), batches)
+    _deterministic_run(config(tmp_path / "resumed"), batches, stop_after=10)
+    assert (tmp_path / "resumed" / "model_0000009.pth").exists()
+    assert not (tmp_path / "resumed" / "model_final.pth").exists()
+    resumed = _deterministic_run(config(tmp_path / "resumed"), batches, resume=True)
+    assert resumed.start_iter == 10
+
+    steps = {run: pruning_log(tmp_path / run)["steps"] for run in ("whole", "resumed")}
+    assert [s["iteration"] for s in steps["resumed"]] == [4, 8, 12, 15]
+    for a, b in zip(steps["whole"], steps["resumed"]):
+        assert a["rank_digests"] == b["rank_digests"], a["step"]
+    final = {name: p.detach() for name, p in whole.model.named_parameters()}
+    for name, p in resumed.model.named_parameters():
+        assert p.shape == final[name].shape, name
+        assert (p.detach() - final[name]).abs().max() <= 1e-5, name
+    return whole
+
+
 @pytest.mark.parametrize("allocation", ["knapsack", "global"])
 def test_resume_mid_interval_ends_with_the_same_kept_channels(tmp_path, allocation):
     """A score-dependent allocation with the pgp criterion (knapsack: also its loss-change values):
@@ -190,21 +213,7 @@ def test_resume_mid_interval_ends_with_the_same_kept_channels(tmp_path, allocati
     cfg = config(tmp_path / "whole")
     stream = iter(build_detection_train_loader(cfg))
     batches = [next(stream) for _ in range(16)]
-    whole = _deterministic_run(cfg, batches)
-    _deterministic_run(config(tmp_path / "resumed"), batches, stop_after=10)
-    assert (tmp_path / "resumed" / "model_0000009.pth").exists()
-    assert not (tmp_path / "resumed" / "model_final.pth").exists()
-    resumed = _deterministic_run(config(tmp_path / "resumed"), batches, resume=True)
-    assert resumed.start_iter == 10
-
-    steps = {run: pruning_log(tmp_path / run)["steps"] for run in ("whole", "resumed")}
-    assert [s["iteration"] for s in steps["resumed"]] == [4, 8, 12, 15]
-    for a, b in zip(steps["whole"], steps["resumed"]):
-        assert a["rank_digests"] == b["rank_digests"], a["step"]
-    final = {name: p.detach() for name, p in whole.model.named_parameters()}
-    for name, p in resumed.model.named_parameters():
-        assert p.shape == final[name].shape, name
-        assert (p.detach() - final[name]).abs().max() <= 1e-5, name
+    _assert_resume_decides_as_the_whole_run(config, batches, tmp_path)
 
 
 def test_resume_while_adapting_ends_with_the_same_kept_channels(tmp_path):
@@ -229,21 +238,8 @@ def test_resume_while_adapting_ends_with_the_same_kept_channels(tmp_path):
     stream = iter(build_domain_adaptive_train_loader(cfg))
     batches = [next(stream) for _ in range(16)]
     assert sorted(x["domain"] for x in batches[0]) == [0, 0, 1, 1]
-    whole = _deterministic_run(cfg, batches)
-    _deterministic_run(config(tmp_path / "resumed"), batches, stop_after=10)
-    assert not (tmp_path / "resumed" / "model_final.pth").exists()
-    resumed = _deterministic_run(config(tmp_path / "resumed"), batches, resume=True)
-    assert resumed.start_iter == 10
-
-    steps = {run: pruning_log(tmp_path / run)["steps"] for run in ("whole", "resumed")}
-    assert [s["iteration"] for s in steps["resumed"]] == [4, 8, 12, 15]
-    for a, b in zip(steps["whole"], steps["resumed"]):
-        assert a["rank_digests"] == b["rank_digests"], a["step"]
-    final = {name: p.detach() for name, p in whole.model.named_parameters()}
-    assert any(name.startswith("domain_classifiers.") for name in final)
-    for name, p in resumed.model.named_parameters():
-        assert p.shape == final[name].shape, name
-        assert (p.detach() - final[name]).abs().max() <= 1e-5, name
+    whole = _assert_resume_decides_as_the_whole_run(config, batches, tmp_path)
+    assert any(name.startswith("domain_classifiers.") for name, _ in whole.model.named_parameters())
 
 
 def test_an_extra_pass_takes_no_batch_from_training(tmp_path):

@@ -279,7 +279,7 @@ class PreparedModel:
     cfg: object
     model: torch.nn.Module
     dataset: Optional[str]
-    calibration: List[Tuple[str, np.ndarray]] = field(default_factory=list, repr=False)  # (name, BGR image)
+    calibration: List[torch.Tensor] = field(default_factory=list, repr=False)  # (3, H, W) int8 calibration inputs
     onnx_file: str = ""  # a float ONNX file checked to be this model's export
     mapped: Dict[Tuple[str, int], list] = field(default_factory=dict, repr=False)
 
@@ -319,7 +319,8 @@ def prepare_model(spec: ModelSpec, args) -> PreparedModel:
             check_num_classes(cfg, [dataset])
     print(f"[{spec.label}] loading {spec.config} weights={spec.weights or cfg.MODEL.WEIGHTS or '(random init)'}",
           flush=True)
-    calibration = (calibration_images(cfg, args.calibration_images, args.calibration_dir)
+    calibration = ([export.to_model_input(cfg, image)
+                    for _, image in calibration_images(cfg, args.calibration_images, args.calibration_dir)]
                    if "onnxruntime_int8" in args.runtime else [])
     model = load_model(cfg, spec.weights, trusted=args.trust_weights)
     onnx_file = parse_onnx_files(args.onnx).get(spec.label, "")
@@ -357,7 +358,7 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
         progress(f"building the {runtime} runtime")
     model = build_runtime(runtime, prepared.model, cfg, RuntimeSettings(
         workdir=os.path.join(output_dir, "exports", spec.label), sample=export.to_model_input(cfg, fixed_image),
-        threads=torch.get_num_threads(), calibration=[export.to_model_input(cfg, im) for _, im in prepared.calibration],
+        threads=torch.get_num_threads(), calibration=prepared.calibration,
         calibration_method=args.calibration_method, onnx_file=prepared.onnx_file))
     info = model.runtime_info
     row = {"label": label, "runtime": runtime, "runtime_version": info["version"], "runtime_provider": info["provider"],
