@@ -56,6 +56,7 @@ from .utils.modules import TensorDetector
 __all__ = [
     "check_images",
     "check_onnx_file",
+    "read_user_image",
     "model_fingerprint",
     "onnx_metadata",
     "write_onnx_metadata",
@@ -304,6 +305,18 @@ def compare_detections(
     return result
 
 
+def read_user_image(path: str, what: str, fix: str) -> np.ndarray:
+    """The (H, W, 3) uint8 BGR image at ``path``, a file a user named.
+
+    Raises:
+        UserInputError: ``"<what> '<path>' is not an image PIL can read (...); <fix>"``.
+    """
+    try:
+        return read_image(path, format="BGR")
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+        raise UserInputError(f"{what} '{path}' is not an image PIL can read ({type(e).__name__}); {fix}") from None
+
+
 def check_images(cfg, sample_image: str = "", dataset: str = "", num_images: int = 4) -> list:
     """``[(name, (H, W, 3) uint8 BGR image)]`` to trace with (the first) and to check: the file
     ``sample_image``, else the first ``num_images`` images of ``dataset``.
@@ -314,13 +327,7 @@ def check_images(cfg, sample_image: str = "", dataset: str = "", num_images: int
     if sample_image:
         if not os.path.isfile(sample_image):
             raise UserInputError(f"--sample-image '{sample_image}' does not exist")
-        try:
-            image = read_image(sample_image, format="BGR")
-        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
-            raise UserInputError(
-                f"--sample-image '{sample_image}' is not an image PIL can read ({type(e).__name__}); "
-                "give a JPEG or PNG file") from None
-        return [(sample_image, image)]
+        return [(sample_image, read_user_image(sample_image, "--sample-image", "give a JPEG or PNG file"))]
     register_custom_datasets(cfg)
     check_dataset_available(dataset)
     dicts = DatasetCatalog.get(dataset)[:num_images]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import UserInputError
-from .export import FINGERPRINT_KEY, PRECISION_KEY, onnx_metadata, write_onnx_metadata
+from .export import FINGERPRINT_KEY, PRECISION_KEY, onnx_metadata, read_user_image, write_onnx_metadata
 from .utils.io import atomic_write
 
 __all__ = ["QUANTIZED_OP_TYPES", "CALIBRATION_METHODS", "calibration_images", "quantize_onnx_int8",
@@ -57,7 +57,6 @@ def calibration_images(cfg, count: int, image_dir: str = "", dataset: str = "") 
             is not an image, or the dataset is unavailable or empty.
     """
     from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
 
     from .data import check_dataset_available, register_custom_datasets
 
@@ -79,14 +78,8 @@ def calibration_images(cfg, count: int, image_dir: str = "", dataset: str = "") 
         paths = [d["file_name"] for d in DatasetCatalog.get(dataset)[:count]]
         if not paths:
             raise UserInputError(f"calibration dataset '{dataset}' has no images")
-    images = []
-    for path in paths:
-        try:
-            images.append((path, read_image(path, format="BGR")))
-        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
-            raise UserInputError(f"calibration image '{path}' is not an image PIL can read ({type(e).__name__}); "
-                                 "remove it or give another --calibration-dir") from None
-    return images
+    return [(path, read_user_image(path, "calibration image", "remove it or give another --calibration-dir"))
+            for path in paths]
 
 
 def quantization_summary(path: str) -> Dict[str, Dict[str, int]]:
