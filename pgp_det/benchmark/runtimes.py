@@ -89,7 +89,9 @@ class ExportedDetector(nn.Module):
     def forward(self, batched_inputs: List[dict]) -> List[dict]:
         results = []
         for x in batched_inputs:
-            image = x["image"].float()
+            # converted in numpy: a torch op here would leave torch's OpenMP workers spinning on the
+            # cores the runtime's threads are about to use (measured: +4-7 ms a call, 256x256, 2 threads)
+            image = torch.from_numpy(x["image"].cpu().numpy().astype(np.float32))
             h, w = image.shape[1:]
             out = self._run(image)
             instances = Instances((h, w))
