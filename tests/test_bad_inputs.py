@@ -559,12 +559,17 @@ def test_argument_parser_errors_are_one_line():
         ("eval_map_fps.py", ["--runtime", "onnxruntime", "--onnx", "m={notonnx}"], "is not an ONNX model"),
         ("eval_map_fps.py", ["--runtime", "onnxruntime", "--onnx", "other={notonnx}"], "--onnx names other, not a model's label"),
         ("eval_map_fps.py", ["--runtime", "onnxruntime", "onnxruntime"], "--runtime names a runtime twice"),
+        ("eval_map_fps.py", ["--runtime", "pytorch_cudagraphs"],
+         "--runtime pytorch_cudagraphs captures CUDA graphs: add --device cuda"),
+        ("eval_map_fps.py", ["--runtime", "pytorch", "onnxruntime", "--batch-size", "8"],
+         "--batch-size 8: the exported graphs of --runtime onnxruntime take one image"),
+        ("eval_map_fps.py", ["--batch-size", "0"], "--batch-size 0: time at least 1 image per call"),
         ("export_model.py", ["--int8", "--format", "torchscript"], "--int8 quantizes the ONNX export: add onnx to --format"),
         ("export_model.py", ["--int8", "--calibration-dir", "{texts}"], "is not an image PIL can read"),
         ("export_model.py", ["--int8", "--calibration-images", "0"], "--calibration-images 0: calibrate on at least 1 image"),
     ],
     ids=["unknown-runtime", "no-calibration-folder", "calibration-file-not-an-image", "onnx-file-not-onnx",
-         "onnx-for-unknown-label", "runtime-twice", "int8-without-onnx", "export-calibration-not-image",
+         "onnx-for-unknown-label", "runtime-twice", "cudagraphs-on-cpu", "batch-in-exported-graph", "batch-zero", "int8-without-onnx", "export-calibration-not-image",
          "export-no-calibration-images"],
 )
 def test_runtime_and_int8_bad_inputs_are_one_line_and_write_nothing(files, tmp_path, tool, args, message):

@@ -176,6 +176,19 @@ def test_detector_latency_whole_and_stages():
     assert latency.input_size == (128, 160)
 
 
+def test_detector_latency_times_calls_of_batch_size_images():
+    model = build_model(tiny_cfg()).eval()
+    seen = []
+    handle = model.backbone.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        latency = measure_detector_latency(model, (96, 128), "cpu", warmup=1, runs=2, batch_size=3)
+    finally:
+        handle.remove()
+    assert seen and all(shape[0] == 3 for shape in seen)  # every call, whole or staged, ran the three images
+    assert latency.batch_size == 3 and latency.to_dict()["batch_size"] == 3
+    assert latency.input_size == (96, 128)
+
+
 def test_detector_latency_bad_dtype():
     model = build_model(tiny_cfg()).eval()
     with pytest.raises(ValueError, match="CUDA"):
@@ -268,6 +281,7 @@ def test_eval_map_fps_end_to_end(tiny_voc, tiny_models, tmp_path, capsys):
     assert float(rows["wide"]["checkpoint_mb"]) == pytest.approx(os.path.getsize(wide_weights) / 1e6)
     for r in rows.values():
         assert float(r["latency_median_ms"]) <= float(r["latency_p90_ms"])
+        assert int(r["batch_size"]) == 1
         assert float(r["fps"]) == pytest.approx(1000 / float(r["latency_median_ms"]))
 
     # mAP equals a direct detectron2 evaluation of the same checkpoint

@@ -6,7 +6,7 @@ and every figure of one model (:func:`benchmark_model`: mAP, latency, FLOPs, siz
 
 ``settings`` arguments are the tool's parsed options: any object with the attributes
 ``opts``, ``register_voc``, ``register_coco``, ``device``, ``dataset``, ``skip_eval``,
-``dataset_images``, ``input_size``, ``fp16``, ``warmup``, ``runs``, ``trust_weights``,
+``dataset_images``, ``input_size``, ``fp16``, ``warmup``, ``runs``, ``batch_size``, ``trust_weights``,
 ``runtime``, ``calibration_images``, ``calibration_dir``, ``calibration_method`` and ``onnx``.
 
 Every model is measured in each runtime of ``--runtime`` (:mod:`.runtimes`): the same mAP path
@@ -38,7 +38,7 @@ from ..quantization import CALIBRATION_METHODS, calibration_images
 from ..utils.cli import add_keep_freed_memory_argument, add_trust_argument, parse_input_size
 from .flops import FAMILIES, count_flops
 from .report import pareto_front
-from .runtimes import IN_PYTORCH, ExportedDetector, RuntimeSettings, build_runtime, runtime_names
+from .runtimes import CUDA_ONLY, IN_PYTORCH, ExportedDetector, RuntimeSettings, build_runtime, runtime_names
 from .timing import (
     STAGES, TimingStats, image_to_input, measure_detector_latency, precision_context, synthetic_image, time_callable,
     time_dataset_images, time_dataset_images_in_turn,
@@ -73,6 +73,10 @@ def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true", help="half precision (CUDA autocast), for mAP and timing")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
     parser.add_argument("--runs", type=int, default=20, help="timed runs at the fixed input size")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N",
+                        help="images per timed call at the fixed size (the fixed image N times; latency is per "
+                             "call, FPS images per second); the dataset images are timed batch 1 (the PyTorch "
+                             "runtimes only: the exported graphs take one image)")
     parser.add_argument("--dataset-images", type=int, default=20, metavar="N",
                         help="time the first N dataset images once each (0: skip)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -122,6 +126,14 @@ def check_measurement_options(args) -> None:
     if exported and (args.device != "cpu" or args.fp16):
         raise UserInputError(f"--runtime {' '.join(exported)} is measured on the CPU in fp32 here: drop --device cuda "
                              "and --fp16, or measure those runtimes in a run of their own")
+    cuda_only = [r for r in args.runtime if r in CUDA_ONLY]
+    if cuda_only and args.device != "cuda":
+        raise UserInputError(f"--runtime {' '.join(cuda_only)} captures CUDA graphs: add --device cuda")
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size {args.batch_size}: time at least 1 image per call")
+    if args.batch_size > 1 and exported:
+        raise UserInputError(f"--batch-size {args.batch_size}: the exported graphs of --runtime {' '.join(exported)} "
+                             "take one image; time batches in the pytorch runtimes, in a run of their own")
     if len(set(args.runtime)) != len(args.runtime):
         raise UserInputError(f"--runtime names a runtime twice: {' '.join(args.runtime)}")
     onnx_files = parse_onnx_files(args.onnx)
@@ -377,10 +389,12 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
     # what this figure is (docs/latency.md, "Which latency to hold against a target"): one image
     # stretched to the fixed size, timed back to back, the model's own proposals, per stage
     # (stages in PyTorch only: an exported graph runs as one call)
+    batch = args.batch_size
     progress(f"timing at {size[0]}x{size[1]} ({dtype}, {args.warmup} warm-up + {args.runs} runs back to back on one "
-             "image stretched to that size, the model's own proposals)")
+             "image stretched to that size" + (f", {batch} copies a call" if batch > 1 else "")
+             + ", the model's own proposals)")
     if not isinstance(model, ExportedDetector):
-        latency = measure_detector_latency(model, fixed_image, args.device, dtype, args.warmup, args.runs)
+        latency = measure_detector_latency(model, fixed_image, args.device, dtype, args.warmup, args.runs, batch)
         whole, stages = latency.whole, latency.stages
         details["latency"] = latency.to_dict()
     else:
@@ -391,11 +405,13 @@ def benchmark_model(prepared: PreparedModel, args, output_dir: str,
     row.update(
         input_size=f"{size[0]}x{size[1]}",
         dtype=info.get("precision", dtype),
+        batch_size=batch,
         latency_median_ms=whole.median,
         latency_p90_ms=whole.p90,
-        fps=whole.fps,
+        fps=whole.fps * batch,
     )
-    progress(f"median {whole.median:.1f} ms, p90 {whole.p90:.1f} ms, {whole.fps:.1f} FPS"
+    progress(f"median {whole.median:.1f} ms, p90 {whole.p90:.1f} ms, {row['fps']:.1f} FPS"
+             + (f" (batch {batch})" if batch > 1 else "")
              + ("; stages: " + ", ".join(f"{k} {stages[k].median:.1f}" for k in STAGES) if stages else ""))
 
     if args.dataset_images > 0:

@@ -39,7 +39,8 @@ __all__ = [
 # Known columns, in report order, with units. Rows may carry more (appended after these).
 COLUMN_DOCS = {
     "label": "model name (with @runtime for a runtime other than pytorch)",
-    "runtime": "what runs the model: pytorch (eager), torchscript, onnxruntime, onnxruntime_int8",
+    "runtime": "what runs the model: pytorch (eager), pytorch_compiled, pytorch_cudagraphs, torchscript, onnxruntime, "
+               "onnxruntime_int8",
     "runtime_version": "the runtime's version",
     "runtime_provider": "the runtime's execution provider",
     "sweep": "test-time overrides of this point (eval_map_fps --sweep)",
@@ -54,9 +55,10 @@ COLUMN_DOCS = {
     "AP75": "AP at IoU 0.75, percent",
     "input_size": "fixed timing input, HxW pixels",
     "dtype": "fp32, fp16, or int8 (onnxruntime_int8: convolutions and linear layers)",
-    "latency_median_ms": "batch-1 latency at the fixed size, median, ms",
-    "latency_p90_ms": "batch-1 latency at the fixed size, 90th percentile, ms",
-    "fps": "1000 / latency_median_ms",
+    "batch_size": "images per timed call at the fixed size",
+    "latency_median_ms": "latency of one call (batch_size images) at the fixed size, median, ms",
+    "latency_p90_ms": "latency of one call (batch_size images) at the fixed size, 90th percentile, ms",
+    "fps": "images per second at the fixed size: 1000 * batch_size / latency_median_ms",
     "dataset_latency_median_ms": "batch-1 latency over dataset images, median, ms",
     "dataset_latency_p90_ms": "batch-1 latency over dataset images, 90th percentile, ms",
     "dataset_fps": "1000 / dataset_latency_median_ms",
@@ -86,6 +88,7 @@ COLUMN_DOCS = {
 _MARKDOWN_COLUMNS = (
     "label",
     "runtime",
+    "batch_size",
     "pareto",
     "mAP",
     "AP",
@@ -276,9 +279,11 @@ def write_report(
     kept = ", freed memory kept" if env.get("freed_memory_kept") else ""
     where = f"{env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('num_threads', '?')} threads{kept})"
     metric = next((r["map_metric"] for r in rows if r.get("map_metric")), "mAP")
+    batches = sorted({r.get("batch_size", 1) for r in rows})
+    batch = "batch " + "/".join(str(b) for b in batches)
     md = [
         "# mAP vs inference speed\n",
-        f"mAP = {metric}. Latency: batch 1, wall clock, on {where}.\n",
+        f"mAP = {metric}. Latency: {batch} at the fixed size, batch 1 on dataset images, wall clock, on {where}.\n",
         markdown_table(rows),
         "## Reproducibility\n",
         f"- command: `{reproducibility.get('command', '')}`",
@@ -292,7 +297,7 @@ def write_report(
 
     title = f"{metric} | {where}"
     for kind, x_key, maximize_x, xlabel in (
-        ("map_vs_fps", "fps", True, "FPS (batch 1, fixed input size)"),
+        ("map_vs_fps", "fps", True, f"FPS ({batch}, fixed input size)"),
         ("map_vs_gflops", "gflops", False, "GFLOPs (fixed input size)"),
     ):
         path = plot_tradeoff(

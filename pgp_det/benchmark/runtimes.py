@@ -7,6 +7,7 @@ interface (a list of mapped input dicts -> ``[{"instances": Instances}]`` in eac
 
 * ``pytorch``: the eager model itself;
 * ``pytorch_compiled``: the eager model with its dense parts compiled by ``torch.compile``;
+* ``pytorch_cudagraphs``: the same compiled at static shapes and captured in CUDA graphs (GPU);
 * ``torchscript``, ``onnxruntime``, ``onnxruntime_int8``: the exported graph
   (:mod:`pgp_det.export`: normalisation, padding, backbone, RPN, box head and NMS inside; image
   (3, h, w) in, boxes in its pixels out), fed each mapped input's image (resized as at test time
@@ -32,11 +33,12 @@ from ..errors import UserInputError
 from ..quantization import quantize_onnx_int8
 from .timing import time_callable
 
-__all__ = ["IN_PYTORCH", "RUNTIME_REGISTRY", "RuntimeSettings", "ExportedDetector", "build_runtime", "runtime_names",
+__all__ = ["CUDA_ONLY", "IN_PYTORCH", "RUNTIME_REGISTRY", "RuntimeSettings", "ExportedDetector", "build_runtime", "runtime_names",
            "detection_agreement", "export_and_compare", "quantize_and_check"]
 
 RUNTIME_REGISTRY = Registry("RUNTIME")
-IN_PYTORCH = ("pytorch", "pytorch_compiled")  # runtimes that run the detectron2 model itself, on any device
+IN_PYTORCH = ("pytorch", "pytorch_compiled", "pytorch_cudagraphs")  # runtimes that run the detectron2 model itself
+CUDA_ONLY = ("pytorch_cudagraphs",)  # runtimes measured on CUDA only
 RUNTIME_REGISTRY.__doc__ = """Runtimes by name: ``fn(model, cfg, settings: RuntimeSettings) -> nn.Module`` with
 ``runtime_info`` (see the module docstring)."""
 
@@ -110,19 +112,43 @@ def pytorch(model, cfg, settings):
     return model
 
 
+def _compile_dense_parts(model, **compile_options):
+    """A copy of ``model`` whose backbone with FPN, RPN head and box head are ``torch.compile``-d."""
+    import copy
+
+    compiled = copy.deepcopy(model).eval()
+    compiled.backbone = torch.compile(compiled.backbone, **compile_options)
+    compiled.proposal_generator.rpn_head = torch.compile(compiled.proposal_generator.rpn_head, **compile_options)
+    compiled.roi_heads.box_head = torch.compile(compiled.roi_heads.box_head, **compile_options)
+    return compiled
+
+
 @RUNTIME_REGISTRY.register()
 def pytorch_compiled(model, cfg, settings):
     """A copy of the eager model whose dense parts (backbone with FPN, the RPN head's convolutions,
     the box head's fully connected layers) are ``torch.compile``-d (inductor, shapes dynamic so
     that every test image size runs the one compiled graph); anchors, proposal selection, ROI
     pooling and NMS stay eager. Compiling happens on the first calls (the warm-up)."""
-    import copy
-
-    compiled = copy.deepcopy(model).eval()
-    compiled.backbone = torch.compile(compiled.backbone, dynamic=True)
-    compiled.proposal_generator.rpn_head = torch.compile(compiled.proposal_generator.rpn_head, dynamic=True)
-    compiled.roi_heads.box_head = torch.compile(compiled.roi_heads.box_head, dynamic=True)
+    compiled = _compile_dense_parts(model, dynamic=True)
     compiled.runtime_info = {"runtime": "pytorch_compiled", "version": torch.__version__, "provider": "inductor",
+                             "threads": torch.get_num_threads(), "files": []}
+    return compiled
+
+
+@RUNTIME_REGISTRY.register()
+def pytorch_cudagraphs(model, cfg, settings):
+    """The GPU deployment path: the dense parts as in ``pytorch_compiled``, compiled in inductor's
+    ``reduce-overhead`` mode, which captures their kernels in CUDA graphs and replays each graph
+    with one launch, so that batch-1 inference is not bound by the host launching kernels one by
+    one. Shapes are static: each distinct input size (and batch size) is compiled and captured
+    once, on its first calls, so deploy at one size (``--input-size``; evaluation on images of
+    many sizes compiles each, up to torch's recompile limit, then runs those sizes eager). Outputs
+    equal the eager model's; on a CPU inductor compiles without capture (the tools refuse this
+    runtime off CUDA)."""
+    compiled = _compile_dense_parts(model, mode="reduce-overhead", dynamic=False)
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    compiled.runtime_info = {"runtime": "pytorch_cudagraphs", "version": torch.__version__,
+                             "provider": "inductor + CUDA graphs" if on_gpu else "inductor (no CUDA: no capture)",
                              "threads": torch.get_num_threads(), "files": []}
     return compiled
 

@@ -73,13 +73,14 @@ class TimingStats:
 
 @dataclass
 class DetectorLatency:
-    """Batch-1 latency of a detector on one input.
+    """Latency of a detector's calls on one input size (ms per call of ``batch_size`` images).
 
     Attributes:
         whole: the model's own ``forward`` (as ``DefaultPredictor`` would call it, minus resizing).
         stages: stage name (see :data:`STAGES`) -> stats of that stage run on its own, in sequence.
         input_size: (height, width) of the tensor fed to the network, pixels.
         environment: see :func:`environment_info`.
+        batch_size: images per call.
     """
 
     whole: TimingStats
@@ -87,6 +88,7 @@ class DetectorLatency:
     input_size: Tuple[int, int]
     dtype: str
     environment: dict
+    batch_size: int = 1
 
     def to_dict(self, with_samples: bool = True) -> dict:
         return {
@@ -94,6 +96,7 @@ class DetectorLatency:
             "stages": {k: v.to_dict(with_samples) for k, v in self.stages.items()},
             "input_size": list(self.input_size),
             "dtype": self.dtype,
+            "batch_size": self.batch_size,
             "environment": self.environment,
         }
 
@@ -237,8 +240,9 @@ def measure_detector_latency(
     dtype: str = "fp32",
     warmup: int = 3,
     runs: int = 10,
+    batch_size: int = 1,
 ) -> DetectorLatency:
-    """Batch-1 latency of a GeneralizedRCNN detector, whole and per stage.
+    """Latency of one call of a GeneralizedRCNN detector on ``batch_size`` images, whole and per stage.
 
     Args:
         model: a detectron2 ``GeneralizedRCNN`` (with a proposal generator); moved to ``device``
@@ -246,6 +250,7 @@ def measure_detector_latency(
         image_or_size: an (H, W, 3) uint8 BGR image fed as is (no resizing), or (H, W) for a
             reproducible noise image of that size.
         dtype: "fp32", or "fp16" (CUDA autocast; CUDA only).
+        batch_size: images per call (the image repeated); every figure is per call, in ms.
 
     The stage figures time ``preprocess_image``, ``backbone`` (bottom-up + FPN),
     ``proposal_generator``, ``roi_heads`` and ``detector_postprocess`` called one after the other;
@@ -261,7 +266,7 @@ def measure_detector_latency(
         height, width = (int(v) for v in image_or_size)
         image = synthetic_image(height, width)
     model = model.to(device).eval()
-    inputs = [image_to_input(image, getattr(model, "input_format", "BGR"), device)]
+    inputs = [image_to_input(image, getattr(model, "input_format", "BGR"), device)] * batch_size
     sync = _sync_for(device) or (lambda: None)
 
     whole_ms: List[float] = []
@@ -283,6 +288,7 @@ def measure_detector_latency(
         input_size=(image.shape[0], image.shape[1]),
         dtype=dtype,
         environment=environment_info(device),
+        batch_size=batch_size,
     )
 
 
