@@ -289,7 +289,8 @@ def write_report(
         f"- command: `{reproducibility.get('command', '')}`",
         f"- seed: {reproducibility.get('seed')}",
         f"- versions: torch {env.get('torch')}, torchvision {env.get('torchvision')}, "
-        f"detectron2 {env.get('detectron2')}, python {env.get('python')}, {env.get('platform')}",
+        f"detectron2 {env.get('detectron2')}, python {env.get('python')}, {env.get('platform')}"
+        + (f", CUDA {env.get('cuda')}, driver {env.get('gpu_driver')}" if env.get("cuda") else ""),
         f"- settings: `{json.dumps(reproducibility.get('settings', {}), default=str)}`",
         "",
     ]

@@ -138,9 +138,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def _gpu_driver() -> Optional[str]:
+    """The NVIDIA driver's version as ``nvidia-smi`` reports it, else None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
 def environment_info(device: Union[str, torch.device] = "cpu") -> dict:
-    """What a timing depends on: device name, thread count, library versions and whether freed
-    memory is kept (:mod:`~pgp_det.utils.allocator`)."""
+    """What a timing depends on: device name (and on CUDA the CUDA version and the GPU driver's),
+    thread count, library versions and whether freed memory is kept (:mod:`~pgp_det.utils.allocator`)."""
     import detectron2
     import torchvision
 
@@ -158,6 +171,7 @@ def environment_info(device: Union[str, torch.device] = "cpu") -> dict:
         "torchvision": torchvision.__version__,
         "detectron2": detectron2.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "gpu_driver": _gpu_driver() if device.type == "cuda" else None,
         "freed_memory_kept": freed_memory_kept(),
         "python": platform.python_version(),
         "platform": platform.platform(),
