@@ -10,6 +10,9 @@ Examples::
         --device cuda --fp16 --runs 50 --output output/map_fps_gpu
     python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN --skip-eval --input-size 512x512 \\
         --threads 1 --output output/speed_only
+    # the GPU deployment path: dense parts compiled and captured in CUDA graphs, batch 8
+    python tools/eval_map_fps.py --run-dir output/r50 --device cuda --runtime pytorch pytorch_cudagraphs \\
+        --input-size 800x1333 --batch-size 8 --skip-eval --output output/gpu_b8
     # the same models in ONNX Runtime, float and int8 (calibrated on 32 training images)
     python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN --run-dir output/synth_pruned --threads 2 \
         --runtime pytorch onnxruntime onnxruntime_int8 --output output/map_fps_runtimes
@@ -17,10 +20,11 @@ Examples::
     python tools/eval_map_fps.py --run-dir output/synth_R_18_FPN_pgp --output output/knobs \\
         --sweep MODEL.RPN.POST_NMS_TOPK_TEST=300,100,50 --sweep INPUT.MIN_SIZE_TEST=256,192
 
-For each model: mAP (VOC: AP50 11-point headline and AP; COCO: AP headline and AP50), batch-1
-latency (median / p90 ms, FPS) on a fixed-size input and over the first N dataset images,
-per-stage latency, GFLOPs at the fixed size, parameters and checkpoint size; with ``--runtime``,
-for each model in each runtime (PyTorch eager, TorchScript, ONNX Runtime float or int8: see
+For each model: mAP (VOC: AP50 11-point headline and AP; COCO: AP headline and AP50), latency
+(median / p90 ms, FPS) on a fixed-size input (batch 1, or ``--batch-size N`` copies a call) and
+batch 1 over the first N dataset images, per-stage latency, GFLOPs at the fixed size, parameters
+and checkpoint size; with ``--runtime``, for each model in each runtime (PyTorch eager, compiled,
+compiled and captured in CUDA graphs, TorchScript, ONNX Runtime float or int8: see
 ``pgp_det/benchmark/runtimes.py``), the exported files in ``<output>/exports/<label>/``. Writes
 results.csv, results.json, results.md, map_vs_fps.png and map_vs_gflops.png into --output.
 With ``--sweep KEY=V1,V2`` each model is measured at every point of the grid (label
