@@ -112,14 +112,19 @@ def pytorch(model, cfg, settings):
     return model
 
 
-def _compile_dense_parts(model, **compile_options):
-    """A copy of ``model`` whose backbone with FPN, RPN head and box head are ``torch.compile``-d."""
+def _compile_dense_parts(model, dynamic: bool, **compile_options):
+    """A copy of ``model`` whose backbone with FPN, RPN head and box head are ``torch.compile``-d;
+    ``dynamic``: shapes dynamic, else static per input size."""
     import copy
 
     compiled = copy.deepcopy(model).eval()
-    compiled.backbone = torch.compile(compiled.backbone, **compile_options)
-    compiled.proposal_generator.rpn_head = torch.compile(compiled.proposal_generator.rpn_head, **compile_options)
-    compiled.roi_heads.box_head = torch.compile(compiled.roi_heads.box_head, **compile_options)
+    compiled.backbone = torch.compile(compiled.backbone, dynamic=dynamic, **compile_options)
+    compiled.proposal_generator.rpn_head = torch.compile(compiled.proposal_generator.rpn_head, dynamic=dynamic,
+                                                         **compile_options)
+    # the box head's batch is the proposal count, which varies from image to image at any input
+    # size: static shapes leave it to torch (static first, dynamic once a second count is seen)
+    compiled.roi_heads.box_head = torch.compile(compiled.roi_heads.box_head, dynamic=True if dynamic else None,
+                                                **compile_options)
     return compiled
 
 
@@ -141,11 +146,12 @@ def pytorch_cudagraphs(model, cfg, settings):
     ``reduce-overhead`` mode, which captures their kernels in CUDA graphs and replays each graph
     with one launch, so that batch-1 inference is not bound by the host launching kernels one by
     one. Shapes are static: each distinct input size (and batch size) is compiled and captured
-    once, on its first calls, so deploy at one size (``--input-size``; evaluation on images of
+    once, on its first calls (the box head's proposal count is left to torch's automatic dynamic
+    shapes; each count seen is captured once), so deploy at one size (``--input-size``; evaluation on images of
     many sizes compiles each, up to torch's recompile limit, then runs those sizes eager). Outputs
     equal the eager model's; on a CPU inductor compiles without capture (the tools refuse this
     runtime off CUDA)."""
-    compiled = _compile_dense_parts(model, mode="reduce-overhead", dynamic=False)
+    compiled = _compile_dense_parts(model, dynamic=False, mode="reduce-overhead")
     on_gpu = any(p.is_cuda for p in model.parameters())
     compiled.runtime_info = {"runtime": "pytorch_cudagraphs", "version": torch.__version__,
                              "provider": "inductor + CUDA graphs" if on_gpu else "inductor (no CUDA: no capture)",
