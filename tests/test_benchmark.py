@@ -304,6 +304,22 @@ def test_eval_map_fps_end_to_end(tiny_voc, tiny_models, tmp_path, capsys):
     assert "| wide |" in (out / "results.md").read_text()
 
 
+def test_eval_map_fps_times_batches_and_counts_images_per_second(tiny_voc, tiny_models, tmp_path):
+    wide_cfg, wide_weights = tiny_models["wide"]
+    out = tmp_path / "batch"
+    code = load_tool("eval_map_fps").main([
+        "--model", f"wide={wide_cfg}:{wide_weights}", "--skip-eval", "--batch-size", "4", "--warmup", "1",
+        "--runs", "2", "--dataset-images", "1", "--output", str(out),
+    ])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    row = data["results"][0]
+    assert row["batch_size"] == 4 and data["details"]["wide"]["latency"]["batch_size"] == 4
+    assert row["fps"] == pytest.approx(4000 / row["latency_median_ms"])  # images per second, not calls
+    assert row["dataset_fps"] == pytest.approx(1000 / row["dataset_latency_median_ms"])  # dataset images: batch 1
+    assert "Latency: batch 4 at the fixed size" in (out / "results.md").read_text()
+
+
 def test_eval_map_fps_sweeps_test_time_knobs_and_marks_the_pareto_front(tiny_voc, tiny_models, tmp_path):
     wide_cfg, wide_weights = tiny_models["wide"]
     out = tmp_path / "knobs"
