@@ -206,6 +206,30 @@ def test_default_set_has_its_documented_splits(tmp_path):
     assert (len(split_ids(root, "train")), len(split_ids(root, "test"))) == (600, 150)
 
 
+def test_fog_large_test_split_draws_more_test_images_of_the_fog_camera(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from pgp_det.data.builtin import LARGE_TEST_IMAGES
+
+    root = str(tmp_path / "set")
+    register_synthetic_datasets(root, num_train=4, num_test=3)
+    try:
+        large = DatasetCatalog.get("synth_fog_voc_test_large")
+        assert not os.path.exists(root) and not os.path.exists(root + "_fog")  # a set of its own
+        assert len(large) == LARGE_TEST_IMAGES
+        assert all(r["file_name"].startswith(root + "_fog_test_large") for r in large)
+        small = DatasetCatalog.get("synth_fog_voc_test")
+        compared = 0
+        for s, l in zip(small, large):  # the fog camera's generator and seed: its images, not the source's
+            if l["annotations"]:
+                with open(s["file_name"], "rb") as a, open(l["file_name"], "rb") as b:
+                    assert a.read() == b.read()
+                compared += 1
+        assert compared >= 2
+    finally:
+        register_synthetic_datasets()
+
+
 def test_large_test_split_draws_more_test_images_of_the_same_generator(tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 

@@ -13,6 +13,8 @@ Names registered by :func:`register_synthetic_datasets` (the same images and obj
   first 150 are not that split). Eight times the images: the part of two models' AP50
   difference that comes from which test images were drawn shrinks by about sqrt(8); compare
   methods seed by seed here (docs/experiments/2026-12-07-pgp-seeds.md).
+- ``synth_fog_voc_test_large``: the same for the fog domain: 1200 test images of its generator
+  and seed, in ``<root>_fog_test_large``.
 
 The set lives in ``<datasets root>/synthetic`` (datasets root: ``$DETECTRON2_DATASETS``, else
 ``datasets`` relative to the working directory, as for detectron2's builtin datasets). Registering
@@ -40,10 +42,10 @@ __all__ = [
     "SYNTHETIC_DATASETS", "datasets_root", "register_synthetic_datasets", "check_dataset_available", "check_num_classes",
 ]
 
-# images of the synth_voc_test_large split
+# images of the large test splits (synth_voc_test_large, synth_fog_voc_test_large)
 LARGE_TEST_IMAGES = 1200
 
-# dataset name -> (layout, split, the set it is a split of: "source", "fog" or "large")
+# dataset name -> (layout, split, the set it is a split of: "source", "fog", "large" or "fog_large")
 SYNTHETIC_DATASETS = {
     "synth_voc_train": ("voc", "train", "source"),
     "synth_voc_test": ("voc", "test", "source"),
@@ -52,6 +54,7 @@ SYNTHETIC_DATASETS = {
     "synth_fog_voc_train": ("voc", "train", "fog"),
     "synth_fog_voc_test": ("voc", "test", "fog"),
     "synth_voc_test_large": ("voc", "test", "large"),
+    "synth_fog_voc_test_large": ("voc", "test", "fog_large"),
 }
 
 
@@ -100,7 +103,8 @@ def register_synthetic_datasets(
 
     Args:
         root: the synthetic set's directory; default ``<datasets root>/synthetic`` (the fog
-            domain's: ``<root>_fog``; the large test split's: ``<root>_test_large``).
+            domain's: ``<root>_fog``; the large test splits': ``<root>_test_large`` and
+            ``<root>_fog_test_large``).
         seed, num_train, num_test: passed to :func:`generate_synthetic_dataset`.
 
     Calling again with the same arguments does nothing; other arguments replace the registrations.
@@ -109,7 +113,8 @@ def register_synthetic_datasets(
     base = root.rstrip("/\\")
     sources = {"source": _SyntheticSource(root, seed, num_train, num_test),
                "fog": _SyntheticSource(base + "_fog", seed + 1, num_train, num_test, "fog"),
-               "large": _SyntheticSource(base + "_test_large", seed, 0, LARGE_TEST_IMAGES)}
+               "large": _SyntheticSource(base + "_test_large", seed, 0, LARGE_TEST_IMAGES),
+               "fog_large": _SyntheticSource(base + "_fog_test_large", seed + 1, 0, LARGE_TEST_IMAGES, "fog")}
     for name, (layout, split, set_name) in SYNTHETIC_DATASETS.items():
         source = sources[set_name]
         if _SYNTHETIC_SOURCES.get(name) == source and name in DatasetCatalog.list():
