@@ -5,6 +5,7 @@ interval starts and ends with ``torch.cuda.synchronize()`` so queued kernels are
 they run, not where they were launched.
 """
 import contextlib
+import functools
 import os
 import platform
 import time
@@ -138,6 +139,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.lru_cache(maxsize=None)  # asked once per process, not once per timed row
 def _gpu_driver() -> Optional[str]:
     """The NVIDIA driver's version as ``nvidia-smi`` reports it, else None."""
     import subprocess
