@@ -63,3 +63,51 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _finished_run(folder, config_name, opts):
+    """A folder that looks like a finished training run of ``config_name`` with ``opts``."""
+    from pgp_det.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", config_name), [*opts, "OUTPUT_DIR", str(folder)])
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(cfg.dump())
+    (folder / "model_final.pth").write_bytes(b"weights")
+
+
+def test_reuse_refuses_a_finished_run_trained_with_other_settings(tmp_path):
+    # the demo's case: the unpruned run of an earlier sweep trained from scratch, this sweep starts from weights
+    out = tmp_path / "sweep"
+    _finished_run(out / "baseline", "synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml", ["PRUNING.ENABLED", "False"])
+    before = sorted(p.name for p in out.rglob("*"))
+    proc = subprocess.run([sys.executable, SWEEP, "--config", "synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml",
+                           "--baseline", "--flops-reductions", "0.5", "--reuse", "--output", str(out),
+                           "MODEL.WEIGHTS", "start/model_final.pth"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: run 'baseline'") and "MODEL.WEIGHTS ''" in line and "'start/model_final.pth'" in line
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing trained, nothing measured
+
+
+def test_reuse_keeps_a_finished_run_trained_with_the_same_settings(tmp_path):
+    from pgp_det.engine.sweep import check_runs
+
+    out = tmp_path / "sweep"
+    _finished_run(out / "baseline", "synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml",
+                  ["MODEL.WEIGHTS", "start/model_final.pth", "PRUNING.ENABLED", "False"])
+    args = argparse.Namespace(config="synthetic/pgp_faster_rcnn_R_18_FPN_synth.yaml", config_file="", ratios="",
+                              flops_reductions="0.5", baseline=True, oneshot=False, variant=[], reuse=True,
+                              output=str(out), opts=["MODEL.WEIGHTS", "start/model_final.pth"])
+    check_runs(args, plan_runs(args), os.path.join(ROOT, "configs"), [])  # raises if it would refuse
+
+
+def test_config_differences_name_each_key_and_read_lists_as_tuples():
+    from pgp_det.config import get_pgp_cfg
+    from pgp_det.engine.sweep import config_differences
+
+    a, b = get_pgp_cfg(), get_pgp_cfg()
+    b.SOLVER.STEPS = list(b.SOLVER.STEPS)  # what a YAML round trip gives
+    assert config_differences(a, b) == []
+    b.SEED, b.MODEL.RPN.POST_NMS_TOPK_TEST = 3, 50
+    assert config_differences(a, b) == [("MODEL.RPN.POST_NMS_TOPK_TEST", a.MODEL.RPN.POST_NMS_TOPK_TEST, 50),
+                                        ("SEED", a.SEED, 3)]

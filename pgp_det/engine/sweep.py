@@ -9,7 +9,7 @@ import os
 import shlex
 import subprocess
 import time
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from ..config import load_config, resolve_config_path
 from .preflight import existing_run_files
@@ -20,7 +20,7 @@ from ..utils.output_dir import check_output_dir
 from ..benchmark.measure import check_eval_arguments
 from ..benchmark.report import seed_summary_markdown, summarize_seeds
 
-__all__ = ["check_runs", "parse_fractions", "parse_variant", "plan_runs", "run", "run_parallel", "write_seed_summary"]
+__all__ = ["check_runs", "config_differences", "parse_fractions", "parse_variant", "plan_runs", "run", "run_parallel", "write_seed_summary"]
 
 
 def parse_fractions(text: str, option: str) -> List[float]:
@@ -100,6 +100,47 @@ def check_runs(args, runs: List[Tuple[str, List[str]]], configs_dir: str, eval_a
             raise UserInputError(
                 f"run '{label}': '{out}' already holds a run ({', '.join(found)}): pass --reuse to keep finished runs "
                 "and continue unfinished ones, or choose another --output")
+        saved = os.path.join(out, "config.yaml")
+        if found and os.path.isfile(saved):
+            cfg.OUTPUT_DIR = out
+            _check_reused_run(label, saved, cfg)
+
+
+def _check_reused_run(label: str, saved_path: str, planned) -> None:
+    """Refuse to keep (or continue) a run that was trained with other settings than the sweep's:
+    its figures would stand in the report under a label that no longer describes it."""
+    saved = load_config(saved_path, label=f"run '{label}'")
+    differences = config_differences(saved, planned)
+    if differences:
+        key, was, now = differences[0]
+        more = f" and {len(differences) - 1} more key(s)" if len(differences) > 1 else ""
+        raise UserInputError(
+            f"run '{label}': '{os.path.dirname(saved_path)}' was trained with {key} {was!r}, this sweep asks for "
+            f"{now!r}{more}: choose another --output, or remove that folder to train the run again")
+
+
+def config_differences(a, b) -> List[Tuple[str, Any, Any]]:
+    """``[(dotted key, value in a, value in b)]`` for every key whose values differ, sorted by key;
+    lists and tuples compare alike (a config written to YAML and read back holds lists)."""
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    return [(key, flat_a.get(key), flat_b.get(key)) for key in sorted(set(flat_a) | set(flat_b))
+            if flat_a.get(key) != flat_b.get(key)]
+
+
+def _flatten(node, prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = _as_lists(value)
+    return out
+
+
+def _as_lists(value):
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    return value
 
 
 def _check_exit(command: List[str], returncode: int, where: str = "above") -> None:
