@@ -8,7 +8,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import pgp_det.modeling  # noqa: F401  (registers DomainAdaptiveRCNN)
@@ -46,6 +46,54 @@ def test_gradient_reversal_is_identity_forward_and_flips_and_scales_the_gradient
     assert torch.equal(y, x)
     y.backward(upstream)
     assert torch.allclose(x.grad, -0.3 * upstream)
+
+
+def _consistency_gradients(model, mode, features, proposals, domains):
+    """The consistency loss in ``mode``, and the gradients it gives the features and the classifiers."""
+    model.consistency_gradient = mode
+    leaves = {name: f.detach().clone().requires_grad_(True) for name, f in features.items()}
+    model.zero_grad(set_to_none=True)
+    loss = model._domain_losses(leaves, proposals, domains)["loss_da_consistency"]
+    loss.backward()
+    heads = {name: p.grad.clone() for name, p in model.domain_classifiers.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), {name: f.grad for name, f in leaves.items()}, heads
+
+
+def _consistency_loss(model, features, proposals, domains):
+    with torch.no_grad():
+        return model._domain_losses(features, proposals, domains)["loss_da_consistency"].item()
+
+
+def test_consistency_term_is_descended_by_the_features_when_scaled_and_ascended_when_reversed(model):
+    torch.manual_seed(5)
+    with torch.no_grad():
+        features = model.backbone(torch.rand(2, 3, 128, 128) * 255)
+    boxes = torch.tensor([[4.0, 4.0, 60.0, 50.0], [20.0, 30.0, 120.0, 110.0], [0.0, 0.0, 127.0, 127.0]])
+    proposals = [Instances((128, 128), proposal_boxes=Boxes(boxes + shift)) for shift in (0.0, 3.0)]
+    domains = torch.tensor([0.0, 1.0])
+    mode, weight = model.consistency_gradient, model.reversal_weight
+    model.reversal_weight = 0.5
+    try:
+        loss, reversed_grads, reversed_heads = _consistency_gradients(model, "reversed", features, proposals, domains)
+        scaled_loss, scaled_grads, scaled_heads = _consistency_gradients(model, "scaled", features, proposals, domains)
+        assert scaled_loss == pytest.approx(loss, rel=1e-6) and loss > 0
+        # the classifiers descend the term in both modes
+        for name in reversed_heads:
+            assert torch.allclose(scaled_heads[name], reversed_heads[name], rtol=1e-4, atol=1e-9), name
+        # each feature level gets the gradient with the opposite sign in the two modes
+        for name in features:
+            assert scaled_grads[name].abs().max() > 0, name
+            assert torch.allclose(scaled_grads[name], -reversed_grads[name], rtol=1e-4, atol=1e-12), name
+        # a small step of the features against the gradient they get: lowers the term when scaled, raises it when reversed
+        norm = sum(float((g ** 2).sum()) for g in scaled_grads.values())
+        step = 0.02 * loss / norm
+        for grads, lower in ((scaled_grads, True), (reversed_grads, False)):
+            moved = {name: features[name] - step * grads[name] for name in features}
+            after = _consistency_loss(model, moved, proposals, domains)
+            assert (after < loss) if lower else (after > loss), (after, loss)
+    finally:
+        model.consistency_gradient, model.reversal_weight = mode, weight
 
 
 def _domain_logits(model, image):
@@ -142,6 +190,7 @@ def test_target_labels_are_never_read(tmp_path):
     (["DOMAIN_ADAPTATION.TARGET_DATASETS", "('no_such_set',)"], "dataset 'no_such_set' is not registered"),
     (["DOMAIN_ADAPTATION.IMAGE_IN_FEATURES", "('p9',)"], "IMAGE_IN_FEATURES names ['p9']"),
     (["DOMAIN_ADAPTATION.REVERSAL_RAMP", "-10.0"], "DOMAIN_ADAPTATION.REVERSAL_RAMP -10.0: use 0"),
+    (["DOMAIN_ADAPTATION.CONSISTENCY_GRADIENT", "flipped"], "DOMAIN_ADAPTATION.CONSISTENCY_GRADIENT 'flipped': use"),
 ])
 def test_bad_adaptation_settings_are_one_line_before_anything_is_written(tmp_path, extra, message):
     cfg = da_cfg("OUTPUT_DIR", str(tmp_path / "out"), *extra)

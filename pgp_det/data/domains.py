@@ -14,10 +14,12 @@ from detectron2.data.samplers import TrainingSampler
 
 from ..errors import UserInputError
 
-__all__ = ["SOURCE", "TARGET", "build_domain_adaptive_train_loader", "check_domain_adaptation_config",
+__all__ = ["CONSISTENCY_GRADIENTS", "SOURCE", "TARGET", "build_domain_adaptive_train_loader", "check_domain_adaptation_config",
            "unlabelled_dicts"]
 
 SOURCE, TARGET = 0, 1  # the "domain" key of an input dict
+# what the features get from the consistency term (DOMAIN_ADAPTATION.CONSISTENCY_GRADIENT)
+CONSISTENCY_GRADIENTS = ("reversed", "scaled")
 
 _LABEL_KEYS = ("annotations", "sem_seg_file_name", "pan_seg_file_name", "segments_info")
 
@@ -64,6 +66,9 @@ def check_domain_adaptation_config(cfg) -> None:
     for key in ("REVERSAL_WEIGHT", "IMAGE_WEIGHT", "INSTANCE_WEIGHT", "CONSISTENCY_WEIGHT"):
         if not da.get(key) >= 0:
             raise UserInputError(f"DOMAIN_ADAPTATION.{key} {da.get(key)}: use a weight >= 0")
+    if da.CONSISTENCY_GRADIENT not in CONSISTENCY_GRADIENTS:
+        raise UserInputError(f"DOMAIN_ADAPTATION.CONSISTENCY_GRADIENT {da.CONSISTENCY_GRADIENT!r}: use \"reversed\" (the "
+                             "features get the consistency gradient reversed) or \"scaled\" (they descend it)")
     if not da.REVERSAL_RAMP >= 0:
         raise UserInputError(f"DOMAIN_ADAPTATION.REVERSAL_RAMP {da.REVERSAL_RAMP}: use 0 (a constant weight) or a "
                              "steepness > 0 (10 in Ganin and Lempitsky's schedule)")

@@ -14,7 +14,12 @@ features they read are pushed to be domain-invariant:
   ``INSTANCE_ROIS`` proposals (the RPN's, for target images run as at test time), binary
   cross-entropy per ROI;
 * consistency: the squared difference between an image's mean image-level probability and each
-  of its ROIs' instance-level probabilities.
+  of its ROIs' instance-level probabilities. The classifiers descend it. What the features get
+  from it is ``DOMAIN_ADAPTATION.CONSISTENCY_GRADIENT``: ``"reversed"``, its gradient times
+  ``-lambda`` (it is computed from the reversed features, as the two classifiers' losses are), or
+  ``"scaled"``, its gradient times ``+lambda`` (it is computed again from the features behind a
+  gradient scale of ``+lambda``), so that the features are pulled towards predictions that agree,
+  as the public PyTorch port of the authors' method does it. The paper leaves this open.
 
 The classifiers are training-only: inference is :class:`GeneralizedRCNN`'s, and
 :meth:`DomainAdaptiveRCNN.detector` gives the plain detector (same modules) to evaluate, time or
@@ -34,27 +39,33 @@ from detectron2.layers import Conv2d
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import ImageList
 
-from ..data.domains import SOURCE, TARGET
+from ..data.domains import CONSISTENCY_GRADIENTS, SOURCE, TARGET
 
-__all__ = ["DomainAdaptiveRCNN", "DomainClassifiers", "GradientReversal", "grad_reverse"]
+__all__ = ["DomainAdaptiveRCNN", "DomainClassifiers", "GradientScale", "grad_reverse",
+           "grad_scale"]
 
 
-class GradientReversal(torch.autograd.Function):
-    """Identity forward; the gradient times ``-weight`` backward."""
+class GradientScale(torch.autograd.Function):
+    """Identity forward; the gradient times ``factor`` backward."""
 
     @staticmethod
-    def forward(ctx, x, weight: float):
-        ctx.weight = float(weight)
+    def forward(ctx, x, factor: float):
+        ctx.factor = float(factor)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return -ctx.weight * grad, None
+        return ctx.factor * grad, None
 
 
 def grad_reverse(x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """``x`` behind a gradient reversal layer of strength ``weight`` (:class:`GradientReversal`)."""
-    return GradientReversal.apply(x, weight)
+    """``x`` behind a gradient reversal layer of strength ``weight``: the gradient times ``-weight``."""
+    return GradientScale.apply(x, -weight)
+
+
+def grad_scale(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """``x`` behind a gradient scale of ``weight`` (the gradient keeps its sign)."""
+    return GradientScale.apply(x, weight)
 
 
 class DomainClassifiers(nn.Module):
@@ -96,8 +107,11 @@ class DomainAdaptiveRCNN(GeneralizedRCNN):
     @configurable
     def __init__(self, *, domain_classifiers: DomainClassifiers, image_in_features: Sequence[str],
                  reversal_weight: float, image_weight: float, instance_weight: float, consistency_weight: float,
-                 instance_rois: int, **kwargs):
+                 instance_rois: int, consistency_gradient: str = "reversed", **kwargs):
         super().__init__(**kwargs)
+        if consistency_gradient not in CONSISTENCY_GRADIENTS:
+            raise ValueError(f"consistency_gradient {consistency_gradient!r}: one of {CONSISTENCY_GRADIENTS}")
+        self.consistency_gradient = consistency_gradient
         self.domain_classifiers = domain_classifiers
         self.domain_image_in_features = list(image_in_features)
         self.reversal_weight = reversal_weight
@@ -126,7 +140,7 @@ class DomainAdaptiveRCNN(GeneralizedRCNN):
             domain_classifiers=DomainClassifiers(channels.pop(), box_head.output_shape.channels, da.HIDDEN_DIM),
             image_in_features=in_features, reversal_weight=da.REVERSAL_WEIGHT, image_weight=da.IMAGE_WEIGHT,
             instance_weight=da.INSTANCE_WEIGHT, consistency_weight=da.CONSISTENCY_WEIGHT,
-            instance_rois=da.INSTANCE_ROIS_PER_IMAGE,
+            instance_rois=da.INSTANCE_ROIS_PER_IMAGE, consistency_gradient=da.CONSISTENCY_GRADIENT,
         )
         return args
 
@@ -173,27 +187,31 @@ class DomainAdaptiveRCNN(GeneralizedRCNN):
     def _domain_losses(self, features: Dict[str, torch.Tensor], proposals, domains: torch.Tensor):
         """The three adaptation losses, weighted; ``proposals`` per image in batch order,
         ``domains``: (N,) 0 (source) or 1 (target)."""
-        heads = self.domain_classifiers
-        image_losses, image_probs = [], []
-        for name in self.domain_image_in_features:
-            logits = heads.image(grad_reverse(features[name], self.reversal_weight))  # (N, 1, H, W)
-            labels = domains.view(-1, 1, 1, 1).expand_as(logits)
-            image_losses.append(F.binary_cross_entropy_with_logits(logits, labels))
-            image_probs.append(torch.sigmoid(logits).flatten(1).mean(1))
-        image_prob = torch.stack(image_probs).mean(0)  # (N,): per image, over levels and locations
+        heads, weight = self.domain_classifiers, self.reversal_weight
+        levels = [features[name] for name in self.domain_image_in_features]
+        image_logits = [heads.image(grad_reverse(level, weight)) for level in levels]  # each (N, 1, H, W)
+        image_loss = torch.stack([F.binary_cross_entropy_with_logits(logits, domains.view(-1, 1, 1, 1).expand_as(logits))
+                                  for logits in image_logits]).mean()
 
         boxes = [p.proposal_boxes[: self.instance_rois] for p in proposals]
         counts = [len(b) for b in boxes]
         pooled = self.roi_heads.box_pooler([features[f] for f in self.roi_heads.box_in_features], boxes)
         instance = self.roi_heads.box_head(pooled)
-        logits = heads.instance(grad_reverse(instance, self.reversal_weight))  # (R,)
-        per_roi = torch.repeat_interleave(torch.arange(len(counts), device=logits.device),
-                                          torch.tensor(counts, device=logits.device))
+        instance_logits = heads.instance(grad_reverse(instance, weight))  # (R,)
+        per_roi = torch.repeat_interleave(torch.arange(len(counts), device=instance_logits.device),
+                                          torch.tensor(counts, device=instance_logits.device))
+        if self.consistency_gradient == "scaled":  # the same classifiers, on features that keep the gradient's sign
+            image_logits = [heads.image(grad_scale(level, weight)) for level in levels]
+            consistency_logits = heads.instance(grad_scale(instance, weight))
+        else:
+            consistency_logits = instance_logits
+        # (N,): each image's image-level probability, over levels and locations
+        image_prob = torch.stack([torch.sigmoid(logits).flatten(1).mean(1) for logits in image_logits]).mean(0)
         losses = {
-            "loss_da_image": torch.stack(image_losses).mean(),
-            "loss_da_instance": F.binary_cross_entropy_with_logits(logits, domains[per_roi]) if len(logits)
-            else logits.sum(),
-            "loss_da_consistency": ((image_prob[per_roi] - torch.sigmoid(logits)) ** 2).mean() if len(logits)
-            else logits.sum(),
+            "loss_da_image": image_loss,
+            "loss_da_instance": F.binary_cross_entropy_with_logits(instance_logits, domains[per_roi])
+            if len(instance_logits) else instance_logits.sum(),
+            "loss_da_consistency": ((image_prob[per_roi] - torch.sigmoid(consistency_logits)) ** 2).mean()
+            if len(instance_logits) else instance_logits.sum(),
         }
         return {k: v * self.loss_weights[k] for k, v in losses.items()}
