@@ -215,7 +215,7 @@ def add_domain_adaptation_config(cfg: CN) -> CN:
             of ``SOLVER.MAX_ITER`` done (Ganin and Lempitsky's schedule, g = 10), so that features
             form before they are pushed to be domain-invariant.
         IMAGE_WEIGHT [1.0], INSTANCE_WEIGHT [1.0], CONSISTENCY_WEIGHT [1.0]: loss weights.
-        CONSISTENCY_GRADIENT ["scaled"]: what the consistency term gives the features: its
+        CONSISTENCY_GRADIENT ["reversed"]: what the consistency term gives the features: its
             gradient times -lambda (``"reversed"``, as the two classifiers' losses) or times +lambda
             (``"scaled"``: the features are pulled towards image- and instance-level predictions that
             agree, as the public PyTorch port of DA Faster R-CNN does); the classifiers descend it
@@ -233,7 +233,7 @@ def add_domain_adaptation_config(cfg: CN) -> CN:
     cfg.DOMAIN_ADAPTATION.IMAGE_WEIGHT = 1.0
     cfg.DOMAIN_ADAPTATION.INSTANCE_WEIGHT = 1.0
     cfg.DOMAIN_ADAPTATION.CONSISTENCY_WEIGHT = 1.0
-    cfg.DOMAIN_ADAPTATION.CONSISTENCY_GRADIENT = "scaled"
+    cfg.DOMAIN_ADAPTATION.CONSISTENCY_GRADIENT = "reversed"
     return cfg
 
 

@@ -107,7 +107,7 @@ class DomainAdaptiveRCNN(GeneralizedRCNN):
     @configurable
     def __init__(self, *, domain_classifiers: DomainClassifiers, image_in_features: Sequence[str],
                  reversal_weight: float, image_weight: float, instance_weight: float, consistency_weight: float,
-                 instance_rois: int, consistency_gradient: str = "scaled", **kwargs):
+                 instance_rois: int, consistency_gradient: str = "reversed", **kwargs):
         super().__init__(**kwargs)
         if consistency_gradient not in CONSISTENCY_GRADIENTS:
             raise ValueError(f"consistency_gradient {consistency_gradient!r}: one of {CONSISTENCY_GRADIENTS}")
