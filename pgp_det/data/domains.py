@@ -14,8 +14,8 @@ from detectron2.data.samplers import TrainingSampler
 
 from ..errors import UserInputError
 
-__all__ = ["CONSISTENCY_GRADIENTS", "SOURCE", "TARGET", "build_domain_adaptive_train_loader", "check_domain_adaptation_config",
-           "unlabelled_dicts"]
+__all__ = ["CONSISTENCY_GRADIENTS", "SOURCE", "TARGET", "build_domain_adaptive_train_loader",
+           "check_domain_adaptation_config", "unlabelled_dicts"]
 
 SOURCE, TARGET = 0, 1  # the "domain" key of an input dict
 # what the features get from the consistency term (DOMAIN_ADAPTATION.CONSISTENCY_GRADIENT)

@@ -20,7 +20,8 @@ from ..utils.output_dir import check_output_dir
 from ..benchmark.measure import check_eval_arguments
 from ..benchmark.report import seed_summary_markdown, summarize_seeds
 
-__all__ = ["check_runs", "config_differences", "parse_fractions", "parse_variant", "plan_runs", "run", "run_parallel", "write_seed_summary"]
+__all__ = ["check_runs", "config_differences", "parse_fractions", "parse_variant", "plan_runs", "run", "run_parallel",
+           "write_seed_summary"]
 
 
 def parse_fractions(text: str, option: str) -> List[float]:
